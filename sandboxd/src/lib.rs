@@ -1,1 +1,5 @@
 //! placeholder
+pub mod config;
+pub mod probe;
+pub mod sys;
+pub mod workspace;

@@ -1,0 +1,169 @@
+//! The control plane's configuration file.
+//!
+//! A TOML file passed with `control-plane serve --config <file>`; every key is
+//! optional and command-line flags override the file. See
+//! `control-plane/control-plane.sample.toml` for an annotated example.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Settings of one control-plane process.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// Where the gRPC API listens: `unix:/path/to.sock` for a Unix socket, or
+    /// `host:port` (e.g. `127.0.0.1:7070`) for TCP.
+    /// Default: `unix:/run/harness/control-plane.sock`.
+    pub listen: String,
+    /// How to reach sandboxd: `unix:/path/to.sock`, or `http://host:port`.
+    /// The control plane connects lazily, so it may start before sandboxd.
+    /// Default: `unix:/run/sandboxd.sock`.
+    pub sandboxd: String,
+    /// The SQLite database holding sessions and their event logs. Created if
+    /// missing. Default: `/var/lib/harness/control-plane.db`.
+    pub database: PathBuf,
+    /// Directory of agent definitions, one `<name>.toml` per agent (files
+    /// ending in `.script.toml` are scripted-provider replies, not agents).
+    /// Default: `/etc/harness/agents`.
+    pub agents_dir: PathBuf,
+    /// Longest a single tool call may take, including the trip to sandboxd,
+    /// e.g. `"60s"` or `"2m"`. Default: 60 seconds.
+    #[serde(with = "humantime_serde")]
+    pub tool_timeout: Duration,
+    /// How many tool calls of one model turn run at the same time. Their
+    /// results are still recorded in the order the model asked for them.
+    /// Default: 4.
+    pub max_parallel_tool_calls: usize,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            listen: "unix:/run/harness/control-plane.sock".to_owned(),
+            sandboxd: "unix:/run/sandboxd.sock".to_owned(),
+            database: PathBuf::from("/var/lib/harness/control-plane.db"),
+            agents_dir: PathBuf::from("/etc/harness/agents"),
+            tool_timeout: Duration::from_secs(60),
+            max_parallel_tool_calls: 4,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("invalid config file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value parsed but makes no sense.
+    #[error("invalid config file {path}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl ControlPlaneConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` only names the source
+    /// in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate().map_err(|problem| ConfigError::Invalid {
+            path: path.to_owned(),
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.max_parallel_tool_calls == 0 {
+            return Err("max-parallel-tool-calls must be at least 1".to_owned());
+        }
+        if self.tool_timeout.is_zero() {
+            return Err("tool-timeout must be longer than zero".to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn sample_config_parses_to_the_documented_values() {
+        let sample = include_str!("../control-plane.sample.toml");
+        let config = ControlPlaneConfig::parse(sample, Path::new("control-plane.sample.toml"))
+            .expect("sample config parses");
+        assert_eq!(
+            config,
+            ControlPlaneConfig {
+                listen: "127.0.0.1:7070".to_owned(),
+                sandboxd: "unix:/run/sandboxd.sock".to_owned(),
+                database: PathBuf::from("/var/lib/harness/control-plane.db"),
+                agents_dir: PathBuf::from("/etc/harness/agents"),
+                tool_timeout: Duration::from_secs(90),
+                max_parallel_tool_calls: 8,
+            }
+        );
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let config = ControlPlaneConfig::parse("", Path::new("empty.toml")).unwrap();
+        assert_eq!(config, ControlPlaneConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_the_file_name() {
+        let error = ControlPlaneConfig::parse("listn = \"x\"", Path::new("/etc/cp.toml"))
+            .expect_err("typo is rejected");
+        assert!(matches!(error, ConfigError::Parse { .. }));
+        assert_eq!(error.to_string(), "invalid config file /etc/cp.toml");
+        let source = std::error::Error::source(&error).unwrap().to_string();
+        assert!(source.contains("listn"), "{source}");
+    }
+
+    #[test]
+    fn zero_parallelism_is_rejected() {
+        let error = ControlPlaneConfig::parse("max-parallel-tool-calls = 0", Path::new("cp.toml"))
+            .expect_err("zero is rejected");
+        assert_eq!(
+            error.to_string(),
+            "invalid config file cp.toml: max-parallel-tool-calls must be at least 1"
+        );
+    }
+}

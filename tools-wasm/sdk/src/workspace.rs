@@ -1,0 +1,210 @@
+//! Path rules for tools that touch the session workspace.
+//!
+//! sandboxd preopens the session workspace at [`ROOT`] (`/workspace`) and nothing else, so
+//! inside the component that directory is the whole visible filesystem. Tools still check
+//! paths themselves, for two reasons: a model that asks for `../../etc/passwd` should get a
+//! clear `denied` rather than a confusing "not found", and the check is lexical, so it says
+//! the same thing whatever the host's layout.
+//!
+//! Symlinks are the host's job: wasmtime refuses to follow a link out of the preopen. That
+//! refusal reaches the tool as an io error, which [`io_error`] turns into `denied` with a
+//! message that names the path and leaks nothing else.
+
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use crate::ToolError;
+
+/// Where the session workspace is mounted inside the component.
+pub const ROOT: &str = "/workspace";
+
+/// Resolves a path given by a model to an absolute path under [`ROOT`].
+///
+/// Accepts a path relative to `/workspace` (`src/main.rs`, `.`) or an absolute path under it
+/// (`/workspace/src/main.rs`). `.` and `..` are resolved lexically; anything that would leave
+/// `/workspace` on the way or at the end (`../../etc/passwd`, `/etc/passwd`,
+/// `/workspace/../etc`) is refused with [`ErrorKind::Denied`](crate::ErrorKind::Denied).
+/// An empty path is [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput).
+pub fn resolve(path: &str) -> Result<PathBuf, ToolError> {
+    if path.is_empty() {
+        return Err(ToolError::invalid_input(
+            "path is empty; use `.` for the workspace root",
+        ));
+    }
+    if path.contains('\0') {
+        return Err(ToolError::invalid_input(format!(
+            "path `{}` contains a NUL byte",
+            path.escape_default()
+        )));
+    }
+    let outside = || {
+        ToolError::denied(format!(
+            "path `{path}` is outside {ROOT}; tools can only reach files under {ROOT}"
+        ))
+    };
+
+    let given = Path::new(path);
+    // Absolute paths are normalised from `/` and must land under `/workspace`; relative
+    // paths are normalised from `/workspace` and must never climb above it.
+    let absolute = given.is_absolute();
+    let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
+    for component in given.components() {
+        match component {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(name) => parts.push(name),
+            Component::ParentDir => {
+                if parts.pop().is_none() {
+                    return Err(outside());
+                }
+                if absolute && parts.is_empty() {
+                    // Popped `workspace` itself: whatever follows is outside, even if it
+                    // climbs back in later, because the lexical walk left the sandbox.
+                    return Err(outside());
+                }
+            }
+            // Only exists on Windows; a tool never runs there, but refuse rather than guess.
+            Component::Prefix(_) => return Err(outside()),
+        }
+    }
+
+    let mut resolved = PathBuf::from(ROOT);
+    let rest = if absolute {
+        match parts.split_first() {
+            Some((first, rest)) if *first == "workspace" => rest,
+            _ => return Err(outside()),
+        }
+    } else {
+        &parts[..]
+    };
+    resolved.extend(rest);
+    Ok(resolved)
+}
+
+/// The workspace-relative form of a path returned by [`resolve`], for tool output:
+/// `/workspace/src/main.rs` becomes `src/main.rs` and `/workspace` becomes `.`.
+pub fn relative(path: &Path) -> String {
+    match path.strip_prefix(ROOT) {
+        Ok(rest) if rest.as_os_str().is_empty() => ".".to_owned(),
+        Ok(rest) => rest.to_string_lossy().into_owned(),
+        // Not under ROOT: only happens if a caller skipped `resolve`; show it as is.
+        Err(_) => path.to_string_lossy().into_owned(),
+    }
+}
+
+/// Turns an io error on `path` (as the model gave it) into a [`ToolError`] whose message
+/// names the path.
+///
+/// Permission errors become `denied`: inside the component they mean the workspace is
+/// mounted read-only or the path goes through a symlink that leads outside `/workspace`,
+/// which wasmtime refuses to follow. Neither case exposes anything beyond the path.
+pub fn io_error(path: &str, err: io::Error) -> ToolError {
+    match err.kind() {
+        io::ErrorKind::NotFound => ToolError::not_found(format!("`{path}` does not exist")),
+        io::ErrorKind::PermissionDenied => ToolError::denied(format!(
+            "access to `{path}` was refused: either the workspace is read-only for this \
+             session or the path goes through a symlink that leads outside {ROOT}"
+        )),
+        io::ErrorKind::ReadOnlyFilesystem => ToolError::denied(format!(
+            "cannot modify `{path}`: the workspace is read-only for this session"
+        )),
+        io::ErrorKind::NotADirectory => ToolError::invalid_input(format!(
+            "`{path}` (or one of its parent components) is not a directory"
+        )),
+        io::ErrorKind::IsADirectory => {
+            ToolError::invalid_input(format!("`{path}` is a directory"))
+        }
+        _ => ToolError::failed(format!("`{path}`: {err}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    fn ok(path: &str) -> String {
+        resolve(path).unwrap().to_string_lossy().into_owned()
+    }
+
+    fn kind(path: &str) -> ErrorKind {
+        resolve(path).unwrap_err().kind
+    }
+
+    #[test]
+    fn relative_paths_land_under_workspace() {
+        assert_eq!(ok("."), "/workspace");
+        assert_eq!(ok("./"), "/workspace");
+        assert_eq!(ok("a.txt"), "/workspace/a.txt");
+        assert_eq!(ok("src/main.rs"), "/workspace/src/main.rs");
+        assert_eq!(ok("./src//./main.rs"), "/workspace/src/main.rs");
+        assert_eq!(ok("src/../README.md"), "/workspace/README.md");
+        assert_eq!(ok("a/b/../../c"), "/workspace/c");
+        assert_eq!(ok("dir/"), "/workspace/dir");
+    }
+
+    #[test]
+    fn absolute_paths_under_workspace_are_accepted() {
+        assert_eq!(ok("/workspace"), "/workspace");
+        assert_eq!(ok("/workspace/"), "/workspace");
+        assert_eq!(ok("/workspace/a/b.txt"), "/workspace/a/b.txt");
+        assert_eq!(ok("//workspace/./a/../b"), "/workspace/b");
+    }
+
+    #[test]
+    fn escapes_are_denied() {
+        for path in [
+            "..",
+            "../",
+            "../../etc/passwd",
+            "a/../../b",
+            "a/../..",
+            "/etc/passwd",
+            "/",
+            "/..",
+            "/workspace/../etc",
+            "/workspace/..",
+            "/workspace/../workspace/a",
+            "/workspacex/a",
+            "/work/space",
+            "/tmp/workspace",
+        ] {
+            assert_eq!(kind(path), ErrorKind::Denied, "{path}");
+        }
+    }
+
+    #[test]
+    fn denial_names_the_path_and_the_root() {
+        let err = resolve("../../etc/passwd").unwrap_err();
+        assert!(err.message.contains("`../../etc/passwd`"), "{}", err.message);
+        assert!(err.message.contains("outside /workspace"), "{}", err.message);
+    }
+
+    #[test]
+    fn empty_and_nul_are_invalid_input() {
+        assert_eq!(kind(""), ErrorKind::InvalidInput);
+        assert_eq!(kind("a\0b"), ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn relative_strips_the_root() {
+        assert_eq!(relative(Path::new("/workspace")), ".");
+        assert_eq!(relative(Path::new("/workspace/a/b")), "a/b");
+        assert_eq!(relative(&resolve("x/../y").unwrap()), "y");
+    }
+
+    #[test]
+    fn io_errors_name_the_path() {
+        let err = io_error("a.txt", io::Error::from(io::ErrorKind::NotFound));
+        assert_eq!(err.kind, ErrorKind::NotFound);
+        assert!(err.message.contains("`a.txt`"));
+
+        let err = io_error("link/x", io::Error::from(io::ErrorKind::PermissionDenied));
+        assert_eq!(err.kind, ErrorKind::Denied);
+        assert!(err.message.contains("`link/x`"));
+        assert!(err.message.contains("symlink"));
+
+        let err = io_error("f", io::Error::other("disk on fire"));
+        assert_eq!(err.kind, ErrorKind::Failed);
+        assert!(err.message.contains("disk on fire"));
+    }
+}
