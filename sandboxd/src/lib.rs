@@ -3,3 +3,5 @@ pub mod config;
 pub mod probe;
 pub mod sys;
 pub mod workspace;
+pub mod wasi;
+pub mod session;

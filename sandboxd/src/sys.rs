@@ -82,3 +82,17 @@ pub fn probe_user_namespace() -> io::Result<()> {
         ))),
     }
 }
+
+/// Loads a compiled component from sandboxd's own cache directory.
+pub fn deserialize_component(
+    engine: &wasmtime::Engine,
+    path: &std::path::Path,
+) -> wasmtime::Result<wasmtime::component::Component> {
+    // SAFETY: wasmtime requires that the file was produced by
+    // `Engine::precompile_component` of a compatible engine and is not
+    // modified while mapped. Files in the cache directory are written only by
+    // `CompileCache::store` (write-then-rename, never rewritten in place), the
+    // name carries the engine's compatibility hash, and the directory belongs
+    // to sandboxd (see THREAT_MODEL.md: the state dir is trusted).
+    unsafe { wasmtime::component::Component::deserialize_file(engine, path) }
+}

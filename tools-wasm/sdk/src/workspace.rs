@@ -110,15 +110,15 @@ pub fn io_error(path: &str, err: io::Error) -> ToolError {
         io::ErrorKind::NotADirectory => ToolError::invalid_input(format!(
             "`{path}` (or one of its parent components) is not a directory"
         )),
-        io::ErrorKind::IsADirectory => {
-            ToolError::invalid_input(format!("`{path}` is a directory"))
-        }
+        io::ErrorKind::IsADirectory => ToolError::invalid_input(format!("`{path}` is a directory")),
         _ => ToolError::failed(format!("`{path}`: {err}")),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
     use super::*;
     use crate::ErrorKind;
 
@@ -175,8 +175,16 @@ mod tests {
     #[test]
     fn denial_names_the_path_and_the_root() {
         let err = resolve("../../etc/passwd").unwrap_err();
-        assert!(err.message.contains("`../../etc/passwd`"), "{}", err.message);
-        assert!(err.message.contains("outside /workspace"), "{}", err.message);
+        assert!(
+            err.message.contains("`../../etc/passwd`"),
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message.contains("outside /workspace"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -1,0 +1,125 @@
+//! Small facts about session events shared by the store, the loop and the
+//! transcript: each kind's name, and how an event changes a session's usage
+//! and status.
+
+use harness_proto::control::v1::session_event::Kind;
+use harness_proto::control::v1::{BudgetUsage, SessionStatus, StopReason};
+
+/// The snake_case name of an event kind, as in the proto's `oneof kind`.
+pub fn kind_name(kind: &Kind) -> &'static str {
+    match kind {
+        Kind::Started(_) => "started",
+        Kind::UserMessage(_) => "user_message",
+        Kind::TextDelta(_) => "text_delta",
+        Kind::ToolCallRequested(_) => "tool_call_requested",
+        Kind::PolicyDecision(_) => "policy_decision",
+        Kind::ApprovalRequested(_) => "approval_requested",
+        Kind::ApprovalResolved(_) => "approval_resolved",
+        Kind::ToolStarted(_) => "tool_started",
+        Kind::ToolOutput(_) => "tool_output",
+        Kind::ToolFinished(_) => "tool_finished",
+        Kind::BudgetWarning(_) => "budget_warning",
+        Kind::Compaction(_) => "compaction",
+        Kind::SubagentStarted(_) => "subagent_started",
+        Kind::SubagentFinished(_) => "subagent_finished",
+        Kind::TurnCompleted(_) => "turn_completed",
+        Kind::WaitingForInput(_) => "waiting_for_input",
+        Kind::Finished(_) => "finished",
+    }
+}
+
+/// Adds what `kind` used to `usage`. The store keeps the session row's usage
+/// with this and the loop reports its totals with it, so both always agree.
+pub fn apply_to_usage(usage: &mut BudgetUsage, kind: &Kind) {
+    match kind {
+        Kind::TurnCompleted(turn) => {
+            usage.turns = usage.turns.saturating_add(1);
+            if let Some(turn_usage) = &turn.usage {
+                usage.input_tokens = usage.input_tokens.saturating_add(turn_usage.input_tokens);
+                usage.output_tokens = usage.output_tokens.saturating_add(turn_usage.output_tokens);
+                usage.cached_input_tokens = usage
+                    .cached_input_tokens
+                    .saturating_add(turn_usage.cached_input_tokens);
+                usage.cost_micros = usage.cost_micros.saturating_add(turn_usage.cost_micros);
+            }
+        }
+        Kind::ToolCallRequested(_) => usage.tool_calls = usage.tool_calls.saturating_add(1),
+        Kind::Finished(finished) => {
+            if let Some(wall_clock) = finished.usage.as_ref().and_then(|u| u.wall_clock) {
+                usage.wall_clock = Some(wall_clock);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The session status after `kind`, if it changes it.
+pub fn status_after(kind: &Kind) -> Option<SessionStatus> {
+    match kind {
+        Kind::Started(_) | Kind::ApprovalResolved(_) | Kind::UserMessage(_) => {
+            Some(SessionStatus::Running)
+        }
+        Kind::ApprovalRequested(_) => Some(SessionStatus::AwaitingApproval),
+        Kind::WaitingForInput(_) => Some(SessionStatus::WaitingForInput),
+        Kind::Finished(_) => Some(SessionStatus::Finished),
+        _ => None,
+    }
+}
+
+/// The stop reason and final output a `finished` event records.
+pub fn outcome_of(kind: &Kind) -> Option<(StopReason, &str)> {
+    match kind {
+        Kind::Finished(finished) => Some((finished.stop_reason(), finished.final_output.as_str())),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use harness_proto::control::v1::{SessionFinished, ToolCallRequested, TurnCompleted, TurnUsage};
+
+    use super::*;
+
+    #[test]
+    fn usage_counts_turns_tokens_and_tool_calls() {
+        let mut usage = BudgetUsage::default();
+        let turn = Kind::TurnCompleted(TurnCompleted {
+            usage: Some(TurnUsage {
+                input_tokens: 10,
+                output_tokens: 3,
+                cached_input_tokens: 2,
+                cost_micros: 7,
+            }),
+            ..Default::default()
+        });
+        apply_to_usage(&mut usage, &turn);
+        apply_to_usage(&mut usage, &turn);
+        apply_to_usage(&mut usage, &Kind::ToolCallRequested(ToolCallRequested::default()));
+        let wall_clock = prost_types::Duration {
+            seconds: 3,
+            nanos: 0,
+        };
+        apply_to_usage(
+            &mut usage,
+            &Kind::Finished(SessionFinished {
+                usage: Some(BudgetUsage {
+                    wall_clock: Some(wall_clock),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(
+            usage,
+            BudgetUsage {
+                turns: 2,
+                tool_calls: 1,
+                input_tokens: 20,
+                output_tokens: 6,
+                cached_input_tokens: 4,
+                cost_micros: 14,
+                wall_clock: Some(wall_clock),
+            }
+        );
+    }
+}
