@@ -7,6 +7,7 @@
 //!   session's workspace preopened at `/workspace` and nothing else.
 //! - [`output`]: capped stdout/stderr capture.
 
+pub mod backend;
 pub mod engine;
 pub mod invoke;
 pub mod output;
