@@ -1,0 +1,191 @@
+//! A sandboxd served in-process for one test.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use harness_proto::sandbox::v1 as pb;
+use harness_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient;
+use harness_sandboxd::config::SandboxdConfig;
+use harness_sandboxd::probe::HostProbe;
+use harness_sandboxd::server::{Listener, serve};
+use harness_sandboxd::service::Sandboxd;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub struct TestDaemon {
+    pub client: SandboxServiceClient<Channel>,
+    pub channel: Channel,
+    pub daemon: Arc<Sandboxd>,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon whose tools dir holds the standard tools.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a daemon after `prepare` has had a chance to edit its tools dir
+    /// (passed in) and config.
+    pub async fn start_with(prepare: impl FnOnce(&mut SandboxdConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tools_dir = dir.path().join("tools");
+        std::fs::create_dir_all(&tools_dir).unwrap();
+        for name in harness_tool_artifacts::STANDARD_TOOLS {
+            let src = harness_tool_artifacts::tool_path(name);
+            std::fs::copy(&src, tools_dir.join(format!("{name}.wasm"))).unwrap();
+        }
+        let mut config = SandboxdConfig {
+            listen: format!("unix:{}", dir.path().join("sandboxd.sock").display()),
+            state_dir: dir.path().join("state"),
+            tools_dir,
+            // One compile cache for the whole test run keeps tests fast.
+            cache_dir: Some(shared_cache_dir()),
+            ..SandboxdConfig::default()
+        };
+        prepare(&mut config);
+        let daemon = Sandboxd::start(config.clone(), HostProbe::default()).await.unwrap();
+        let listener = Listener::bind(&config.listen).await.unwrap();
+        let endpoint = listener.endpoint();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(Arc::clone(&daemon), listener, async {
+            let _ = stopped.await;
+        }));
+        let server = tokio::spawn(async move {
+            server.await.unwrap().unwrap();
+        });
+        let channel = connect(&endpoint).await;
+        Self {
+            client: SandboxServiceClient::new(channel.clone()),
+            channel,
+            daemon,
+            dir,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    pub fn tools_dir(&self) -> PathBuf {
+        self.daemon.config.tools_dir.clone()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
+        }
+    }
+
+    pub async fn create_session(&mut self) -> pb::Session {
+        self.create_session_with(pb::SessionPolicy::default()).await
+    }
+
+    pub async fn create_session_with(&mut self, policy: pb::SessionPolicy) -> pb::Session {
+        self.client
+            .create_session(pb::CreateSessionRequest {
+                policy: Some(policy),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap()
+    }
+
+    pub fn workspace_of(&self, session_id: &str) -> PathBuf {
+        self.daemon.config.sessions_dir().join(session_id)
+    }
+
+    /// Invokes a WASI tool and collects the whole stream.
+    pub async fn invoke(&mut self, session_id: &str, invocation_id: &str, tool: &str, input: serde_json::Value) -> Invoked {
+        let request = pb::InvokeRequest {
+            session_id: session_id.to_owned(),
+            invocation_id: invocation_id.to_owned(),
+            target: Some(pb::invoke_request::Target::Wasi(pb::WasiCall {
+                tool: tool.to_owned(),
+                input_json: input.to_string(),
+            })),
+            timeout: None,
+        };
+        collect(self.client.invoke(request).await.unwrap().into_inner()).await
+    }
+}
+
+/// Everything an Invoke stream carried.
+#[derive(Debug, Default)]
+pub struct Invoked {
+    pub started: Option<pb::InvokeStarted>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub truncated: bool,
+    pub result: Option<pb::InvokeResult>,
+}
+
+impl Invoked {
+    pub fn ok_json(&self) -> serde_json::Value {
+        match self.result.as_ref().and_then(|r| r.outcome.clone()) {
+            Some(pb::invoke_result::Outcome::Ok(ok)) => serde_json::from_str(&ok.output_json).unwrap(),
+            other => panic!("expected success, got {other:?}"),
+        }
+    }
+
+    pub fn error(&self) -> pb::ToolError {
+        match self.result.as_ref().and_then(|r| r.outcome.clone()) {
+            Some(pb::invoke_result::Outcome::Error(error)) => error,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    pub fn error_kind(&self) -> pb::ErrorKind {
+        pb::ErrorKind::try_from(self.error().kind).unwrap()
+    }
+}
+
+pub async fn collect(mut stream: tonic::Streaming<pb::InvokeEvent>) -> Invoked {
+    let mut invoked = Invoked::default();
+    while let Some(event) = stream.message().await.unwrap() {
+        match event.event.unwrap() {
+            pb::invoke_event::Event::Started(started) => {
+                assert!(invoked.started.is_none(), "two started events");
+                invoked.started = Some(started);
+            }
+            pb::invoke_event::Event::Output(chunk) => {
+                assert!(invoked.result.is_none(), "output after the result");
+                invoked.truncated |= chunk.truncated;
+                match pb::OutputStream::try_from(chunk.stream).unwrap() {
+                    pb::OutputStream::Stdout => invoked.stdout.extend(chunk.data),
+                    _ => invoked.stderr.extend(chunk.data),
+                }
+            }
+            pb::invoke_event::Event::Result(result) => {
+                assert!(invoked.result.is_none(), "two results");
+                invoked.result = Some(result);
+            }
+        }
+    }
+    assert!(invoked.started.is_some(), "stream without a started event");
+    assert!(invoked.result.is_some(), "stream without a result");
+    invoked
+}
+
+pub async fn connect(endpoint: &str) -> Channel {
+    let path = PathBuf::from(endpoint.strip_prefix("unix:").unwrap());
+    tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap()
+}
+
+fn shared_cache_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandboxd-test-cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
