@@ -10,12 +10,14 @@
 //!   the output.
 //! - [`ToolError`] is the typed failure a tool returns; its [`ErrorKind`] maps one-to-one onto
 //!   the WIT `error-kind`.
+//! - [`describe`] and [`invoke`] are what the exports do, callable on the host so a tool's
+//!   JSON interface can be tested with `cargo test`.
 //! - [`workspace`] holds the path rules shared by file tools: the session workspace is
 //!   preopened at `/workspace` and nothing else of the host is visible.
 //!
 //! A complete tool:
 //!
-//! ```ignore
+//! ```
 //! use harness_tool_sdk::{Tool, ToolError, export_tool};
 //! use schemars::JsonSchema;
 //! use serde::{Deserialize, Serialize};
@@ -82,7 +84,8 @@ pub mod __bindings {
 /// The doc comments on `Input` and `Output` (and their fields) become the descriptions in the
 /// JSON Schemas a model reads, so write them for a model.
 pub trait Tool {
-    /// The tool's name as models and sandboxd see it, e.g. `"read_file"`.
+    /// The tool's name as models and sandboxd see it, e.g. `"read_file"`: 1-64 characters of
+    /// `[a-z0-9_]` starting with a letter ([`export_tool!`] checks this at compile time).
     const NAME: &str;
     /// One or two sentences telling a model what the tool does and when to use it.
     const DESCRIPTION: &str;
@@ -197,17 +200,41 @@ impl From<std::io::Error> for ToolError {
 /// ```ignore
 /// harness_tool_sdk::export_tool!(MyTool);
 /// ```
+///
+/// A name sandboxd would refuse fails the build:
+///
+/// ```compile_fail,E0080
+/// # use harness_tool_sdk::{Tool, ToolError, export_tool};
+/// struct Bad;
+/// impl Tool for Bad {
+///     const NAME: &str = "Bad-Name";
+///     const DESCRIPTION: &str = "Never loads.";
+///     type Input = ();
+///     type Output = ();
+///     fn run(_: ()) -> Result<(), ToolError> {
+///         Ok(())
+///     }
+/// }
+/// export_tool!(Bad);
+/// ```
 #[macro_export]
 macro_rules! export_tool {
     ($tool:ty) => {
         const _: () = {
+            // sandboxd refuses a component whose name breaks this rule; failing the build is
+            // kinder than a load error on the host.
+            const _: () = ::core::assert!(
+                $crate::__private::valid_name(<$tool as $crate::Tool>::NAME),
+                "Tool::NAME must be 1-64 characters of [a-z0-9_] starting with a letter"
+            );
+
             // wit-bindgen's export macro wants a plain type name, and the tool type may be a
             // path, so a local adapter type carries the `Guest` impl.
             struct HarnessToolComponent;
 
             impl $crate::__bindings::exports::harness::tool::tool::Guest for HarnessToolComponent {
                 fn describe() -> ::std::string::String {
-                    $crate::__private::describe::<$tool>()
+                    $crate::describe::<$tool>()
                 }
 
                 fn invoke(
@@ -216,8 +243,7 @@ macro_rules! export_tool {
                     ::std::string::String,
                     $crate::__bindings::exports::harness::tool::tool::ToolError,
                 > {
-                    $crate::__private::invoke::<$tool>(&input)
-                        .map_err($crate::__private::to_wit_error)
+                    $crate::invoke::<$tool>(&input).map_err($crate::__private::to_wit_error)
                 }
             }
 
@@ -232,35 +258,60 @@ macro_rules! export_tool {
     };
 }
 
+/// The text a tool's `describe` export returns: `{"name", "description", "input_schema",
+/// "output_schema"}` with JSON Schemas generated from `T::Input` and `T::Output`.
+///
+/// [`export_tool!`] calls this; it is public so tests can check a tool's schemas on the host.
+pub fn describe<T: Tool>() -> String {
+    serde_json::json!({
+        "name": T::NAME,
+        "description": T::DESCRIPTION,
+        "input_schema": schemars::schema_for!(T::Input),
+        "output_schema": schemars::schema_for!(T::Output),
+    })
+    .to_string()
+}
+
+/// What a tool's `invoke` export does: decodes `input` as `T::Input` (a mismatch is
+/// [`ErrorKind::InvalidInput`] naming the problem), runs the tool and encodes its output.
+///
+/// [`export_tool!`] calls this; it is public so tests can drive a tool through its JSON
+/// interface on the host.
+pub fn invoke<T: Tool>(input: &str) -> Result<String, ToolError> {
+    let input: T::Input = serde_json::from_str(input).map_err(|err| {
+        ToolError::invalid_input(format!(
+            "input for `{}` does not match its input schema: {err}",
+            T::NAME
+        ))
+    })?;
+    let output = T::run(input)?;
+    serde_json::to_string(&output).map_err(|err| {
+        ToolError::failed(format!("`{}` could not encode its output: {err}", T::NAME))
+    })
+}
+
 /// Support code for [`export_tool!`]; not a stable API.
 #[doc(hidden)]
 pub mod __private {
     use crate::__bindings::exports::harness::tool::tool as wit;
-    use crate::{ErrorKind, Tool, ToolError};
+    use crate::{ErrorKind, ToolError};
 
-    /// The `describe` export: name, description and both JSON Schemas.
-    pub fn describe<T: Tool>() -> String {
-        serde_json::json!({
-            "name": T::NAME,
-            "description": T::DESCRIPTION,
-            "input_schema": schemars::schema_for!(T::Input),
-            "output_schema": schemars::schema_for!(T::Output),
-        })
-        .to_string()
-    }
-
-    /// The `invoke` export, in SDK types so it can be tested on the host.
-    pub fn invoke<T: Tool>(input: &str) -> Result<String, ToolError> {
-        let input: T::Input = serde_json::from_str(input).map_err(|err| {
-            ToolError::invalid_input(format!(
-                "input for `{}` does not match its input schema: {err}",
-                T::NAME
-            ))
-        })?;
-        let output = T::run(input)?;
-        serde_json::to_string(&output).map_err(|err| {
-            ToolError::failed(format!("`{}` could not encode its output: {err}", T::NAME))
-        })
+    /// Whether `name` is a valid tool name: 1-64 characters of `[a-z0-9_]`, starting with a
+    /// letter. `const` so [`export_tool!`](crate::export_tool) can check it at compile time.
+    pub const fn valid_name(name: &str) -> bool {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() > 64 || !bytes[0].is_ascii_lowercase() {
+            return false;
+        }
+        let mut i = 1;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if !(b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') {
+                return false;
+            }
+            i += 1;
+        }
+        true
     }
 
     /// Converts to the WIT record.
@@ -324,7 +375,7 @@ mod tests {
 
     #[test]
     fn describe_has_name_description_and_schemas() {
-        let text = __private::describe::<Add>();
+        let text = describe::<Add>();
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["name"], "add");
         assert_eq!(json["description"], "Adds two numbers.");
@@ -343,31 +394,49 @@ mod tests {
     #[test]
     fn invoke_round_trips_json() {
         assert_eq!(
-            __private::invoke::<Add>(r#"{"a": 2, "b": 3}"#).unwrap(),
+            invoke::<Add>(r#"{"a": 2, "b": 3}"#).unwrap(),
             r#"{"sum":5}"#
         );
     }
 
     #[test]
     fn invoke_reports_bad_input_as_invalid_input() {
-        let err = __private::invoke::<Add>(r#"{"a": 2, "c": 3}"#).unwrap_err();
+        let err = invoke::<Add>(r#"{"a": 2, "c": 3}"#).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidInput);
         assert!(err.message.contains("add"), "{}", err.message);
         assert!(err.message.contains("unknown field `c`"), "{}", err.message);
 
-        let err = __private::invoke::<Add>("not json").unwrap_err();
+        let err = invoke::<Add>("not json").unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidInput);
     }
 
     #[test]
     fn invoke_passes_tool_errors_through() {
-        let err = __private::invoke::<Add>(r#"{"a": 4294967295, "b": 1}"#).unwrap_err();
+        let err = invoke::<Add>(r#"{"a": 4294967295, "b": 1}"#).unwrap_err();
         assert_eq!(err, ToolError::invalid_input("sum overflows u32"));
         let wit = __private::to_wit_error(err);
         assert!(matches!(
             wit.kind,
             __bindings::exports::harness::tool::tool::ErrorKind::InvalidInput
         ));
+    }
+
+    #[test]
+    fn tool_names_follow_sandboxd_rules() {
+        for name in ["a", "read_file", "x86_64", &"a".repeat(64)] {
+            assert!(__private::valid_name(name), "{name}");
+        }
+        for name in [
+            "",
+            "Read",
+            "1st",
+            "_x",
+            "read-file",
+            "r\u{e9}ad",
+            &"a".repeat(65),
+        ] {
+            assert!(!__private::valid_name(name), "{name}");
+        }
     }
 
     #[test]

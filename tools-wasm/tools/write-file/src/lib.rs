@@ -47,7 +47,13 @@ impl Tool for WriteFile {
         if input.create_dirs
             && let Some(parent) = resolved.parent()
         {
-            std::fs::create_dir_all(parent).map_err(io_err)?;
+            match std::fs::create_dir_all(parent) {
+                // A parent that exists but is not a directory the guest may use (a file, or a
+                // symlink out of the workspace) surfaces as "already exists"; the write below
+                // then fails with the error that names the real problem.
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                other => other.map_err(io_err)?,
+            }
         }
         std::fs::write(&resolved, input.content.as_bytes()).map_err(io_err)?;
         let bytes_written = u64::try_from(input.content.len())
