@@ -88,7 +88,9 @@ impl SandboxSettings {
             }),
             limits: Some(sandbox::ResourceLimits {
                 memory_bytes: self.memory_bytes,
-                invocation_timeout: self.invocation_timeout.map(harness_proto::duration_to_proto),
+                invocation_timeout: self
+                    .invocation_timeout
+                    .map(harness_proto::duration_to_proto),
                 ..Default::default()
             }),
             ..Default::default()
@@ -205,7 +207,7 @@ pub enum AgentError {
         file: PathBuf,
         /// What is wrong, with line and column.
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
     /// An agent file parsed but a value is unusable.
     #[error("invalid agent file {file}: {problem}")]
@@ -335,7 +337,7 @@ pub fn load_agent_file(file: &Path) -> Result<Agent, AgentError> {
     })?;
     let parsed: AgentFile = toml::from_str(&text).map_err(|source| AgentError::Parse {
         file: file.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     let definition = validate(parsed, file)?;
     let provider = build_provider(&definition)?;
@@ -538,7 +540,10 @@ mod tests {
         let source = std::error::Error::source(&error).unwrap().to_string();
         assert_eq!(
             source,
-            format!("cannot read script {}", dir.path().join("gone.script.toml").display())
+            format!(
+                "cannot read script {}",
+                dir.path().join("gone.script.toml").display()
+            )
         );
     }
 
@@ -546,7 +551,8 @@ mod tests {
     fn duplicate_names_are_rejected_naming_both_files() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "s.script.toml", "[[turn]]\ntext = \"hi\"\n");
-        let body = "name = \"same\"\nprovider = \"scripted\"\nmodel = \"m\"\nscript = \"s.script.toml\"\n";
+        let body =
+            "name = \"same\"\nprovider = \"scripted\"\nmodel = \"m\"\nscript = \"s.script.toml\"\n";
         let first = write(dir.path(), "a.toml", body);
         let second = write(dir.path(), "b.toml", body);
         let error = AgentCatalog::load_dir(dir.path()).unwrap_err();

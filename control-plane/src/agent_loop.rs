@@ -12,26 +12,27 @@
 //!
 //! Every event is in the store before the loop takes its next step. The loop
 //! holds the conversation in memory for now; resuming a session after a
-//! restart (replaying the log instead of re-executing) comes later, and until
-//! then [`recover_interrupted_sessions`] closes what a previous process left
-//! running.
+//! restart (replaying the log instead of re-executing) comes later; until
+//! then [`crate::supervisor::recover_interrupted_sessions`] closes what a
+//! previous process left running.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use harness_proto::control::v1 as control;
 use harness_proto::control::v1::session_event::Kind;
 use harness_proto::sandbox::v1 as sandbox;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::agent::Agent;
+use crate::error_report::error_chain;
 use crate::event;
 use crate::event_log::EventLog;
 use crate::provider::{
-    CompletedTurn, Message, ModelRequest, ModelStreamEvent, ProviderError, ToolCall,
-    ToolDefinition,
+    CompletedTurn, Message, ModelRequest, ModelStreamEvent, ProviderError, ToolCall, ToolDefinition,
 };
 use crate::sandbox::{InvocationOutcome, SandboxDispatch, SandboxError};
 use crate::store::{SessionRecord, StoreError};
@@ -291,22 +292,24 @@ impl SessionRun<'_> {
             .tools
             .iter()
             .map(|name| {
-                let tool = offered.iter().find(|tool| &tool.name == name).ok_or_else(|| {
-                    LoopError::ToolUnavailable {
+                let tool = offered
+                    .iter()
+                    .find(|tool| &tool.name == name)
+                    .ok_or_else(|| LoopError::ToolUnavailable {
                         tool: name.clone(),
                         available: offered
                             .iter()
                             .map(|tool| tool.name.as_str())
                             .collect::<Vec<_>>()
                             .join(", "),
-                    }
-                })?;
-                let input_schema = serde_json::from_str(&tool.input_schema_json).map_err(|source| {
-                    LoopError::BadToolSchema {
-                        tool: name.clone(),
-                        source,
-                    }
-                })?;
+                    })?;
+                let input_schema =
+                    serde_json::from_str(&tool.input_schema_json).map_err(|source| {
+                        LoopError::BadToolSchema {
+                            tool: name.clone(),
+                            source,
+                        }
+                    })?;
                 Ok(ToolDefinition {
                     name: tool.name.clone(),
                     description: tool.description.clone(),
@@ -351,11 +354,17 @@ impl SessionRun<'_> {
         }
         let sandbox = Arc::clone(&self.agent_loop.sandbox);
         let deadline = self.agent_loop.settings.tool_timeout + SANDBOX_ANSWER_GRACE;
-        // `buffered` runs up to N calls at once but yields results in call
-        // order, which is the order they are recorded in.
-        let mut results = futures::stream::iter(planned)
-            .map(|plan| dispatch(Arc::clone(&sandbox), plan, deadline))
-            .buffered(self.agent_loop.settings.max_parallel_tool_calls.max(1));
+        let slots = Arc::new(Semaphore::new(
+            self.agent_loop.settings.max_parallel_tool_calls.max(1),
+        ));
+        // All calls are polled, the semaphore bounds how many run at once (in
+        // call order, it is fair), and `FuturesOrdered` yields results in call
+        // order, which is the order they are recorded in. A finished call
+        // waiting for its turn to be recorded does not hold a slot.
+        let mut results: FuturesOrdered<_> = planned
+            .into_iter()
+            .map(|plan| dispatch(Arc::clone(&sandbox), Arc::clone(&slots), plan, deadline))
+            .collect();
         let mut messages = Vec::with_capacity(calls.len());
         for call in calls {
             let result = self.until_cancelled(results.next()).await?;
@@ -396,7 +405,8 @@ impl SessionRun<'_> {
             sandbox_session_id: sandbox_session_id.clone(),
         }))
         .await?;
-        self.in_flight.push((call.call_id.clone(), call.tool.clone()));
+        self.in_flight
+            .push((call.call_id.clone(), call.tool.clone()));
         Ok(PlannedCall::Dispatch(sandbox::InvokeRequest {
             session_id: sandbox_session_id,
             invocation_id,
@@ -457,10 +467,7 @@ impl SessionRun<'_> {
                 finished_with_error(
                     call,
                     control::ToolErrorKind::Timeout,
-                    format!(
-                        "no result from sandboxd within {}s",
-                        after.as_secs_f64()
-                    ),
+                    format!("no result from sandboxd within {}s", after.as_secs_f64()),
                 ),
                 None,
             ),
@@ -475,7 +482,8 @@ impl SessionRun<'_> {
         };
         let message = tool_result_message(&finished);
         self.record(Kind::ToolFinished(finished)).await?;
-        self.in_flight.retain(|(call_id, _)| call_id != &call.call_id);
+        self.in_flight
+            .retain(|(call_id, _)| call_id != &call.call_id);
         Ok((message, failure))
     }
 
@@ -560,6 +568,7 @@ impl SessionRun<'_> {
 
 async fn dispatch(
     sandbox: Arc<dyn SandboxDispatch>,
+    slots: Arc<Semaphore>,
     plan: PlannedCall,
     deadline: Duration,
 ) -> CallResult {
@@ -567,6 +576,8 @@ async fn dispatch(
         PlannedCall::Deny(reason) => return CallResult::Denied(reason),
         PlannedCall::Dispatch(request) => request,
     };
+    // The semaphore is never closed, so acquiring cannot fail.
+    let _slot = slots.acquire().await.ok();
     match tokio::time::timeout(deadline, sandbox.invoke(request)).await {
         Ok(Ok(outcome)) => CallResult::Outcome(outcome),
         Ok(Err(error)) => CallResult::Failed(error),
@@ -639,7 +650,7 @@ fn finished_from_result(call: &ToolCall, result: &sandbox::InvokeResult) -> cont
     }
 }
 
-fn finished_with_error(
+pub(crate) fn finished_with_error(
     call: &ToolCall,
     kind: control::ToolErrorKind,
     message: String,
@@ -713,140 +724,624 @@ fn tool_result_message(finished: &control::ToolFinished) -> Message {
     }
 }
 
-/// `error` and its sources, joined with ": ".
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Some errors repeat their source's text; do not print it twice.
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-/// Starts sessions as background tasks and cancels them on request.
-#[derive(Debug)]
-pub struct SessionSupervisor {
-    agent_loop: Arc<AgentLoop>,
-    running: Arc<Mutex<HashMap<String, watch::Sender<Option<String>>>>>,
-}
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-impl SessionSupervisor {
-    /// A supervisor running sessions on `agent_loop`.
-    pub fn new(agent_loop: Arc<AgentLoop>) -> Self {
-        Self {
-            agent_loop,
-            running: Arc::default(),
-        }
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::agent::{AgentDefinition, ProviderKind, SandboxSettings};
+    use crate::provider::scripted::ScriptedProvider;
+    use crate::provider::{ModelProvider, ModelStream};
+    use crate::store::{EventStore, NewSession, SqliteStore};
+
+    /// How the fake sandbox answers one tool.
+    #[derive(Debug, Clone)]
+    enum Behaviour {
+        Ok {
+            output_json: &'static str,
+            delay: Duration,
+        },
+        ToolError(sandbox::ToolError),
+        Unreachable,
+        Hang,
     }
 
-    /// Runs `session` in the background.
-    pub fn launch(&self, session: SessionRecord, agent: Arc<Agent>) {
-        let (cancel_sender, cancel) = watch::channel(None);
-        let session_id = session.session_id.clone();
-        self.running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(session_id.clone(), cancel_sender);
-        let agent_loop = Arc::clone(&self.agent_loop);
-        let running = Arc::clone(&self.running);
-        tokio::spawn(async move {
-            agent_loop.run(session, agent, cancel).await;
-            running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&session_id);
-        });
+    #[derive(Debug, Default)]
+    struct FakeSandbox {
+        tools: Vec<&'static str>,
+        behaviours: HashMap<&'static str, Behaviour>,
+        log: Mutex<Vec<String>>,
+        running: AtomicUsize,
+        max_running: AtomicUsize,
     }
 
-    /// Asks a running session to stop; false if it is not running here.
-    pub fn cancel(&self, session_id: &str, reason: &str) -> bool {
-        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        match running.get(session_id) {
-            Some(sender) => {
-                sender.send_replace(Some(reason.to_owned()));
-                true
+    impl FakeSandbox {
+        fn new(tools: &[&'static str]) -> Self {
+            Self {
+                tools: tools.to_vec(),
+                ..Default::default()
             }
-            None => false,
+        }
+
+        fn with(mut self, tool: &'static str, behaviour: Behaviour) -> Self {
+            self.behaviours.insert(tool, behaviour);
+            self
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+
+        fn note(&self, entry: String) {
+            self.log.lock().unwrap().push(entry);
         }
     }
-}
 
-/// Closes sessions that a previous control-plane process left unfinished:
-/// their loops are gone and resuming them is not implemented yet. Each gets
-/// `tool_finished` (interrupted) for calls that never finished, its sandbox
-/// session destroyed, and `finished` with ERROR. Returns how many were closed.
-pub async fn recover_interrupted_sessions(
-    log: &EventLog,
-    sandbox: &dyn SandboxDispatch,
-) -> Result<usize, StoreError> {
-    let sessions = log.store().list_unfinished_sessions().await?;
-    for session in &sessions {
-        tracing::warn!(session_id = session.session_id, "closing a session interrupted by a restart");
-        let events = log
-            .store()
-            .read_events(session.session_id.clone(), 0, usize::MAX)
-            .await?;
-        let turn = events.last().map_or(0, |event| event.turn);
-        for call in unfinished_calls(&events) {
-            let message = "the control plane restarted before this call finished; \
-                           its side effects may or may not have happened"
-                .to_owned();
-            let finished = finished_with_error(&call, control::ToolErrorKind::Interrupted, message);
-            log.append(&session.session_id, turn, Kind::ToolFinished(finished))
-                .await?;
+    fn ok_result(output_json: &str) -> InvocationOutcome {
+        InvocationOutcome {
+            output: vec![sandbox::OutputChunk {
+                stream: sandbox::OutputStream::Stderr.into(),
+                data: b"log line\n".to_vec(),
+                truncated: false,
+            }],
+            result: sandbox::InvokeResult {
+                outcome: Some(sandbox::invoke_result::Outcome::Ok(
+                    sandbox::InvokeSuccess {
+                        output_json: output_json.to_owned(),
+                        exit_status: None,
+                    },
+                )),
+                usage: Some(sandbox::Usage {
+                    peak_memory_bytes: 4096,
+                    ..Default::default()
+                }),
+                replayed: false,
+            },
         }
-        if let Some(sandbox_session_id) = &session.sandbox_session_id {
-            let reason = "control plane restarted".to_owned();
-            if let Err(error) = sandbox
-                .destroy_session(sandbox_session_id.clone(), reason)
+    }
+
+    impl SandboxDispatch for FakeSandbox {
+        fn create_session(
+            &self,
+            request: sandbox::CreateSessionRequest,
+        ) -> BoxFuture<'_, Result<String, SandboxError>> {
+            let label = request
+                .labels
+                .get(SESSION_LABEL)
+                .cloned()
+                .unwrap_or_default();
+            self.note(format!("create label={label}"));
+            Box::pin(async { Ok("sb-1".to_owned()) })
+        }
+
+        fn list_tools(&self) -> BoxFuture<'_, Result<Vec<sandbox::Tool>, SandboxError>> {
+            let tools = self
+                .tools
+                .iter()
+                .map(|name| sandbox::Tool {
+                    name: (*name).to_owned(),
+                    description: format!("the {name} tool"),
+                    input_schema_json: r#"{"type":"object"}"#.to_owned(),
+                    ..Default::default()
+                })
+                .collect();
+            Box::pin(async { Ok(tools) })
+        }
+
+        fn invoke(
+            &self,
+            request: sandbox::InvokeRequest,
+        ) -> BoxFuture<'_, Result<InvocationOutcome, SandboxError>> {
+            Box::pin(async move {
+                let Some(sandbox::invoke_request::Target::Wasi(call)) = request.target else {
+                    return Err(SandboxError::MissingResult);
+                };
+                self.note(format!("invoke {} {}", request.invocation_id, call.tool));
+                let running = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max_running.fetch_max(running, Ordering::SeqCst);
+                let behaviour = self.behaviours.get(call.tool.as_str()).cloned();
+                let result = match behaviour {
+                    Some(Behaviour::Ok { output_json, delay }) => {
+                        tokio::time::sleep(delay).await;
+                        Ok(ok_result(output_json))
+                    }
+                    Some(Behaviour::ToolError(error)) => Ok(InvocationOutcome {
+                        output: Vec::new(),
+                        result: sandbox::InvokeResult {
+                            outcome: Some(sandbox::invoke_result::Outcome::Error(error)),
+                            usage: None,
+                            replayed: false,
+                        },
+                    }),
+                    Some(Behaviour::Unreachable) => Err(SandboxError::Invoke(
+                        tonic::Status::unavailable("connection refused"),
+                    )),
+                    Some(Behaviour::Hang) => std::future::pending().await,
+                    None => Ok(ok_result("{}")),
+                };
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                result
+            })
+        }
+
+        fn destroy_session(
+            &self,
+            session_id: String,
+            _reason: String,
+        ) -> BoxFuture<'_, Result<sandbox::TeardownReport, SandboxError>> {
+            self.note(format!("destroy {session_id}"));
+            Box::pin(async { Ok(sandbox::TeardownReport::default()) })
+        }
+    }
+
+    /// A scripted provider that also keeps every request it gets.
+    #[derive(Debug)]
+    struct RecordingProvider {
+        inner: ScriptedProvider,
+        requests: Mutex<Vec<ModelRequest>>,
+    }
+
+    impl ModelProvider for RecordingProvider {
+        fn stream_turn(&self, request: ModelRequest) -> ModelStream {
+            self.requests.lock().unwrap().push(request.clone());
+            self.inner.stream_turn(request)
+        }
+    }
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        store: Arc<SqliteStore>,
+        log: EventLog,
+        sandbox: Arc<FakeSandbox>,
+        provider: Arc<RecordingProvider>,
+        agent: Arc<Agent>,
+        _shutdown: watch::Sender<bool>,
+    }
+
+    impl Harness {
+        async fn new(script: &str, tools: &[&str], sandbox: FakeSandbox) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(SqliteStore::open(&dir.path().join("cp.db")).await.unwrap());
+            let (shutdown, shutdown_signal) = watch::channel(false);
+            let log = EventLog::new(store.clone(), shutdown_signal);
+            let provider = Arc::new(RecordingProvider {
+                inner: ScriptedProvider::new(toml::from_str(script).unwrap(), "test.script.toml"),
+                requests: Mutex::new(Vec::new()),
+            });
+            let agent = Arc::new(Agent {
+                definition: AgentDefinition {
+                    name: "tester".to_owned(),
+                    description: String::new(),
+                    provider: ProviderKind::Scripted,
+                    model: "scripted".to_owned(),
+                    script: None,
+                    system_prompt: "Be brief.".to_owned(),
+                    tools: tools.iter().map(|tool| (*tool).to_owned()).collect(),
+                    max_turns: 5,
+                    sandbox: SandboxSettings::default(),
+                    source: PathBuf::from("tester.toml"),
+                },
+                provider: provider.clone(),
+            });
+            Self {
+                _dir: dir,
+                store,
+                log,
+                sandbox: Arc::new(sandbox),
+                provider,
+                agent,
+                _shutdown: shutdown,
+            }
+        }
+
+        async fn create_session(&self, max_turns: u32) -> SessionRecord {
+            self.store
+                .create_session(NewSession {
+                    session_id: "s1".to_owned(),
+                    tenant: "default".to_owned(),
+                    agent: "tester".to_owned(),
+                    input: "go".to_owned(),
+                    metadata: HashMap::new(),
+                    budget: control::BudgetLimits {
+                        max_turns: Some(max_turns),
+                        ..Default::default()
+                    },
+                    idempotency_key: None,
+                })
                 .await
-            {
-                tracing::warn!(sandbox_session_id, error = %error_chain(&error), "could not destroy a leftover sandbox session");
-            }
+                .unwrap()
+                .session
         }
-        let mut usage = control::BudgetUsage::default();
-        for kind in events.iter().filter_map(|event| event.kind.as_ref()) {
-            event::apply_to_usage(&mut usage, kind);
-        }
-        let last_text = events.iter().rev().find_map(|event| match &event.kind {
-            Some(Kind::TurnCompleted(turn)) => Some(turn.assistant_text.clone()),
-            _ => None,
-        });
-        let finished = control::SessionFinished {
-            stop_reason: control::StopReason::Error.into(),
-            final_output: last_text.unwrap_or_default(),
-            message: "interrupted by a control-plane restart; resuming sessions is not \
-                      implemented yet"
-                .to_owned(),
-            usage: Some(usage),
-        };
-        log.append(&session.session_id, turn, Kind::Finished(finished))
-            .await?;
-    }
-    Ok(sessions.len())
-}
 
-/// Calls with `tool_started` and no `tool_finished`, in start order.
-fn unfinished_calls(events: &[control::SessionEvent]) -> Vec<ToolCall> {
-    let mut open: Vec<ToolCall> = Vec::new();
-    for event in events {
-        match &event.kind {
-            Some(Kind::ToolStarted(started)) => open.push(ToolCall {
-                call_id: started.call_id.clone(),
-                tool: started.tool.clone(),
-                arguments_json: String::new(),
-            }),
-            Some(Kind::ToolFinished(finished)) => {
-                open.retain(|call| call.call_id != finished.call_id);
-            }
-            _ => {}
+        fn agent_loop(&self, max_parallel_tool_calls: usize) -> AgentLoop {
+            AgentLoop::new(
+                self.log.clone(),
+                self.sandbox.clone(),
+                LoopSettings {
+                    tool_timeout: Duration::from_secs(30),
+                    max_parallel_tool_calls,
+                },
+            )
+        }
+
+        async fn run(&self, max_turns: u32, max_parallel_tool_calls: usize) {
+            let session = self.create_session(max_turns).await;
+            let (_cancel, cancel_signal) = watch::channel(None);
+            self.agent_loop(max_parallel_tool_calls)
+                .run(session, self.agent.clone(), cancel_signal)
+                .await;
+        }
+
+        async fn events(&self) -> Vec<control::SessionEvent> {
+            self.store
+                .read_events("s1".to_owned(), 0, 1000)
+                .await
+                .unwrap()
+        }
+
+        async fn summary(&self) -> Vec<String> {
+            self.events().await.iter().map(describe).collect()
         }
     }
-    open
+
+    /// The kind and the fields the tests care about, one string per event.
+    fn describe(event: &control::SessionEvent) -> String {
+        let what = match event.kind.as_ref().unwrap() {
+            Kind::Started(_) => "started".to_owned(),
+            Kind::TextDelta(delta) => format!("text {:?}", delta.text),
+            Kind::ToolCallRequested(call) => format!("requested {} {}", call.call_id, call.tool),
+            Kind::PolicyDecision(decision) => format!(
+                "policy {} {} {}",
+                decision.call_id,
+                decision.verdict().as_str_name(),
+                decision.rule
+            ),
+            Kind::ToolStarted(started) => format!("started {}", started.invocation_id),
+            Kind::ToolOutput(output) => format!("output {} {}", output.call_id, output.stream),
+            Kind::ToolFinished(finished) => match finished.outcome.as_ref().unwrap() {
+                control::tool_finished::Outcome::OutputJson(json) => {
+                    format!("finished {} ok {json}", finished.call_id)
+                }
+                control::tool_finished::Outcome::Error(error) => format!(
+                    "finished {} {} {}",
+                    finished.call_id,
+                    error.kind().as_str_name(),
+                    error.message
+                ),
+            },
+            Kind::TurnCompleted(turn) => format!("turn {} {}", turn.turn, turn.model_stop_reason),
+            Kind::Finished(finished) => format!(
+                "end {} {:?} {:?}",
+                finished.stop_reason().as_str_name(),
+                finished.final_output,
+                finished.message
+            ),
+            other => event::kind_name(other).to_owned(),
+        };
+        format!("{} t{} {what}", event.seq, event.turn)
+    }
+
+    const PARALLEL_SCRIPT: &str = r#"
+        [[turn]]
+        text = "Three things."
+        [[turn.tool-calls]]
+        tool = "slow"
+        [[turn.tool-calls]]
+        tool = "exec"
+        [[turn.tool-calls]]
+        tool = "fast"
+        [[turn.tool-calls]]
+        tool = "fast"
+
+        [[turn]]
+        text = "Done."
+    "#;
+
+    #[tokio::test]
+    async fn parallel_tool_calls_are_bounded_and_recorded_in_call_order() {
+        let sandbox = FakeSandbox::new(&["slow", "fast", "exec"]).with(
+            "slow",
+            Behaviour::Ok {
+                output_json: r#"{"slow":true}"#,
+                delay: Duration::from_millis(100),
+            },
+        );
+        let harness = Harness::new(PARALLEL_SCRIPT, &["slow", "fast"], sandbox).await;
+        harness.run(5, 2).await;
+        let denial =
+            "tool \"exec\" is not available to agent \"tester\"; its tools are: slow, fast";
+        assert_eq!(
+            harness.summary().await,
+            [
+                "1 t0 started".to_owned(),
+                "2 t1 text \"Three \"".to_owned(),
+                "3 t1 text \"things.\"".to_owned(),
+                "4 t1 requested call_1_0 slow".to_owned(),
+                "5 t1 policy call_1_0 VERDICT_ALLOW default".to_owned(),
+                "6 t1 started s1:call_1_0".to_owned(),
+                "7 t1 requested call_1_1 exec".to_owned(),
+                "8 t1 policy call_1_1 VERDICT_DENY agent.tools".to_owned(),
+                "9 t1 requested call_1_2 fast".to_owned(),
+                "10 t1 policy call_1_2 VERDICT_ALLOW default".to_owned(),
+                "11 t1 started s1:call_1_2".to_owned(),
+                "12 t1 requested call_1_3 fast".to_owned(),
+                "13 t1 policy call_1_3 VERDICT_ALLOW default".to_owned(),
+                "14 t1 started s1:call_1_3".to_owned(),
+                "15 t1 output call_1_0 stderr".to_owned(),
+                "16 t1 finished call_1_0 ok {\"slow\":true}".to_owned(),
+                format!("17 t1 finished call_1_1 TOOL_ERROR_KIND_DENIED {denial}"),
+                "18 t1 output call_1_2 stderr".to_owned(),
+                "19 t1 finished call_1_2 ok {}".to_owned(),
+                "20 t1 output call_1_3 stderr".to_owned(),
+                "21 t1 finished call_1_3 ok {}".to_owned(),
+                "22 t1 turn 1 tool_use".to_owned(),
+                "23 t2 text \"Done.\"".to_owned(),
+                "24 t2 turn 2 end_turn".to_owned(),
+                "25 t2 end STOP_REASON_COMPLETED \"Done.\" \"\"".to_owned(),
+            ]
+        );
+        assert_eq!(harness.sandbox.max_running.load(Ordering::SeqCst), 2);
+        let calls = harness.sandbox.calls();
+        assert_eq!(calls.first().unwrap(), "create label=s1");
+        assert_eq!(calls.last().unwrap(), "destroy sb-1");
+        assert_eq!(
+            calls
+                .iter()
+                .filter(|call| call.starts_with("invoke"))
+                .count(),
+            3
+        );
+    }
+
+    #[tokio::test]
+    async fn tool_results_and_errors_reach_the_model_in_call_order() {
+        let invalid = sandbox::ToolError {
+            kind: sandbox::ErrorKind::InvalidInput.into(),
+            message: "input does not match the schema".to_owned(),
+            violations: vec![sandbox::SchemaViolation {
+                instance_path: "/path".to_owned(),
+                message: "123 is not of type \"string\"".to_owned(),
+            }],
+        };
+        let sandbox =
+            FakeSandbox::new(&["slow", "fast", "exec"]).with("slow", Behaviour::ToolError(invalid));
+        let harness = Harness::new(PARALLEL_SCRIPT, &["slow", "fast"], sandbox).await;
+        harness.run(5, 4).await;
+        let requests = harness.provider.requests.lock().unwrap().clone();
+        assert_eq!(requests.len(), 2);
+        let tool_names: Vec<&str> = requests[0].tools.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(tool_names, ["slow", "fast"]);
+        let second = &requests[1].messages;
+        assert_eq!(
+            second[0],
+            Message::System {
+                text: "Be brief.".to_owned()
+            }
+        );
+        assert_eq!(
+            second[1],
+            Message::User {
+                text: "go".to_owned()
+            }
+        );
+        let results: Vec<(&str, &str, bool)> = second[3..]
+            .iter()
+            .map(|message| match message {
+                Message::ToolResult {
+                    call_id,
+                    content,
+                    is_error,
+                    ..
+                } => (call_id.as_str(), content.as_str(), *is_error),
+                other => ("unexpected", "", matches!(other, Message::User { .. })),
+            })
+            .collect();
+        assert_eq!(
+            results,
+            [
+                (
+                    "call_1_0",
+                    "invalid_input: input does not match the schema; at /path: 123 is not of type \"string\"",
+                    true
+                ),
+                (
+                    "call_1_1",
+                    "denied: tool \"exec\" is not available to agent \"tester\"; its tools are: slow, fast",
+                    true
+                ),
+                ("call_1_2", "{}", false),
+                ("call_1_3", "{}", false),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn exhausted_script_ends_the_session_with_an_error_and_destroys_the_sandbox() {
+        let script = "[[turn]]\ntext = \"Once.\"\n[[turn.tool-calls]]\ntool = \"fast\"\n";
+        let harness = Harness::new(script, &["fast"], FakeSandbox::new(&["fast"])).await;
+        harness.run(5, 1).await;
+        let summary = harness.summary().await;
+        assert_eq!(
+            summary.last().unwrap(),
+            "9 t2 end STOP_REASON_ERROR \"Once.\" \"model provider failed: script exhausted after 1 turns (test.script.toml)\""
+        );
+        assert_eq!(harness.sandbox.calls().last().unwrap(), "destroy sb-1");
+    }
+
+    #[tokio::test]
+    async fn turn_limit_stops_with_max_turns_and_the_partial_answer() {
+        let script = "[[turn]]\ntext = \"One.\"\n[[turn.tool-calls]]\ntool = \"fast\"\n\
+                      [[turn]]\ntext = \"Two.\"\n[[turn.tool-calls]]\ntool = \"fast\"\n\
+                      [[turn]]\ntext = \"Three.\"\n";
+        let harness = Harness::new(script, &["fast"], FakeSandbox::new(&["fast"])).await;
+        harness.run(2, 1).await;
+        let summary = harness.summary().await;
+        assert_eq!(
+            summary.last().unwrap(),
+            "16 t2 end STOP_REASON_MAX_TURNS \"Two.\" \"stopped after 2 turns\""
+        );
+        let record = harness
+            .store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                record.status,
+                record.stop_reason,
+                record.usage.turns,
+                record.usage.tool_calls
+            ),
+            (
+                control::SessionStatus::Finished,
+                control::StopReason::MaxTurns,
+                2,
+                2
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tool_sandboxd_lacks_fails_the_session_before_the_first_turn() {
+        let harness = Harness::new(
+            "[[turn]]\ntext = \"x\"\n",
+            &["fast", "exec"],
+            FakeSandbox::new(&["fast"]),
+        )
+        .await;
+        harness.run(5, 1).await;
+        assert_eq!(
+            harness.summary().await,
+            [
+                "1 t0 started",
+                "2 t0 end STOP_REASON_ERROR \"\" \"agent tool \\\"exec\\\" is not offered by sandboxd (it has: fast)\"",
+            ]
+        );
+        assert_eq!(harness.sandbox.calls(), ["create label=s1", "destroy sb-1"]);
+        assert!(harness.provider.requests.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unreachable_sandboxd_fails_the_call_and_the_session() {
+        let script = "[[turn]]\ntext = \"Try.\"\n[[turn.tool-calls]]\ntool = \"fast\"\n\
+                      [[turn.tool-calls]]\ntool = \"fast\"\n";
+        let sandbox = FakeSandbox::new(&["fast"]).with("fast", Behaviour::Unreachable);
+        let harness = Harness::new(script, &["fast"], sandbox).await;
+        harness.run(5, 1).await;
+        let summary = harness.summary().await;
+        assert_eq!(
+            summary[8..],
+            [
+                "9 t1 finished call_1_0 TOOL_ERROR_KIND_INTERNAL could not reach sandboxd: sandboxd Invoke failed (Unavailable): connection refused",
+                "10 t1 finished call_1_1 TOOL_ERROR_KIND_INTERRUPTED the session ended before this call finished; its side effects may or may not have happened",
+                "11 t1 end STOP_REASON_ERROR \"Try.\" \"tool call call_1_0 could not be dispatched: sandboxd Invoke failed (Unavailable): connection refused\"",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn cancelling_interrupts_running_calls_and_records_why() {
+        let script = "[[turn]]\ntext = \"Wait.\"\n[[turn.tool-calls]]\ntool = \"stuck\"\n";
+        let sandbox = FakeSandbox::new(&["stuck"]).with("stuck", Behaviour::Hang);
+        let harness = Harness::new(script, &["stuck"], sandbox).await;
+        let session = harness.create_session(5).await;
+        let (cancel, cancel_signal) = watch::channel(None);
+        let agent_loop = harness.agent_loop(1);
+        let run = agent_loop.run(session, harness.agent.clone(), cancel_signal);
+        let canceller = async {
+            while !harness
+                .sandbox
+                .calls()
+                .iter()
+                .any(|c| c.starts_with("invoke"))
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            cancel.send_replace(Some("user pressed stop".to_owned()));
+        };
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::future::join(run, canceller),
+        )
+        .await
+        .unwrap();
+        let summary = harness.summary().await;
+        assert_eq!(
+            summary[summary.len() - 2..],
+            [
+                "6 t1 finished call_1_0 TOOL_ERROR_KIND_INTERRUPTED the session ended before this call finished; its side effects may or may not have happened",
+                "7 t1 end STOP_REASON_CANCELLED \"Wait.\" \"user pressed stop\"",
+            ]
+        );
+        assert_eq!(harness.sandbox.calls().last().unwrap(), "destroy sb-1");
+    }
+
+    #[tokio::test]
+    async fn restart_recovery_closes_interrupted_sessions() {
+        let harness = Harness::new("[[turn]]\ntext = \"x\"\n", &[], FakeSandbox::new(&[])).await;
+        harness.create_session(5).await;
+        harness
+            .store
+            .set_sandbox_session("s1".to_owned(), "sb-old".to_owned())
+            .await
+            .unwrap();
+        harness
+            .log
+            .append("s1", 0, Kind::Started(control::SessionStarted::default()))
+            .await
+            .unwrap();
+        let started = control::ToolStarted {
+            call_id: "call_1_0".to_owned(),
+            tool: "fast".to_owned(),
+            ..Default::default()
+        };
+        harness
+            .log
+            .append("s1", 1, Kind::ToolStarted(started))
+            .await
+            .unwrap();
+        let closed =
+            crate::supervisor::recover_interrupted_sessions(&harness.log, harness.sandbox.as_ref())
+                .await
+                .unwrap();
+        assert_eq!(closed, 1);
+        let summary = harness.summary().await;
+        assert_eq!(
+            summary[2..],
+            [
+                "3 t1 finished call_1_0 TOOL_ERROR_KIND_INTERRUPTED the control plane restarted before this call finished; its side effects may or may not have happened",
+                "4 t1 end STOP_REASON_ERROR \"\" \"interrupted by a control-plane restart; resuming sessions is not implemented yet\"",
+            ]
+        );
+        assert_eq!(harness.sandbox.calls(), ["destroy sb-old"]);
+    }
+
+    #[test]
+    fn violations_already_in_the_message_are_not_repeated() {
+        let error = sandbox::ToolError {
+            kind: sandbox::ErrorKind::InvalidInput.into(),
+            message: "invalid input: \"path\" is a required property".to_owned(),
+            violations: vec![
+                sandbox::SchemaViolation {
+                    instance_path: String::new(),
+                    message: "\"path\" is a required property".to_owned(),
+                },
+                sandbox::SchemaViolation {
+                    instance_path: String::new(),
+                    message: "\"extra\" is not allowed".to_owned(),
+                },
+            ],
+        };
+        assert_eq!(
+            tool_error_message(&error),
+            "invalid input: \"path\" is a required property; at (root): \"extra\" is not allowed"
+        );
+    }
 }

@@ -70,7 +70,7 @@ pub enum ConfigError {
         path: PathBuf,
         /// What is wrong, with line and column.
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
     /// A value parsed but makes no sense.
     #[error("invalid config file {path}: {problem}")]
@@ -97,7 +97,7 @@ impl ControlPlaneConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         config.validate().map_err(|problem| ConfigError::Invalid {
             path: path.to_owned(),

@@ -76,7 +76,9 @@ pub fn outcome_of(kind: &Kind) -> Option<(StopReason, &str)> {
 
 #[cfg(test)]
 mod tests {
-    use harness_proto::control::v1::{SessionFinished, ToolCallRequested, TurnCompleted, TurnUsage};
+    use harness_proto::control::v1::{
+        SessionFinished, ToolCallRequested, TurnCompleted, TurnUsage,
+    };
 
     use super::*;
 
@@ -94,7 +96,10 @@ mod tests {
         });
         apply_to_usage(&mut usage, &turn);
         apply_to_usage(&mut usage, &turn);
-        apply_to_usage(&mut usage, &Kind::ToolCallRequested(ToolCallRequested::default()));
+        apply_to_usage(
+            &mut usage,
+            &Kind::ToolCallRequested(ToolCallRequested::default()),
+        );
         let wall_clock = prost_types::Duration {
             seconds: 3,
             nanos: 0,

@@ -285,7 +285,11 @@ mod tests {
             .await
             .unwrap();
         let (shutdown_sender, shutdown) = watch::channel(false);
-        (dir, EventLog::new(Arc::new(store), shutdown), shutdown_sender)
+        (
+            dir,
+            EventLog::new(Arc::new(store), shutdown),
+            shutdown_sender,
+        )
     }
 
     fn delta(i: usize) -> Kind {

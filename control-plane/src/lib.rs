@@ -9,7 +9,8 @@
 //!    (addresses and channels live in [`transport`]).
 //! 2. A caller's `StartSession` arrives at [`service`]: the session row is
 //!    created in the [`store`] (idempotent by tenant + key) and handed to the
-//!    [`agent_loop::SessionSupervisor`].
+//!    [`supervisor::SessionSupervisor`], which runs it as a background task
+//!    (and, at start-up, closes sessions a previous process left unfinished).
 //! 3. The [`agent_loop`] appends `started`, creates a sandbox session, fetches
 //!    the agent's tool definitions, then turns: the [`provider`] streams the
 //!    model's reply, each tool call passes the policy and is dispatched to
@@ -22,12 +23,14 @@
 //!    usage, status) shared by the store, the loop and the [`transcript`],
 //!    which renders events for people.
 //!
-//! Everything fallible returns a module's own `thiserror` enum; only
-//! [`service::ServiceError`] is turned into a gRPC status.
+//! Everything fallible returns a module's own `thiserror` enum (reported with
+//! [`error_report::error_chain`]); only [`service::ServiceError`] is turned
+//! into a gRPC status.
 
 pub mod agent;
 pub mod agent_loop;
 pub mod config;
+pub mod error_report;
 pub mod event;
 pub mod event_log;
 pub mod provider;
@@ -35,5 +38,6 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod supervisor;
 pub mod transcript;
 pub mod transport;

@@ -17,7 +17,11 @@ use harness_proto::control::v1::control_service_client::ControlServiceClient;
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
-#[command(name = "control-plane", version, about = "Runs agent sessions and records every step")]
+#[command(
+    name = "control-plane",
+    version,
+    about = "Runs agent sessions and records every step"
+)]
 struct Cli {
     /// Log format (logs go to stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Pretty, global = true)]
@@ -218,10 +222,16 @@ async fn start(
     let response = client
         .start_session(request)
         .await
-        .context("StartSession failed")?
+        .map_err(rpc_error("StartSession"))?
         .into_inner();
-    let session = response.session.context("StartSession returned no session")?;
-    let how = if response.created { "started" } else { "existing" };
+    let session = response
+        .session
+        .context("StartSession returned no session")?;
+    let how = if response.created {
+        "started"
+    } else {
+        "existing"
+    };
     println!("session {} ({how})", session.session_id);
     if follow {
         print_events(&mut client, session.session_id, 0).await?;
@@ -241,10 +251,13 @@ async fn print_events(
             follow: false,
         })
         .await
-        .context("StreamEvents failed")?
+        .map_err(rpc_error("StreamEvents"))?
         .into_inner();
     while let Some(event) = events.next().await {
-        println!("{}", render_event(&event.context("event stream broke")?));
+        println!(
+            "{}",
+            render_event(&event.map_err(rpc_error("StreamEvents"))?)
+        );
     }
     Ok(())
 }
@@ -253,7 +266,7 @@ async fn get(mut client: ControlServiceClient<Channel>, session_id: String) -> a
     let session = client
         .get_session(control::GetSessionRequest { session_id })
         .await
-        .context("GetSession failed")?
+        .map_err(rpc_error("GetSession"))?
         .into_inner()
         .session
         .context("GetSession returned no session")?;
@@ -289,7 +302,7 @@ async fn list(
             ..Default::default()
         })
         .await
-        .context("ListSessions failed")?
+        .map_err(rpc_error("ListSessions"))?
         .into_inner();
     for session in response.sessions {
         println!(
@@ -308,7 +321,7 @@ async fn agents(mut client: ControlServiceClient<Channel>) -> anyhow::Result<()>
     let response = client
         .list_agents(control::ListAgentsRequest {})
         .await
-        .context("ListAgents failed")?
+        .map_err(rpc_error("ListAgents"))?
         .into_inner();
     for agent in response.agents {
         println!(
@@ -321,6 +334,12 @@ async fn agents(mut client: ControlServiceClient<Channel>) -> anyhow::Result<()>
         );
     }
     Ok(())
+}
+
+/// A failed rpc as `<Rpc> failed (<Code>): <message>`, without tonic's
+/// metadata and details noise.
+fn rpc_error(rpc: &'static str) -> impl FnOnce(tonic::Status) -> anyhow::Error {
+    move |status| anyhow::anyhow!("{rpc} failed ({:?}): {}", status.code(), status.message())
 }
 
 fn optional<T: std::fmt::Display>(value: Option<T>) -> String {

@@ -29,23 +29,23 @@ pub enum SandboxError {
     #[error("bad sandboxd endpoint")]
     Endpoint(#[source] AddressError),
     /// `CreateSession` failed.
-    #[error("sandboxd CreateSession failed: {}", .0.message())]
-    CreateSession(#[source] tonic::Status),
+    #[error("sandboxd CreateSession failed ({:?}): {}", .0.code(), .0.message())]
+    CreateSession(tonic::Status),
     /// `CreateSession` answered without a session.
     #[error("sandboxd CreateSession returned no session")]
     MissingSession,
     /// `ListTools` failed.
-    #[error("sandboxd ListTools failed: {}", .0.message())]
-    ListTools(#[source] tonic::Status),
+    #[error("sandboxd ListTools failed ({:?}): {}", .0.code(), .0.message())]
+    ListTools(tonic::Status),
     /// `Invoke` failed before producing a result.
-    #[error("sandboxd Invoke failed: {}", .0.message())]
-    Invoke(#[source] tonic::Status),
+    #[error("sandboxd Invoke failed ({:?}): {}", .0.code(), .0.message())]
+    Invoke(tonic::Status),
     /// The `Invoke` stream ended without its final result.
     #[error("sandboxd Invoke stream ended without a result")]
     MissingResult,
     /// `DestroySession` failed.
-    #[error("sandboxd DestroySession failed: {}", .0.message())]
-    DestroySession(#[source] tonic::Status),
+    #[error("sandboxd DestroySession failed ({:?}): {}", .0.code(), .0.message())]
+    DestroySession(tonic::Status),
 }
 
 /// The sandboxd operations the agent loop needs.

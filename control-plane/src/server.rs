@@ -32,12 +32,13 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::agent::{AgentCatalog, AgentError};
-use crate::agent_loop::{self, AgentLoop, LoopSettings, SessionSupervisor};
+use crate::agent_loop::{AgentLoop, LoopSettings};
 use crate::config::ControlPlaneConfig;
 use crate::event_log::EventLog;
 use crate::sandbox::{GrpcSandbox, SandboxDispatch, SandboxError};
 use crate::service::ControlPlaneService;
 use crate::store::{EventStore, SqliteStore, StoreError};
+use crate::supervisor::{self, SessionSupervisor};
 use crate::transport::{AddressError, ListenAddress};
 
 /// Fully-qualified name of the control-plane gRPC service.
@@ -136,11 +137,14 @@ impl ControlPlane {
     pub async fn from_parts(parts: ControlPlaneParts) -> Result<Self, ServerError> {
         let (shutdown, shutdown_signal) = watch::channel(false);
         let log = EventLog::new(parts.store, shutdown_signal);
-        let closed = agent_loop::recover_interrupted_sessions(&log, parts.sandbox.as_ref())
+        let closed = supervisor::recover_interrupted_sessions(&log, parts.sandbox.as_ref())
             .await
             .map_err(ServerError::Recover)?;
         if closed > 0 {
-            tracing::warn!(sessions = closed, "closed sessions interrupted by a restart");
+            tracing::warn!(
+                sessions = closed,
+                "closed sessions interrupted by a restart"
+            );
         }
         let agent_loop = Arc::new(AgentLoop::new(log.clone(), parts.sandbox, parts.settings));
         let supervisor = Arc::new(SessionSupervisor::new(agent_loop));
@@ -279,13 +283,15 @@ impl Listener {
     /// The address actually bound (with the real port when asked for port 0).
     pub fn local_address(&self) -> Result<ListenAddress, ServerError> {
         match self {
-            Self::Tcp(listener) => listener
-                .local_addr()
-                .map(ListenAddress::Tcp)
-                .map_err(|source| ServerError::Bind {
-                    address: "tcp listener".to_owned(),
-                    source,
-                }),
+            Self::Tcp(listener) => {
+                listener
+                    .local_addr()
+                    .map(ListenAddress::Tcp)
+                    .map_err(|source| ServerError::Bind {
+                        address: "tcp listener".to_owned(),
+                        source,
+                    })
+            }
             Self::Unix { path, .. } => Ok(ListenAddress::Unix(path.clone())),
         }
     }
@@ -333,8 +339,13 @@ mod tests {
         let socket = dir.path().join("run/cp.sock");
         let address = ListenAddress::Unix(socket.clone());
         drop(Listener::bind(&address).await.unwrap());
-        assert!(socket.exists(), "dropping a listener leaves the file behind");
-        Listener::bind(&address).await.expect("stale socket replaced");
+        assert!(
+            socket.exists(),
+            "dropping a listener leaves the file behind"
+        );
+        Listener::bind(&address)
+            .await
+            .expect("stale socket replaced");
 
         let file = dir.path().join("not-a-socket");
         std::fs::write(&file, "data").unwrap();

@@ -14,9 +14,10 @@ use harness_proto::control::v1::control_service_server::ControlService;
 use tonic::{Request, Response, Status};
 
 use crate::agent::{AgentCatalog, AgentDefinition};
-use crate::agent_loop::{SessionSupervisor, error_chain};
+use crate::error_report::error_chain;
 use crate::event_log::{EventLog, FollowError, FollowMode};
 use crate::store::{NewSession, SessionQuery, SessionRecord, StoreError};
+use crate::supervisor::SessionSupervisor;
 
 /// The tenant of every caller until authentication exists.
 pub const DEFAULT_TENANT: &str = "default";
@@ -163,7 +164,11 @@ impl ControlPlaneService {
         };
         let outcome = self.log.store().create_session(new).await?;
         if outcome.created {
-            tracing::info!(session_id = outcome.session.session_id, agent = outcome.session.agent, "session started");
+            tracing::info!(
+                session_id = outcome.session.session_id,
+                agent = outcome.session.agent,
+                "session started"
+            );
             self.supervisor.launch(outcome.session.clone(), agent);
         }
         Ok(control::StartSessionResponse {
@@ -231,7 +236,10 @@ impl ControlPlaneService {
         );
         let drained = events.for_each(|_| async {});
         if tokio::time::timeout(CANCEL_WAIT, drained).await.is_err() {
-            tracing::warn!(session_id = session.session_id, "cancelled session has not finished yet");
+            tracing::warn!(
+                session_id = session.session_id,
+                "cancelled session has not finished yet"
+            );
         }
     }
 }
@@ -304,7 +312,12 @@ impl ControlService for ControlPlaneService {
         };
         let events = self
             .log
-            .follow(&session.tenant, &session.session_id, request.after_seq, mode)
+            .follow(
+                &session.tenant,
+                &session.session_id,
+                request.after_seq,
+                mode,
+            )
             .map(|event| event.map_err(|error| Status::from(ServiceError::Follow(error))));
         Ok(Response::new(Box::pin(events)))
     }
@@ -392,7 +405,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(lowered.max_turns, Some(3));
-        assert_eq!(effective_budget(&agent(10), None).unwrap().max_turns, Some(10));
+        assert_eq!(
+            effective_budget(&agent(10), None).unwrap().max_turns,
+            Some(10)
+        );
         let raised = effective_budget(
             &agent(10),
             Some(control::BudgetLimits {

@@ -396,7 +396,10 @@ fn query_error(operation: &'static str) -> impl FnOnce(rusqlite::Error) -> Store
 }
 
 fn to_micros(time: SystemTime) -> i64 {
-    let micros = time.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros();
+    let micros = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros();
     i64::try_from(micros).unwrap_or(i64::MAX)
 }
 
@@ -449,7 +452,8 @@ impl SessionRow {
     }
 
     fn decode(self) -> Result<SessionRecord, StoreError> {
-        let corrupt = |what: &str| StoreError::Corrupt(format!("session {}: {what}", self.session_id));
+        let corrupt =
+            |what: &str| StoreError::Corrupt(format!("session {}: {what}", self.session_id));
         let status = SessionStatus::from_str_name(&self.status)
             .ok_or_else(|| corrupt(&format!("unknown status {:?}", self.status)))?;
         let stop_reason = StopReason::from_str_name(&self.stop_reason)
@@ -521,7 +525,10 @@ fn insert_session(connection: &Connection, new: &NewSession) -> Result<bool, Sto
     Ok(inserted == 1)
 }
 
-fn create_session(connection: &mut Connection, new: &NewSession) -> Result<CreatedSession, StoreError> {
+fn create_session(
+    connection: &mut Connection,
+    new: &NewSession,
+) -> Result<CreatedSession, StoreError> {
     let transaction = connection
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(query_error("begin creating a session"))?;
@@ -575,7 +582,13 @@ fn append_event(
         .execute(
             "INSERT INTO events (session_id, seq, kind, payload, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![session_id, seq_to_sql(seq), kind_name, event.encode_to_vec(), to_micros(now)],
+            params![
+                session_id,
+                seq_to_sql(seq),
+                kind_name,
+                event.encode_to_vec(),
+                to_micros(now)
+            ],
         )
         .map_err(query_error("append an event"))?;
     transaction
@@ -751,7 +764,10 @@ impl EventStore for SqliteStore {
                 .map_err(query_error("list unfinished sessions"))?;
             let mut sessions = Vec::new();
             for row in rows {
-                sessions.push(row.map_err(query_error("list unfinished sessions"))?.decode()?);
+                sessions.push(
+                    row.map_err(query_error("list unfinished sessions"))?
+                        .decode()?,
+                );
             }
             Ok(sessions)
         })
@@ -846,7 +862,12 @@ mod tests {
             .unwrap();
         assert_eq!(record, created.session);
         assert_eq!(
-            (record.status, record.stop_reason, record.last_seq, record.input.as_str()),
+            (
+                record.status,
+                record.stop_reason,
+                record.last_seq,
+                record.input.as_str()
+            ),
             (SessionStatus::Pending, StopReason::Unspecified, 0, "hello")
         );
         assert_eq!(record.metadata, new_session("s1", None).metadata);
@@ -856,8 +877,14 @@ mod tests {
     #[tokio::test]
     async fn repeated_idempotency_key_returns_the_first_session() {
         let (_dir, store) = open_temp().await;
-        let first = store.create_session(new_session("s1", Some("k"))).await.unwrap();
-        let again = store.create_session(new_session("s2", Some("k"))).await.unwrap();
+        let first = store
+            .create_session(new_session("s1", Some("k")))
+            .await
+            .unwrap();
+        let again = store
+            .create_session(new_session("s2", Some("k")))
+            .await
+            .unwrap();
         assert!(first.created);
         assert!(!again.created);
         assert_eq!(again.session, first.session);
@@ -888,7 +915,8 @@ mod tests {
     async fn concurrent_appends_get_gap_free_unique_sequence_numbers() {
         let (_dir, store) = open_temp().await;
         store.create_session(new_session("s1", None)).await.unwrap();
-        let appends = (0..40).map(|i| store.append_event("s1".to_owned(), 1, delta(&i.to_string())));
+        let appends =
+            (0..40).map(|i| store.append_event("s1".to_owned(), 1, delta(&i.to_string())));
         let mut seqs: Vec<u64> = futures::future::try_join_all(appends)
             .await
             .unwrap()
@@ -912,11 +940,17 @@ mod tests {
         let (_dir, store) = open_temp().await;
         store.create_session(new_session("s1", None)).await.unwrap();
         for text in ["a", "b", "c", "d"] {
-            store.append_event("s1".to_owned(), 1, delta(text)).await.unwrap();
+            store
+                .append_event("s1".to_owned(), 1, delta(text))
+                .await
+                .unwrap();
         }
         let events = store.read_events("s1".to_owned(), 2, 1).await.unwrap();
         assert_eq!(
-            events.iter().map(|e| (e.seq, e.kind.clone())).collect::<Vec<_>>(),
+            events
+                .iter()
+                .map(|e| (e.seq, e.kind.clone()))
+                .collect::<Vec<_>>(),
             [(3, Some(delta("c")))]
         );
         assert_eq!(store.read_events("s1".to_owned(), 4, 10).await.unwrap(), []);
@@ -930,10 +964,18 @@ mod tests {
             .append_event("s1".to_owned(), 0, Kind::Started(SessionStarted::default()))
             .await
             .unwrap();
-        let running = store.get_session("default".to_owned(), "s1".to_owned()).await.unwrap().unwrap();
+        let running = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(running.status, SessionStatus::Running);
         store
-            .append_event("s1".to_owned(), 1, Kind::ToolCallRequested(ToolCallRequested::default()))
+            .append_event(
+                "s1".to_owned(),
+                1,
+                Kind::ToolCallRequested(ToolCallRequested::default()),
+            )
             .await
             .unwrap();
         let finished = Kind::Finished(SessionFinished {
@@ -941,10 +983,22 @@ mod tests {
             final_output: "done".to_owned(),
             ..Default::default()
         });
-        store.append_event("s1".to_owned(), 1, finished).await.unwrap();
-        let record = store.get_session("default".to_owned(), "s1".to_owned()).await.unwrap().unwrap();
+        store
+            .append_event("s1".to_owned(), 1, finished)
+            .await
+            .unwrap();
+        let record = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            (record.status, record.stop_reason, record.final_output.as_str(), record.last_seq),
+            (
+                record.status,
+                record.stop_reason,
+                record.final_output.as_str(),
+                record.last_seq
+            ),
             (SessionStatus::Finished, StopReason::Completed, "done", 3)
         );
         assert_eq!(record.usage.tool_calls, 1);
@@ -967,10 +1021,16 @@ mod tests {
         {
             let store = SqliteStore::open(&path).await.unwrap();
             store.create_session(new_session("s1", None)).await.unwrap();
-            store.append_event("s1".to_owned(), 1, delta("a")).await.unwrap();
+            store
+                .append_event("s1".to_owned(), 1, delta("a"))
+                .await
+                .unwrap();
         }
         let reopened = SqliteStore::open(&path).await.unwrap();
-        let event = reopened.append_event("s1".to_owned(), 1, delta("b")).await.unwrap();
+        let event = reopened
+            .append_event("s1".to_owned(), 1, delta("b"))
+            .await
+            .unwrap();
         assert_eq!(event.seq, 2);
     }
 
@@ -1036,7 +1096,13 @@ mod tests {
         drop(connection);
         let error = SqliteStore::open(&path).await.unwrap_err();
         assert!(
-            matches!(error, StoreError::SchemaTooNew { found: 99, supported: 1 }),
+            matches!(
+                error,
+                StoreError::SchemaTooNew {
+                    found: 99,
+                    supported: 1
+                }
+            ),
             "{error:?}"
         );
     }

@@ -373,7 +373,10 @@ mod tests {
     #[test]
     fn long_fields_are_cut() {
         let long = "x".repeat(MAX_FIELD_CHARS + 10);
-        assert_eq!(shortened(&long), format!("{}…", "x".repeat(MAX_FIELD_CHARS)));
+        assert_eq!(
+            shortened(&long),
+            format!("{}…", "x".repeat(MAX_FIELD_CHARS))
+        );
         assert_eq!(shortened("short"), "short");
     }
 }

@@ -87,12 +87,11 @@ pub fn connect_lazy(endpoint: &str) -> Result<Channel, AddressError> {
         );
         return Ok(channel);
     }
-    let tcp = Endpoint::from_shared(endpoint.to_owned()).map_err(|source| {
-        AddressError::BadEndpoint {
+    let tcp =
+        Endpoint::from_shared(endpoint.to_owned()).map_err(|source| AddressError::BadEndpoint {
             endpoint: endpoint.to_owned(),
             source,
-        }
-    })?;
+        })?;
     Ok(tcp.tcp_nodelay(true).connect_lazy())
 }
 
@@ -117,7 +116,10 @@ mod tests {
     #[test]
     fn bad_listen_addresses_name_the_accepted_forms() {
         assert_eq!(
-            "localhost".parse::<ListenAddress>().unwrap_err().to_string(),
+            "localhost"
+                .parse::<ListenAddress>()
+                .unwrap_err()
+                .to_string(),
             "\"localhost\" is not a listen address: use unix:<path> or <ip>:<port>"
         );
         assert!(matches!(

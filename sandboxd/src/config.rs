@@ -177,7 +177,10 @@ mod tests {
 
     #[test]
     fn empty_config_is_the_default() {
-        assert_eq!(SandboxdConfig::parse("").unwrap(), SandboxdConfig::default());
+        assert_eq!(
+            SandboxdConfig::parse("").unwrap(),
+            SandboxdConfig::default()
+        );
     }
 
     #[test]

@@ -47,9 +47,13 @@ impl From<ServiceError> for Status {
                 SessionError::Workspace(_) => Status::internal(message),
             },
             ServiceError::Workspace(workspace) => match workspace {
-                WorkspaceError::OutsideWorkspace { .. } | WorkspaceError::Escape { .. } => Status::permission_denied(message),
+                WorkspaceError::OutsideWorkspace { .. } | WorkspaceError::Escape { .. } => {
+                    Status::permission_denied(message)
+                }
                 WorkspaceError::NotFound { .. } => Status::not_found(message),
-                WorkspaceError::TooLarge { .. } | WorkspaceError::QuotaExceeded { .. } => Status::resource_exhausted(message),
+                WorkspaceError::TooLarge { .. } | WorkspaceError::QuotaExceeded { .. } => {
+                    Status::resource_exhausted(message)
+                }
                 WorkspaceError::Io { .. } => Status::internal(message),
             },
         }

@@ -89,11 +89,18 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
     for missing in &host.missing {
         tracing::warn!("host lacks {missing}");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start tokio")?;
     runtime.block_on(async move {
         let daemon = Sandboxd::start(config.clone(), host).await?;
         let tools = daemon.wasi.list_tools();
-        tracing::info!(tools = tools.tools.len(), load_errors = tools.load_errors.len(), "tools loaded");
+        tracing::info!(
+            tools = tools.tools.len(),
+            load_errors = tools.load_errors.len(),
+            "tools loaded"
+        );
         let listener = Listener::bind(&config.listen).await?;
         tracing::info!(endpoint = %listener.endpoint(), "sandboxd listening");
         serve(daemon, listener, shutdown_signal()).await?;
@@ -104,7 +111,10 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop sandboxd with SIGKILL");
         return std::future::pending().await;
     };
@@ -115,8 +125,11 @@ async fn shutdown_signal() {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),

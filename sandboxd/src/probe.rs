@@ -85,7 +85,10 @@ pub fn probe_host() -> HostProbe {
         );
     }
     if !seccomp_filter {
-        missing.push("seccomp: filter mode unavailable; use a kernel built with CONFIG_SECCOMP_FILTER".to_owned());
+        missing.push(
+            "seccomp: filter mode unavailable; use a kernel built with CONFIG_SECCOMP_FILTER"
+                .to_owned(),
+        );
     }
     HostProbe {
         kernel_release,
@@ -123,7 +126,8 @@ pub fn parse_cgroup_mounts(mountinfo: &str) -> CgroupLayout {
             }
             "cgroup" => {
                 for option in super_options.split(',') {
-                    if is_v1_controller(option) && !layout.v1_controllers.iter().any(|c| c == option)
+                    if is_v1_controller(option)
+                        && !layout.v1_controllers.iter().any(|c| c == option)
                     {
                         layout.v1_controllers.push(option.to_owned());
                     }

@@ -62,13 +62,16 @@ impl Listener {
             }
             let listener = UnixListener::bind(&path).map_err(bind_error)?;
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(bind_error)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+                .map_err(bind_error)?;
             return Ok(Self::Unix(listener, path));
         }
         if !address.contains(':') {
             return Err(ServeError::BadAddress(address.to_owned()));
         }
-        Ok(Self::Tcp(TcpListener::bind(address).await.map_err(bind_error)?))
+        Ok(Self::Tcp(
+            TcpListener::bind(address).await.map_err(bind_error)?,
+        ))
     }
 
     /// What to tell clients: `unix:/path` or `http://ip:port`.
@@ -91,7 +94,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<SandboxServiceServer<SandboxApi>>().await;
+    health_reporter
+        .set_serving::<SandboxServiceServer<SandboxApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(harness_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -113,22 +118,32 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(SandboxServiceServer::new(SandboxApi::new(Arc::clone(&daemon))));
+        .add_service(SandboxServiceServer::new(SandboxApi::new(Arc::clone(
+            &daemon,
+        ))));
     let result = match listener {
         Listener::Unix(listener, path) => {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            let result = router.serve_with_incoming_shutdown(incoming, shutdown).await;
+            let result = router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await;
             let _ = std::fs::remove_file(path);
             result
         }
         Listener::Tcp(listener) => {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            router.serve_with_incoming_shutdown(incoming, shutdown).await
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
         }
     };
     let _ = stop_housekeeping.send(());
     let _ = housekeeping.await;
     let reports = daemon.sessions.destroy_all("shutdown");
-    tracing::info!(sessions = reports.len(), "destroyed remaining sessions at shutdown");
+    tracing::info!(
+        sessions = reports.len(),
+        "destroyed remaining sessions at shutdown"
+    );
     result.map_err(ServeError::Transport)
 }

@@ -41,16 +41,26 @@ const MAX_INVOCATION_ID_LEN: usize = 256;
 impl Sandboxd {
     /// Builds the daemon state: probes nothing (pass the probe in), cleans up
     /// after a crashed instance, and loads the tools directory.
-    pub async fn start(config: SandboxdConfig, host: HostProbe) -> Result<Arc<Self>, crate::StartError> {
+    pub async fn start(
+        config: SandboxdConfig,
+        host: HostProbe,
+    ) -> Result<Arc<Self>, crate::StartError> {
         let config = Arc::new(config);
-        let wasi = WasiBackend::new(&config, MAX_CONCURRENT_INVOCATIONS).map_err(crate::StartError::Wasi)?;
+        let wasi = WasiBackend::new(&config, MAX_CONCURRENT_INVOCATIONS)
+            .map_err(crate::StartError::Wasi)?;
         let sessions = SessionManager::new(Arc::clone(&config), Arc::new(host.clone()));
-        let leftovers = sessions.clean_up_after_crash().map_err(|source| crate::StartError::StateDir {
-            path: config.sessions_dir(),
-            source,
-        })?;
+        let leftovers =
+            sessions
+                .clean_up_after_crash()
+                .map_err(|source| crate::StartError::StateDir {
+                    path: config.sessions_dir(),
+                    source,
+                })?;
         if leftovers > 0 {
-            tracing::warn!(leftovers, "removed sessions left behind by a previous sandboxd instance");
+            tracing::warn!(
+                leftovers,
+                "removed sessions left behind by a previous sandboxd instance"
+            );
         }
         wasi.rescan().await;
         Ok(Arc::new(Self {
@@ -62,7 +72,10 @@ impl Sandboxd {
     }
 
     /// Reaps expired sessions and rescans tools until `shutdown` resolves.
-    pub async fn run_housekeeping(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run_housekeeping(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         let mut reap = tokio::time::interval(Duration::from_secs(1));
         let mut rescan = tokio::time::interval(self.config.tools_rescan_interval);
         tokio::pin!(shutdown);
@@ -93,7 +106,10 @@ type InvokeStream = Pin<Box<dyn Stream<Item = Result<pb::InvokeEvent, Status>> +
 
 #[tonic::async_trait]
 impl SandboxService for SandboxApi {
-    async fn capabilities(&self, _request: Request<pb::CapabilitiesRequest>) -> Result<Response<pb::CapabilitiesResponse>, Status> {
+    async fn capabilities(
+        &self,
+        _request: Request<pb::CapabilitiesRequest>,
+    ) -> Result<Response<pb::CapabilitiesResponse>, Status> {
         let daemon = &self.daemon;
         let config = &daemon.config;
         Ok(Response::new(pb::CapabilitiesResponse {
@@ -125,48 +141,88 @@ impl SandboxService for SandboxApi {
         }))
     }
 
-    async fn create_session(&self, request: Request<pb::CreateSessionRequest>) -> Result<Response<pb::CreateSessionResponse>, Status> {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
         let request = request.into_inner();
         let policy = request.policy.unwrap_or_default();
-        let session = self.daemon.sessions.create(&policy, request.labels).map_err(ServiceError::from)?;
+        let session = self
+            .daemon
+            .sessions
+            .create(&policy, request.labels)
+            .map_err(ServiceError::from)?;
         tracing::info!(session = %session.id, "session created");
         Ok(Response::new(pb::CreateSessionResponse {
             session: Some(session.to_proto()),
         }))
     }
 
-    async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::GetSessionResponse>, Status> {
-        let session = self.daemon.sessions.get(&request.into_inner().session_id).map_err(ServiceError::from)?;
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let session = self
+            .daemon
+            .sessions
+            .get(&request.into_inner().session_id)
+            .map_err(ServiceError::from)?;
         Ok(Response::new(pb::GetSessionResponse {
             session: Some(session.to_proto()),
         }))
     }
 
-    async fn list_sessions(&self, _request: Request<pb::ListSessionsRequest>) -> Result<Response<pb::ListSessionsResponse>, Status> {
+    async fn list_sessions(
+        &self,
+        _request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         Ok(Response::new(pb::ListSessionsResponse {
-            sessions: self.daemon.sessions.list().iter().map(|s| s.to_proto()).collect(),
+            sessions: self
+                .daemon
+                .sessions
+                .list()
+                .iter()
+                .map(|s| s.to_proto())
+                .collect(),
         }))
     }
 
-    async fn destroy_session(&self, request: Request<pb::DestroySessionRequest>) -> Result<Response<pb::DestroySessionResponse>, Status> {
+    async fn destroy_session(
+        &self,
+        request: Request<pb::DestroySessionRequest>,
+    ) -> Result<Response<pb::DestroySessionResponse>, Status> {
         let request = request.into_inner();
         let daemon = Arc::clone(&self.daemon);
         // Deleting a large workspace is blocking file-system work.
-        let report = tokio::task::spawn_blocking(move || daemon.sessions.destroy(&request.session_id, "requested"))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        Ok(Response::new(pb::DestroySessionResponse { report: Some(report) }))
+        let report = tokio::task::spawn_blocking(move || {
+            daemon.sessions.destroy(&request.session_id, "requested")
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok(Response::new(pb::DestroySessionResponse {
+            report: Some(report),
+        }))
     }
 
-    async fn list_tools(&self, _request: Request<pb::ListToolsRequest>) -> Result<Response<pb::ListToolsResponse>, Status> {
+    async fn list_tools(
+        &self,
+        _request: Request<pb::ListToolsRequest>,
+    ) -> Result<Response<pb::ListToolsResponse>, Status> {
         Ok(Response::new(self.daemon.wasi.list_tools()))
     }
 
     type InvokeStream = InvokeStream;
 
-    async fn invoke(&self, request: Request<pb::InvokeRequest>) -> Result<Response<Self::InvokeStream>, Status> {
+    async fn invoke(
+        &self,
+        request: Request<pb::InvokeRequest>,
+    ) -> Result<Response<Self::InvokeStream>, Status> {
         let request = request.into_inner();
-        let session = self.daemon.sessions.get(&request.session_id).map_err(ServiceError::from)?;
+        let session = self
+            .daemon
+            .sessions
+            .get(&request.session_id)
+            .map_err(ServiceError::from)?;
         let invocation_id = checked_invocation_id(&request.invocation_id)?;
         let call = match request.target {
             Some(pb::invoke_request::Target::Wasi(call)) => call,
@@ -176,16 +232,28 @@ impl SandboxService for SandboxApi {
                 )
                 .into());
             }
-            None => return Err(ServiceError::InvalidRequest("target is required: set wasi or process".to_owned()).into()),
+            None => {
+                return Err(ServiceError::InvalidRequest(
+                    "target is required: set wasi or process".to_owned(),
+                )
+                .into());
+            }
         };
-        let timeout = effective_timeout(request.timeout.as_ref(), session.policy.invocation_timeout);
+        let timeout =
+            effective_timeout(request.timeout.as_ref(), session.policy.invocation_timeout);
         let fingerprint = request_fingerprint(&call, timeout);
         let (sender, receiver) = mpsc::channel(16);
         match session.claim(&invocation_id, fingerprint) {
             Claim::Existing(record) => {
                 let result = recorded_result(record, &invocation_id, fingerprint).await?;
                 let started = started_event(&invocation_id, self.tool_digest(&call.tool));
-                let replay = vec![Ok(started), Ok(result_event(pb::InvokeResult { replayed: true, ..result }))];
+                let replay = vec![
+                    Ok(started),
+                    Ok(result_event(pb::InvokeResult {
+                        replayed: true,
+                        ..result
+                    })),
+                ];
                 return Ok(Response::new(Box::pin(futures::stream::iter(replay))));
             }
             Claim::New(completion) => {
@@ -193,35 +261,70 @@ impl SandboxService for SandboxApi {
                 // The invocation runs to completion even if the caller goes
                 // away, so its result is recorded for an idempotent retry.
                 tokio::spawn(async move {
-                    let _ = sender.send(Ok(started_event(&invocation_id, daemon.wasi.tool(&call.tool).map(|t| t.digest.clone()).unwrap_or_default()))).await;
+                    let _ = sender
+                        .send(Ok(started_event(
+                            &invocation_id,
+                            daemon
+                                .wasi
+                                .tool(&call.tool)
+                                .map(|t| t.digest.clone())
+                                .unwrap_or_default(),
+                        )))
+                        .await;
                     let completed = run_in_session(&daemon, &session, &call, timeout).await;
                     session.complete(&invocation_id, fingerprint, completed.result.clone());
                     let _ = completion.send(Some(completed.result.clone()));
                     for chunk in completed.chunks {
-                        let _ = sender.send(Ok(pb::InvokeEvent { event: Some(pb::invoke_event::Event::Output(chunk)) })).await;
+                        let _ = sender
+                            .send(Ok(pb::InvokeEvent {
+                                event: Some(pb::invoke_event::Event::Output(chunk)),
+                            }))
+                            .await;
                     }
                     let _ = sender.send(Ok(result_event(completed.result))).await;
                 });
             }
         }
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
-    async fn write_files(&self, request: Request<pb::WriteFilesRequest>) -> Result<Response<pb::WriteFilesResponse>, Status> {
+    async fn write_files(
+        &self,
+        request: Request<pb::WriteFilesRequest>,
+    ) -> Result<Response<pb::WriteFilesResponse>, Status> {
         let request = request.into_inner();
-        let session = self.daemon.sessions.get(&request.session_id).map_err(ServiceError::from)?;
+        let session = self
+            .daemon
+            .sessions
+            .get(&request.session_id)
+            .map_err(ServiceError::from)?;
         let max_file_bytes = self.daemon.config.max_file_bytes;
-        let written = tokio::task::spawn_blocking(move || write_all(&session, &request.files, max_file_bytes))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        let written = tokio::task::spawn_blocking(move || {
+            write_all(&session, &request.files, max_file_bytes)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))??;
         Ok(Response::new(pb::WriteFilesResponse { written }))
     }
 
-    async fn read_files(&self, request: Request<pb::ReadFilesRequest>) -> Result<Response<pb::ReadFilesResponse>, Status> {
+    async fn read_files(
+        &self,
+        request: Request<pb::ReadFilesRequest>,
+    ) -> Result<Response<pb::ReadFilesResponse>, Status> {
         let request = request.into_inner();
-        let session = self.daemon.sessions.get(&request.session_id).map_err(ServiceError::from)?;
+        let session = self
+            .daemon
+            .sessions
+            .get(&request.session_id)
+            .map_err(ServiceError::from)?;
         let max = self.daemon.config.max_file_bytes;
-        let limit = if request.max_bytes_per_file == 0 { max } else { request.max_bytes_per_file.min(max) };
+        let limit = if request.max_bytes_per_file == 0 {
+            max
+        } else {
+            request.max_bytes_per_file.min(max)
+        };
         let files = tokio::task::spawn_blocking(move || read_all(&session, &request.paths, limit))
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))??;
@@ -231,11 +334,20 @@ impl SandboxService for SandboxApi {
 
 impl SandboxApi {
     fn tool_digest(&self, tool: &str) -> String {
-        self.daemon.wasi.tool(tool).map(|t| t.digest.clone()).unwrap_or_default()
+        self.daemon
+            .wasi
+            .tool(tool)
+            .map(|t| t.digest.clone())
+            .unwrap_or_default()
     }
 }
 
-async fn run_in_session(daemon: &Sandboxd, session: &Arc<Session>, call: &pb::WasiCall, timeout: Duration) -> Completed {
+async fn run_in_session(
+    daemon: &Sandboxd,
+    session: &Arc<Session>,
+    call: &pb::WasiCall,
+    timeout: Duration,
+) -> Completed {
     let _running = session.start_running();
     tokio::select! {
         completed = daemon.wasi.invoke(session.workspace_root(), &session.policy, call, timeout) => completed,
@@ -255,15 +367,22 @@ async fn run_in_session(daemon: &Sandboxd, session: &Arc<Session>, call: &pb::Wa
     }
 }
 
-async fn recorded_result(record: InvocationRecord, invocation_id: &str, fingerprint: u64) -> Result<pb::InvokeResult, ServiceError> {
+async fn recorded_result(
+    record: InvocationRecord,
+    invocation_id: &str,
+    fingerprint: u64,
+) -> Result<pb::InvokeResult, ServiceError> {
     match record {
         InvocationRecord::Finished(result, hash) if hash == fingerprint => Ok(result),
         InvocationRecord::Running(mut receiver, hash) if hash == fingerprint => {
-            let result = receiver
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| ServiceError::Internal(format!("invocation {invocation_id:?} ended without a result")))?;
-            result.clone().ok_or_else(|| ServiceError::Internal("missing result".to_owned()))
+            let result = receiver.wait_for(Option::is_some).await.map_err(|_| {
+                ServiceError::Internal(format!(
+                    "invocation {invocation_id:?} ended without a result"
+                ))
+            })?;
+            result
+                .clone()
+                .ok_or_else(|| ServiceError::Internal("missing result".to_owned()))
         }
         _ => Err(ServiceError::InvocationIdReused(invocation_id.to_owned())),
     }
@@ -310,7 +429,11 @@ fn result_event(result: pb::InvokeResult) -> pb::InvokeEvent {
     }
 }
 
-fn write_all(session: &Session, files: &[pb::FileWrite], max_file_bytes: u64) -> Result<Vec<pb::FileWritten>, ServiceError> {
+fn write_all(
+    session: &Session,
+    files: &[pb::FileWrite],
+    max_file_bytes: u64,
+) -> Result<Vec<pb::FileWritten>, ServiceError> {
     let mut written = Vec::with_capacity(files.len());
     for file in files {
         if file.content.len() as u64 > max_file_bytes {
@@ -321,7 +444,8 @@ fn write_all(session: &Session, files: &[pb::FileWrite], max_file_bytes: u64) ->
             }
             .into());
         }
-        let bytes = session.with_workspace(|ws| ws.write_file(&file.path, &file.content, file.mode))??;
+        let bytes =
+            session.with_workspace(|ws| ws.write_file(&file.path, &file.content, file.mode))??;
         written.push(pb::FileWritten {
             path: file.path.clone(),
             bytes,
@@ -330,10 +454,15 @@ fn write_all(session: &Session, files: &[pb::FileWrite], max_file_bytes: u64) ->
     Ok(written)
 }
 
-fn read_all(session: &Session, paths: &[String], limit: u64) -> Result<Vec<pb::FileContent>, ServiceError> {
+fn read_all(
+    session: &Session,
+    paths: &[String],
+    limit: u64,
+) -> Result<Vec<pb::FileContent>, ServiceError> {
     let mut files = Vec::with_capacity(paths.len());
     for path in paths {
-        let (content, size, truncated) = session.with_workspace(|ws| ws.read_file(path, limit))??;
+        let (content, size, truncated) =
+            session.with_workspace(|ws| ws.read_file(path, limit))??;
         files.push(pb::FileContent {
             path: path.clone(),
             content,
@@ -353,7 +482,10 @@ mod tests {
         let policy = Duration::from_secs(10);
         assert_eq!(effective_timeout(None, policy), policy);
         let short = harness_proto::duration_to_proto(Duration::from_secs(1));
-        assert_eq!(effective_timeout(Some(&short), policy), Duration::from_secs(1));
+        assert_eq!(
+            effective_timeout(Some(&short), policy),
+            Duration::from_secs(1)
+        );
         let long = harness_proto::duration_to_proto(Duration::from_secs(100));
         assert_eq!(effective_timeout(Some(&long), policy), policy);
     }

@@ -65,7 +65,11 @@ pub struct ResolvedPolicy {
 }
 
 /// Applies defaults and refuses what cannot be enforced (fail closed).
-pub fn resolve_policy(policy: &pb::SessionPolicy, config: &SandboxdConfig, host: &HostProbe) -> Result<ResolvedPolicy, SessionError> {
+pub fn resolve_policy(
+    policy: &pb::SessionPolicy,
+    config: &SandboxdConfig,
+    host: &HostProbe,
+) -> Result<ResolvedPolicy, SessionError> {
     for backend in &policy.backends {
         match pb::Backend::try_from(*backend) {
             Ok(pb::Backend::Wasi) => {}
@@ -76,7 +80,11 @@ pub fn resolve_policy(policy: &pb::SessionPolicy, config: &SandboxdConfig, host:
                         .to_owned(),
                 ));
             }
-            _ => return Err(SessionError::InvalidPolicy(format!("unknown backend {backend}"))),
+            _ => {
+                return Err(SessionError::InvalidPolicy(format!(
+                    "unknown backend {backend}"
+                )));
+            }
         }
     }
     if policy.require_landlock && host.landlock_abi == 0 {
@@ -94,12 +102,16 @@ pub fn resolve_policy(policy: &pb::SessionPolicy, config: &SandboxdConfig, host:
                 .to_owned(),
         ));
     }
-    if policy.filesystem.as_ref().is_some_and(|fs| !fs.binds.is_empty()) {
+    if policy
+        .filesystem
+        .as_ref()
+        .is_some_and(|fs| !fs.binds.is_empty())
+    {
         return Err(SessionError::NotBuilt(
             "filesystem.binds apply to the process backend, which this build of sandboxd does not have yet".to_owned(),
         ));
     }
-    let limits = policy.limits.clone().unwrap_or_default();
+    let limits = policy.limits.unwrap_or_default();
     if limits.pids != 0 || limits.cpu_millis != 0 {
         return Err(SessionError::NotBuilt(
             "limits.pids and limits.cpu_millis apply to the process backend, which this build of sandboxd \
@@ -112,7 +124,13 @@ pub fn resolve_policy(policy: &pb::SessionPolicy, config: &SandboxdConfig, host:
             "limits.fuel is not enforced by this build of sandboxd yet; leave it 0 (deadlines still apply)".to_owned(),
         ));
     }
-    let invocation_timeout = positive_or(limits.invocation_timeout.as_ref().map(harness_proto::duration_from_proto), config.default_invocation_timeout);
+    let invocation_timeout = positive_or(
+        limits
+            .invocation_timeout
+            .as_ref()
+            .map(harness_proto::duration_from_proto),
+        config.default_invocation_timeout,
+    );
     if invocation_timeout > config.max_invocation_timeout {
         return Err(SessionError::InvalidPolicy(format!(
             "limits.invocation_timeout {invocation_timeout:?} exceeds the daemon maximum {:?}",
@@ -139,18 +157,38 @@ pub fn resolve_policy(policy: &pb::SessionPolicy, config: &SandboxdConfig, host:
         invocation_timeout,
         memory_bytes,
         max_output_bytes: nonzero_or(limits.max_output_bytes, config.default_max_output_bytes),
-        ttl: positive_or(policy.ttl.as_ref().map(harness_proto::duration_from_proto), config.default_ttl),
-        idle_timeout: positive_or(policy.idle_timeout.as_ref().map(harness_proto::duration_from_proto), config.default_idle_timeout),
+        ttl: positive_or(
+            policy.ttl.as_ref().map(harness_proto::duration_from_proto),
+            config.default_ttl,
+        ),
+        idle_timeout: positive_or(
+            policy
+                .idle_timeout
+                .as_ref()
+                .map(harness_proto::duration_from_proto),
+            config.default_idle_timeout,
+        ),
     })
 }
 
 fn resolve_environment(policy: &pb::SessionPolicy) -> Result<Vec<(String, String)>, SessionError> {
-    let mut environment: Vec<(String, String)> = policy.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    environment.extend(policy.secrets.iter().map(|s| (s.env_var.clone(), s.value.clone())));
+    let mut environment: Vec<(String, String)> = policy
+        .environment
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    environment.extend(
+        policy
+            .secrets
+            .iter()
+            .map(|s| (s.env_var.clone(), s.value.clone())),
+    );
     for (name, value) in &environment {
         let valid_name = !name.is_empty() && !name.contains('=') && !name.contains('\0');
         if !valid_name || value.contains('\0') {
-            return Err(SessionError::InvalidPolicy(format!("invalid environment variable {name:?}")));
+            return Err(SessionError::InvalidPolicy(format!(
+                "invalid environment variable {name:?}"
+            )));
         }
     }
     environment.sort();
@@ -244,7 +282,9 @@ impl Session {
     pub fn with_workspace<R>(&self, f: impl FnOnce(&Workspace) -> R) -> Result<R, SessionError> {
         self.touch();
         let guard = lock(&self.workspace);
-        let workspace = guard.as_ref().ok_or_else(|| SessionError::Destroyed(self.id.clone()))?;
+        let workspace = guard
+            .as_ref()
+            .ok_or_else(|| SessionError::Destroyed(self.id.clone()))?;
         Ok(f(workspace))
     }
 
@@ -269,19 +309,23 @@ impl Session {
             return Claim::Existing(record.clone());
         }
         let (sender, receiver) = watch::channel(None);
-        invocations
-            .records
-            .insert(invocation_id.to_owned(), InvocationRecord::Running(receiver, request_hash));
+        invocations.records.insert(
+            invocation_id.to_owned(),
+            InvocationRecord::Running(receiver, request_hash),
+        );
         Claim::New(sender)
     }
 
     /// Records the result of a claimed invocation.
     pub fn complete(&self, invocation_id: &str, request_hash: u64, result: pb::InvokeResult) {
         let mut invocations = lock(&self.invocations);
+        invocations.records.insert(
+            invocation_id.to_owned(),
+            InvocationRecord::Finished(result, request_hash),
+        );
         invocations
-            .records
-            .insert(invocation_id.to_owned(), InvocationRecord::Finished(result, request_hash));
-        invocations.finished_order.push_back(invocation_id.to_owned());
+            .finished_order
+            .push_back(invocation_id.to_owned());
         while invocations.finished_order.len() > REMEMBERED_RESULTS {
             if let Some(oldest) = invocations.finished_order.pop_front() {
                 invocations.records.remove(&oldest);
@@ -293,7 +337,10 @@ impl Session {
     /// example, the caller went away before it ran), so it can be retried.
     pub fn abandon(&self, invocation_id: &str) {
         let mut invocations = lock(&self.invocations);
-        if matches!(invocations.records.get(invocation_id), Some(InvocationRecord::Running(..))) {
+        if matches!(
+            invocations.records.get(invocation_id),
+            Some(InvocationRecord::Running(..))
+        ) {
             invocations.records.remove(invocation_id);
         }
     }
@@ -312,7 +359,9 @@ impl Session {
             labels: self.labels.clone(),
             created_at: Some(harness_proto::timestamp_to_proto(self.created_at)),
             last_activity_at: Some(harness_proto::timestamp_to_proto(last_activity)),
-            expires_at: Some(harness_proto::timestamp_to_proto(self.created_at + self.policy.ttl)),
+            expires_at: Some(harness_proto::timestamp_to_proto(
+                self.created_at + self.policy.ttl,
+            )),
             running_invocations: self.running.load(Ordering::SeqCst),
             finished_invocations: self.finished.load(Ordering::SeqCst),
         }
@@ -323,7 +372,8 @@ impl Session {
             return Some("ttl");
         }
         let (last, _) = *lock(&self.last_activity);
-        let idle = self.running.load(Ordering::SeqCst) == 0 && now.duration_since(last) >= self.policy.idle_timeout;
+        let idle = self.running.load(Ordering::SeqCst) == 0
+            && now.duration_since(last) >= self.policy.idle_timeout;
         idle.then_some("idle")
     }
 }
@@ -371,15 +421,24 @@ impl SessionManager {
     }
 
     /// Creates a session.
-    pub fn create(&self, policy: &pb::SessionPolicy, labels: HashMap<String, String>) -> Result<Arc<Session>, SessionError> {
+    pub fn create(
+        &self,
+        policy: &pb::SessionPolicy,
+        labels: HashMap<String, String>,
+    ) -> Result<Arc<Session>, SessionError> {
         let resolved = resolve_policy(policy, &self.config, &self.host)?;
         if self.len() >= self.config.max_sessions as usize {
             return Err(SessionError::TooManySessions(self.config.max_sessions));
         }
         let id = format!("sbx-{}", uuid::Uuid::new_v4().simple());
         let root = self.config.sessions_dir().join(&id);
-        let workspace = Workspace::create(root.clone(), resolved.workspace_bytes).map_err(SessionError::Workspace)?;
-        let initial = policy.workspace.as_ref().map(|w| w.initial_files.as_slice()).unwrap_or_default();
+        let workspace = Workspace::create(root.clone(), resolved.workspace_bytes)
+            .map_err(SessionError::Workspace)?;
+        let initial = policy
+            .workspace
+            .as_ref()
+            .map(|w| w.initial_files.as_slice())
+            .unwrap_or_default();
         for file in initial {
             if let Err(error) = workspace.write_file(&file.path, &file.content, file.mode) {
                 let _ = workspace.remove();
@@ -408,7 +467,10 @@ impl SessionManager {
 
     /// Looks a session up.
     pub fn get(&self, id: &str) -> Result<Arc<Session>, SessionError> {
-        self.read().get(id).cloned().ok_or_else(|| SessionError::NotFound(id.to_owned()))
+        self.read()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SessionError::NotFound(id.to_owned()))
     }
 
     /// All sessions, oldest first.
@@ -430,7 +492,10 @@ impl SessionManager {
 
     /// Invocations running across all sessions.
     pub fn running_invocations(&self) -> u32 {
-        self.read().values().map(|s| s.running.load(Ordering::SeqCst)).sum()
+        self.read()
+            .values()
+            .map(|s| s.running.load(Ordering::SeqCst))
+            .sum()
     }
 
     /// Destroys a session completely. Idempotent.
@@ -461,11 +526,20 @@ impl SessionManager {
                 report.workspace_files_removed = stats.files;
                 report.workspace_bytes_removed = stats.bytes;
             }
-            Some(Err(error)) => report.errors.push(crate::wasi::registry::error_chain(&error)),
-            None => report.errors.push("workspace was already detached".to_owned()),
+            Some(Err(error)) => report
+                .errors
+                .push(crate::wasi::registry::error_chain(&error)),
+            None => report
+                .errors
+                .push("workspace was already detached".to_owned()),
         }
         report.duration = Some(harness_proto::duration_to_proto(started.elapsed()));
-        tracing::info!(session = id, cause, files = report.workspace_files_removed, "session destroyed");
+        tracing::info!(
+            session = id,
+            cause,
+            files = report.workspace_files_removed,
+            "session destroyed"
+        );
         report
     }
 
@@ -477,7 +551,10 @@ impl SessionManager {
             .values()
             .filter_map(|s| s.expiry_cause(now).map(|cause| (s.id.clone(), cause)))
             .collect();
-        expired.into_iter().map(|(id, cause)| self.destroy(&id, cause)).collect()
+        expired
+            .into_iter()
+            .map(|(id, cause)| self.destroy(&id, cause))
+            .collect()
     }
 
     /// Destroys every session (daemon shutdown).
@@ -537,7 +614,10 @@ mod tests {
         assert_eq!(
             resolved,
             ResolvedPolicy {
-                environment: vec![("LANG".to_owned(), "C".to_owned()), ("TOKEN".to_owned(), "s3cret".to_owned())],
+                environment: vec![
+                    ("LANG".to_owned(), "C".to_owned()),
+                    ("TOKEN".to_owned(), "s3cret".to_owned())
+                ],
                 workspace_read_only: false,
                 workspace_bytes: config.default_workspace_bytes,
                 invocation_timeout: config.default_invocation_timeout,
@@ -560,12 +640,18 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert!(matches!(resolve_policy(&network, &config, &host), Err(SessionError::NotBuilt(_))));
+        assert!(matches!(
+            resolve_policy(&network, &config, &host),
+            Err(SessionError::NotBuilt(_))
+        ));
         let process = pb::SessionPolicy {
             backends: vec![pb::Backend::Process as i32],
             ..Default::default()
         };
-        assert!(matches!(resolve_policy(&process, &config, &host), Err(SessionError::NotBuilt(_))));
+        assert!(matches!(
+            resolve_policy(&process, &config, &host),
+            Err(SessionError::NotBuilt(_))
+        ));
         let landlock = pb::SessionPolicy {
             require_landlock: true,
             ..Default::default()
@@ -579,7 +665,10 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert!(matches!(resolve_policy(&too_much_memory, &config, &host), Err(SessionError::InvalidPolicy(_))));
+        assert!(matches!(
+            resolve_policy(&too_much_memory, &config, &host),
+            Err(SessionError::InvalidPolicy(_))
+        ));
     }
 
     #[test]
@@ -601,11 +690,23 @@ mod tests {
         let root = session.workspace_root().to_owned();
         assert_eq!(std::fs::read(root.join("a/b.txt")).unwrap(), b"hi");
         let report = manager.destroy(&session.id, "requested");
-        assert!(report.workspace_removed && report.errors.is_empty(), "{report:?}");
-        assert_eq!((report.workspace_files_removed, report.workspace_bytes_removed), (1, 2));
+        assert!(
+            report.workspace_removed && report.errors.is_empty(),
+            "{report:?}"
+        );
+        assert_eq!(
+            (
+                report.workspace_files_removed,
+                report.workspace_bytes_removed
+            ),
+            (1, 2)
+        );
         assert!(!root.exists());
         assert!(manager.destroy(&session.id, "requested").already_destroyed);
-        assert!(matches!(manager.get(&session.id), Err(SessionError::NotFound(_))));
+        assert!(matches!(
+            manager.get(&session.id),
+            Err(SessionError::NotFound(_))
+        ));
     }
 
     #[test]
@@ -631,7 +732,12 @@ mod tests {
         std::fs::create_dir_all(tmp.path().join("sessions/sbx-old/sub")).unwrap();
         std::fs::write(tmp.path().join("sessions/sbx-old/sub/f"), b"x").unwrap();
         assert_eq!(manager.clean_up_after_crash().unwrap(), 1);
-        assert_eq!(std::fs::read_dir(tmp.path().join("sessions")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("sessions"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]

@@ -49,7 +49,9 @@ pub enum WorkspaceError {
         limit: u64,
     },
     /// The write would take the workspace over its size cap.
-    #[error("writing {path:?} would take the workspace to {would_be} bytes, over its cap of {cap} bytes")]
+    #[error(
+        "writing {path:?} would take the workspace to {would_be} bytes, over its cap of {cap} bytes"
+    )]
     QuotaExceeded {
         /// The path.
         path: String,
@@ -138,14 +140,21 @@ impl Workspace {
             .map_err(|e| classify(path, "write", e))?;
         let mode = if mode == 0 { 0o644 } else { mode & 0o777 };
         self.dir
-            .set_permissions(&rel, cap_std::fs::Permissions::from_std(std::fs::Permissions::from_mode(mode)))
+            .set_permissions(
+                &rel,
+                cap_std::fs::Permissions::from_std(std::fs::Permissions::from_mode(mode)),
+            )
             .map_err(|e| classify(path, "chmod", e))?;
         Ok(content_len)
     }
 
     /// Reads up to `limit` bytes of a file; returns the bytes, the full size
     /// and whether the content was cut.
-    pub fn read_file(&self, path: &str, limit: u64) -> Result<(Vec<u8>, u64, bool), WorkspaceError> {
+    pub fn read_file(
+        &self,
+        path: &str,
+        limit: u64,
+    ) -> Result<(Vec<u8>, u64, bool), WorkspaceError> {
         let rel = checked_relative(path)?;
         let file = self.dir.open(&rel).map_err(|e| classify(path, "open", e))?;
         let size = file
@@ -217,7 +226,9 @@ pub fn checked_relative(path: &str) -> Result<PathBuf, WorkspaceError> {
                 }
             }
             Component::RootDir | Component::Prefix(_) => {
-                return Err(outside("absolute paths are not allowed; use a path relative to the workspace"));
+                return Err(outside(
+                    "absolute paths are not allowed; use a path relative to the workspace",
+                ));
             }
         }
     }
@@ -283,10 +294,16 @@ mod tests {
 
     #[test]
     fn lexical_check_normalises_and_refuses_escapes() {
-        assert_eq!(checked_relative("a/./b/../c").unwrap(), PathBuf::from("a/c"));
+        assert_eq!(
+            checked_relative("a/./b/../c").unwrap(),
+            PathBuf::from("a/c")
+        );
         for bad in ["", "/etc/passwd", "../x", "a/../../x", ".", "a/.."] {
             assert!(
-                matches!(checked_relative(bad), Err(WorkspaceError::OutsideWorkspace { .. })),
+                matches!(
+                    checked_relative(bad),
+                    Err(WorkspaceError::OutsideWorkspace { .. })
+                ),
                 "{bad:?} was accepted"
             );
         }
@@ -296,8 +313,14 @@ mod tests {
     fn write_then_read_round_trips() {
         let (_tmp, ws) = workspace();
         assert_eq!(ws.write_file("dir/a.txt", b"hello", 0).unwrap(), 5);
-        assert_eq!(ws.read_file("dir/a.txt", 100).unwrap(), (b"hello".to_vec(), 5, false));
-        assert_eq!(ws.read_file("dir/a.txt", 2).unwrap(), (b"he".to_vec(), 5, true));
+        assert_eq!(
+            ws.read_file("dir/a.txt", 100).unwrap(),
+            (b"hello".to_vec(), 5, false)
+        );
+        assert_eq!(
+            ws.read_file("dir/a.txt", 2).unwrap(),
+            (b"he".to_vec(), 5, true)
+        );
     }
 
     #[test]
@@ -309,9 +332,15 @@ mod tests {
         std::os::unix::fs::symlink(&outside, ws.root().join("link")).unwrap();
 
         let read = ws.read_file("link/secret", 100);
-        assert!(matches!(read, Err(WorkspaceError::Escape { .. })), "{read:?}");
+        assert!(
+            matches!(read, Err(WorkspaceError::Escape { .. })),
+            "{read:?}"
+        );
         let write = ws.write_file("link/planted", b"x", 0);
-        assert!(matches!(write, Err(WorkspaceError::Escape { .. })), "{write:?}");
+        assert!(
+            matches!(write, Err(WorkspaceError::Escape { .. })),
+            "{write:?}"
+        );
         assert!(!outside.join("planted").exists());
     }
 
@@ -322,7 +351,17 @@ mod tests {
         ws.write_file("a", b"12345678", 0).unwrap();
         ws.write_file("a", b"1234567890", 0).unwrap();
         let err = ws.write_file("b", b"1", 0).unwrap_err();
-        assert!(matches!(err, WorkspaceError::QuotaExceeded { would_be: 11, cap: 10, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                WorkspaceError::QuotaExceeded {
+                    would_be: 11,
+                    cap: 10,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -343,7 +382,10 @@ mod tests {
     fn setuid_bits_are_stripped() {
         let (_tmp, ws) = workspace();
         ws.write_file("tool", b"#!/bin/sh", 0o4755).unwrap();
-        let mode = std::fs::metadata(ws.root().join("tool")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(ws.root().join("tool"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o7777, 0o755);
     }
 }

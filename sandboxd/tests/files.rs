@@ -22,11 +22,27 @@ async fn files_written_by_rpc_are_seen_by_tools_and_back() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(written.written, vec![pb::FileWritten { path: "in/data.txt".to_owned(), bytes: 15 }]);
-    let read = daemon.invoke(&id, "r", "read_file", json!({"path": "in/data.txt"})).await;
+    assert_eq!(
+        written.written,
+        vec![pb::FileWritten {
+            path: "in/data.txt".to_owned(),
+            bytes: 15
+        }]
+    );
+    let read = daemon
+        .invoke(&id, "r", "read_file", json!({"path": "in/data.txt"}))
+        .await;
     assert_eq!(read.ok_json()["content"], json!("from the caller"));
 
-    daemon.invoke(&id, "w", "write_file", json!({"path": "out.txt", "content": "from the tool"})).await.ok_json();
+    daemon
+        .invoke(
+            &id,
+            "w",
+            "write_file",
+            json!({"path": "out.txt", "content": "from the tool"}),
+        )
+        .await
+        .ok_json();
     let files = daemon
         .client
         .read_files(pb::ReadFilesRequest {

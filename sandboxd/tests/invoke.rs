@@ -9,15 +9,35 @@ use crate::support::TestDaemon;
 async fn write_list_read_round_trip() {
     let mut daemon = TestDaemon::start().await;
     let id = daemon.create_session().await.session_id;
-    let written = daemon.invoke(&id, "1", "write_file", json!({"path": "notes/hello.txt", "content": "hi there"})).await;
+    let written = daemon
+        .invoke(
+            &id,
+            "1",
+            "write_file",
+            json!({"path": "notes/hello.txt", "content": "hi there"}),
+        )
+        .await;
     assert_eq!(written.ok_json()["bytes_written"], json!(8));
-    assert_eq!(std::fs::read_to_string(daemon.workspace_of(&id).join("notes/hello.txt")).unwrap(), "hi there");
+    assert_eq!(
+        std::fs::read_to_string(daemon.workspace_of(&id).join("notes/hello.txt")).unwrap(),
+        "hi there"
+    );
 
-    let listed = daemon.invoke(&id, "2", "list_dir", json!({"path": "notes"})).await.ok_json();
-    let names: Vec<&str> = listed["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+    let listed = daemon
+        .invoke(&id, "2", "list_dir", json!({"path": "notes"}))
+        .await
+        .ok_json();
+    let names: Vec<&str> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, vec!["hello.txt"]);
 
-    let read = daemon.invoke(&id, "3", "read_file", json!({"path": "notes/hello.txt"})).await;
+    let read = daemon
+        .invoke(&id, "3", "read_file", json!({"path": "notes/hello.txt"}))
+        .await;
     assert_eq!(read.ok_json()["content"], json!("hi there"));
     let started = read.started.unwrap();
     assert!(started.digest.starts_with("sha256:"), "{started:?}");
@@ -28,15 +48,39 @@ async fn write_list_read_round_trip() {
 async fn schema_violations_are_invalid_input_naming_each_violation() {
     let mut daemon = TestDaemon::start().await;
     let id = daemon.create_session().await.session_id;
-    let invoked = daemon.invoke(&id, "bad", "write_file", json!({"path": 7})).await;
+    let invoked = daemon
+        .invoke(&id, "bad", "write_file", json!({"path": 7}))
+        .await;
     assert_eq!(invoked.error_kind(), pb::ErrorKind::InvalidInput);
     let error = invoked.error();
-    let paths: Vec<&str> = error.violations.iter().map(|v| v.instance_path.as_str()).collect();
-    assert!(paths.contains(&"/path"), "violations: {:?}", error.violations);
-    assert!(error.violations.iter().any(|v| v.message.contains("content")), "missing `content` not named: {:?}", error.violations);
-    assert!(error.message.contains("/path") && error.message.contains("content"), "{}", error.message);
+    let paths: Vec<&str> = error
+        .violations
+        .iter()
+        .map(|v| v.instance_path.as_str())
+        .collect();
+    assert!(
+        paths.contains(&"/path"),
+        "violations: {:?}",
+        error.violations
+    );
+    assert!(
+        error
+            .violations
+            .iter()
+            .any(|v| v.message.contains("content")),
+        "missing `content` not named: {:?}",
+        error.violations
+    );
+    assert!(
+        error.message.contains("/path") && error.message.contains("content"),
+        "{}",
+        error.message
+    );
     // The daemon is fine afterwards.
-    daemon.invoke(&id, "good", "list_dir", json!({})).await.ok_json();
+    daemon
+        .invoke(&id, "good", "list_dir", json!({}))
+        .await
+        .ok_json();
     daemon.shutdown().await;
 }
 
@@ -53,9 +97,14 @@ async fn malformed_json_and_unknown_tools_are_typed_errors() {
         })),
         timeout: None,
     };
-    let invoked = crate::support::collect(daemon.client.invoke(request).await.unwrap().into_inner()).await;
+    let invoked =
+        crate::support::collect(daemon.client.invoke(request).await.unwrap().into_inner()).await;
     assert_eq!(invoked.error_kind(), pb::ErrorKind::InvalidInput);
-    assert!(invoked.error().message.contains("not valid JSON"), "{}", invoked.error().message);
+    assert!(
+        invoked.error().message.contains("not valid JSON"),
+        "{}",
+        invoked.error().message
+    );
 
     let missing = daemon.invoke(&id, "n", "no_such_tool", json!({})).await;
     assert_eq!(missing.error_kind(), pb::ErrorKind::NotFound);
@@ -67,14 +116,19 @@ async fn repeated_invocation_id_replays_the_recorded_result_without_running_agai
     let mut daemon = TestDaemon::start().await;
     let id = daemon.create_session().await.session_id;
     let input = json!({"path": "once.txt", "content": "first"});
-    let first = daemon.invoke(&id, "same", "write_file", input.clone()).await;
+    let first = daemon
+        .invoke(&id, "same", "write_file", input.clone())
+        .await;
     assert!(!first.result.as_ref().unwrap().replayed);
     // Change the file behind the tool's back: a re-execution would rewrite it.
     std::fs::write(daemon.workspace_of(&id).join("once.txt"), "changed").unwrap();
     let second = daemon.invoke(&id, "same", "write_file", input).await;
     assert!(second.result.as_ref().unwrap().replayed);
     assert_eq!(second.ok_json(), first.ok_json());
-    assert_eq!(std::fs::read_to_string(daemon.workspace_of(&id).join("once.txt")).unwrap(), "changed");
+    assert_eq!(
+        std::fs::read_to_string(daemon.workspace_of(&id).join("once.txt")).unwrap(),
+        "changed"
+    );
 
     let reuse = daemon
         .client
@@ -111,6 +165,10 @@ async fn process_invocations_are_unimplemented_with_a_reason() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("process backend"), "{}", status.message());
+    assert!(
+        status.message().contains("process backend"),
+        "{}",
+        status.message()
+    );
     daemon.shutdown().await;
 }

@@ -18,7 +18,11 @@ async fn health_check_reports_serving() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(response.status(), ServingStatus::Serving, "service {service:?}");
+        assert_eq!(
+            response.status(),
+            ServingStatus::Serving,
+            "service {service:?}"
+        );
     }
     daemon.shutdown().await;
 }
@@ -27,11 +31,35 @@ async fn health_check_reports_serving() {
 async fn capabilities_report_backends_and_limits() {
     let mut daemon = TestDaemon::start().await;
     daemon.create_session().await;
-    let caps = daemon.client.capabilities(pb::CapabilitiesRequest {}).await.unwrap().into_inner();
-    let backends: Vec<(i32, bool)> = caps.backends.iter().map(|b| (b.backend, b.available)).collect();
-    assert_eq!(backends, vec![(pb::Backend::Wasi as i32, true), (pb::Backend::Process as i32, false)]);
-    assert_eq!(caps.load, Some(pb::Load { sessions: 1, running_invocations: 0 }));
-    assert_eq!(caps.limits.unwrap().max_memory_bytes, daemon.daemon.config.max_memory_bytes);
+    let caps = daemon
+        .client
+        .capabilities(pb::CapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let backends: Vec<(i32, bool)> = caps
+        .backends
+        .iter()
+        .map(|b| (b.backend, b.available))
+        .collect();
+    assert_eq!(
+        backends,
+        vec![
+            (pb::Backend::Wasi as i32, true),
+            (pb::Backend::Process as i32, false)
+        ]
+    );
+    assert_eq!(
+        caps.load,
+        Some(pb::Load {
+            sessions: 1,
+            running_invocations: 0
+        })
+    );
+    assert_eq!(
+        caps.limits.unwrap().max_memory_bytes,
+        daemon.daemon.config.max_memory_bytes
+    );
     daemon.shutdown().await;
 }
 
@@ -41,7 +69,12 @@ async fn destroy_removes_the_workspace_and_is_idempotent() {
     let session = daemon.create_session().await;
     let workspace = daemon.workspace_of(&session.session_id);
     daemon
-        .invoke(&session.session_id, "w1", "write_file", serde_json::json!({"path": "a/b.txt", "content": "hello"}))
+        .invoke(
+            &session.session_id,
+            "w1",
+            "write_file",
+            serde_json::json!({"path": "a/b.txt", "content": "hello"}),
+        )
         .await
         .ok_json();
     assert!(workspace.join("a/b.txt").exists());
@@ -50,13 +83,36 @@ async fn destroy_removes_the_workspace_and_is_idempotent() {
         session_id: id,
         reason: "test".to_owned(),
     };
-    let report = daemon.client.destroy_session(destroy(session.session_id.clone())).await.unwrap().into_inner().report.unwrap();
-    assert!(!workspace.exists(), "workspace still present after DestroySession");
+    let report = daemon
+        .client
+        .destroy_session(destroy(session.session_id.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert!(
+        !workspace.exists(),
+        "workspace still present after DestroySession"
+    );
     assert_eq!(
-        (report.already_destroyed, report.workspace_removed, report.workspace_files_removed, report.workspace_bytes_removed, report.errors.clone()),
+        (
+            report.already_destroyed,
+            report.workspace_removed,
+            report.workspace_files_removed,
+            report.workspace_bytes_removed,
+            report.errors.clone()
+        ),
         (false, true, 1, 5, vec![])
     );
-    let again = daemon.client.destroy_session(destroy(session.session_id.clone())).await.unwrap().into_inner().report.unwrap();
+    let again = daemon
+        .client
+        .destroy_session(destroy(session.session_id.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
     assert!(again.already_destroyed);
 
     let status = daemon
@@ -116,9 +172,18 @@ async fn sessions_are_listed_with_their_labels() {
         .into_inner()
         .session
         .unwrap();
-    let listed = daemon.client.list_sessions(pb::ListSessionsRequest {}).await.unwrap().into_inner().sessions;
+    let listed = daemon
+        .client
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].session_id, created.session_id);
-    assert_eq!(listed[0].labels.get("tenant").map(String::as_str), Some("acme"));
+    assert_eq!(
+        listed[0].labels.get("tenant").map(String::as_str),
+        Some("acme")
+    );
     daemon.shutdown().await;
 }

@@ -46,7 +46,9 @@ impl TestDaemon {
             ..SandboxdConfig::default()
         };
         prepare(&mut config);
-        let daemon = Sandboxd::start(config.clone(), HostProbe::default()).await.unwrap();
+        let daemon = Sandboxd::start(config.clone(), HostProbe::default())
+            .await
+            .unwrap();
         let listener = Listener::bind(&config.listen).await.unwrap();
         let endpoint = listener.endpoint();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -102,7 +104,13 @@ impl TestDaemon {
     }
 
     /// Invokes a WASI tool and collects the whole stream.
-    pub async fn invoke(&mut self, session_id: &str, invocation_id: &str, tool: &str, input: serde_json::Value) -> Invoked {
+    pub async fn invoke(
+        &mut self,
+        session_id: &str,
+        invocation_id: &str,
+        tool: &str,
+        input: serde_json::Value,
+    ) -> Invoked {
         let request = pb::InvokeRequest {
             session_id: session_id.to_owned(),
             invocation_id: invocation_id.to_owned(),
@@ -129,7 +137,9 @@ pub struct Invoked {
 impl Invoked {
     pub fn ok_json(&self) -> serde_json::Value {
         match self.result.as_ref().and_then(|r| r.outcome.clone()) {
-            Some(pb::invoke_result::Outcome::Ok(ok)) => serde_json::from_str(&ok.output_json).unwrap(),
+            Some(pb::invoke_result::Outcome::Ok(ok)) => {
+                serde_json::from_str(&ok.output_json).unwrap()
+            }
             other => panic!("expected success, got {other:?}"),
         }
     }
@@ -178,7 +188,11 @@ pub async fn connect(endpoint: &str) -> Channel {
     tonic::transport::Endpoint::from_static("http://[::]:50051")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
         }))
         .await
         .unwrap()

@@ -1,1 +1,10 @@
+//! End-to-end tests: the real `sandboxd` and `control-plane` binaries, started
+//! as child processes on temp Unix sockets, driven over gRPC.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+mod confinement;
+mod health;
+mod session;

@@ -30,7 +30,10 @@ pub struct Cluster {
 
 /// Where the workspace repository is (for the demo agents and cargo).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default()
 }
 
 /// The directory of the demo agent definitions.
@@ -59,7 +62,10 @@ impl Cluster {
     /// (with agents from `agents_dir`), and waits until both answer health
     /// checks.
     pub async fn start(agents_dir: &Path) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("harness-").tempdir().context("cannot create a temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("harness-")
+            .tempdir()
+            .context("cannot create a temp dir")?;
         let sandboxd_socket = dir.path().join("sandboxd.sock");
         let control_socket = dir.path().join("control-plane.sock");
         let sandboxd_endpoint = format!("unix:{}", sandboxd_socket.display());
@@ -97,29 +103,41 @@ impl Cluster {
             control_plane,
         };
         let deadline = Duration::from_secs(120);
-        wait_healthy(&cluster.sandboxd_endpoint, deadline).await.with_context(|| cluster.logs())?;
-        wait_healthy(&cluster.control_endpoint, deadline).await.with_context(|| cluster.logs())?;
+        wait_healthy(&cluster.sandboxd_endpoint, deadline)
+            .await
+            .with_context(|| cluster.logs())?;
+        wait_healthy(&cluster.control_endpoint, deadline)
+            .await
+            .with_context(|| cluster.logs())?;
         Ok(cluster)
     }
 
     /// A control-plane client.
     pub async fn control(&self) -> anyhow::Result<ControlServiceClient<Channel>> {
-        Ok(ControlServiceClient::new(connect(&self.control_endpoint).await?))
+        Ok(ControlServiceClient::new(
+            connect(&self.control_endpoint).await?,
+        ))
     }
 
     /// A sandboxd client.
     pub async fn sandbox(&self) -> anyhow::Result<SandboxServiceClient<Channel>> {
-        Ok(SandboxServiceClient::new(connect(&self.sandboxd_endpoint).await?))
+        Ok(SandboxServiceClient::new(
+            connect(&self.sandboxd_endpoint).await?,
+        ))
     }
 
     /// Host path of a sandbox session's workspace.
     pub fn workspace_of(&self, sandbox_session_id: &str) -> PathBuf {
-        self.dir.path().join("sandboxd-state/sessions").join(sandbox_session_id)
+        self.dir
+            .path()
+            .join("sandboxd-state/sessions")
+            .join(sandbox_session_id)
     }
 
     /// Both daemons' logs, for failure messages.
     pub fn logs(&self) -> String {
-        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
         format!(
             "--- sandboxd.log ---\n{}\n--- control-plane.log ---\n{}",
             read("sandboxd.log"),
@@ -129,7 +147,9 @@ impl Cluster {
 
     /// Stops both daemons with SIGTERM (SIGKILL after 10 s) and removes the
     /// temp dir. Returns their exit statuses.
-    pub async fn stop(mut self) -> anyhow::Result<(std::process::ExitStatus, std::process::ExitStatus)> {
+    pub async fn stop(
+        mut self,
+    ) -> anyhow::Result<(std::process::ExitStatus, std::process::ExitStatus)> {
         let control = terminate(&mut self.control_plane).await?;
         let sandboxd = terminate(&mut self.sandboxd).await?;
         Ok((control, sandboxd))
@@ -137,7 +157,8 @@ impl Cluster {
 }
 
 fn spawn_logged(command: &mut Command, log: &Path) -> anyhow::Result<Child> {
-    let file = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     command
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
@@ -161,19 +182,10 @@ async fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus
     }
 }
 
-/// Connects to `unix:/path` or `http://host:port`.
+/// Connects to `unix:/path` or `http://host:port` (the control plane's
+/// client transport, shared so every client connects the same way).
 pub async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
-    if let Some(path) = endpoint.strip_prefix("unix:") {
-        let path = PathBuf::from(path);
-        let channel = tonic::transport::Endpoint::from_static("http://[::]:50051")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-            }))
-            .await?;
-        return Ok(channel);
-    }
-    Ok(tonic::transport::Endpoint::from_shared(endpoint.to_owned())?.tcp_nodelay(true).connect().await?)
+    Ok(harness_control_plane::transport::connect_lazy(endpoint)?)
 }
 
 /// Polls the standard gRPC health check until it reports SERVING.
@@ -195,7 +207,9 @@ pub async fn wait_healthy(endpoint: &str, within: Duration) -> anyhow::Result<()
 pub async fn health(endpoint: &str) -> anyhow::Result<bool> {
     let mut client = tonic_health::pb::health_client::HealthClient::new(connect(endpoint).await?);
     let response = client
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await?
         .into_inner();
     Ok(response.status() == tonic_health::pb::health_check_response::ServingStatus::Serving)

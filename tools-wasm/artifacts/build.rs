@@ -89,6 +89,9 @@ fn run() -> Result<(), String> {
     );
 
     let wasm_target_dir = workspace.join("target").join("wasm-tools");
+    if check_wasm_target(&cargo).is_err() {
+        install_wasm_target(&workspace)?;
+    }
     check_wasm_target(&cargo)?;
     build_tools(&cargo, &workspace, &wasm_target_dir)?;
 
@@ -145,6 +148,29 @@ fn check_wasm_target(cargo: &OsString) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A fresh machine has rustup and cargo but not the wasm target: install it
+/// (for the toolchain `rust-toolchain.toml` pins) so the README's two commands
+/// work as they are. Without rustup the check that follows names the fix.
+fn install_wasm_target(workspace: &Path) -> Result<(), String> {
+    println!(
+        "cargo:warning=installing the {WASM_TARGET} target with `rustup target add {WASM_TARGET}`"
+    );
+    let status = Command::new("rustup")
+        .args(["target", "add", WASM_TARGET])
+        .current_dir(workspace)
+        .stdout(std::process::Stdio::null())
+        .status();
+    match status {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!(
+            "`rustup target add {WASM_TARGET}` failed ({status}); run it by hand"
+        )),
+        Err(err) => Err(format!(
+            "cannot run rustup ({err}); install the {WASM_TARGET} target for your toolchain"
+        )),
+    }
 }
 
 fn build_tools(cargo: &OsString, workspace: &Path, target_dir: &Path) -> Result<(), String> {

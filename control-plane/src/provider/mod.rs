@@ -146,9 +146,6 @@ mod tests {
 
     #[test]
     fn token_estimate_rounds_up_per_four_chars() {
-        assert_eq!(
-            [0, 1, 4, 5, 8].map(estimate_tokens),
-            [0, 1, 1, 2, 2],
-        );
+        assert_eq!([0, 1, 4, 5, 8].map(estimate_tokens), [0, 1, 1, 2, 2],);
     }
 }

@@ -82,7 +82,7 @@ pub enum ScriptError {
         path: PathBuf,
         /// What is wrong, with line and column.
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
     /// The file has no `[[turn]]`.
     #[error("script {path} has no [[turn]] entries")]
@@ -108,7 +108,7 @@ impl ScriptedProvider {
         })?;
         let script: Script = toml::from_str(&text).map_err(|source| ScriptError::Parse {
             path: path.to_owned(),
-            source,
+            source: Box::new(source),
         })?;
         if script.turns.is_empty() {
             return Err(ScriptError::Empty {
@@ -146,12 +146,11 @@ impl ModelProvider for ScriptedProvider {
             })]));
         };
         let completed = complete_turn(turn, turns_taken + 1, &request);
-        let deltas = split_into_deltas(&completed.text, MAX_DELTAS_PER_TURN)
+        let mut events: Vec<_> = split_into_deltas(&completed.text, MAX_DELTAS_PER_TURN)
             .into_iter()
-            .map(|delta| Ok(ModelStreamEvent::TextDelta(delta.to_owned())));
-        let events: Vec<_> = deltas
-            .chain([Ok(ModelStreamEvent::Completed(completed))])
+            .map(|delta| Ok(ModelStreamEvent::TextDelta(delta.to_owned())))
             .collect();
+        events.push(Ok(ModelStreamEvent::Completed(completed)));
         Box::pin(stream::iter(events))
     }
 }
@@ -330,7 +329,10 @@ mod tests {
             .iter()
             .map(|call| (call.call_id.as_str(), call.tool.as_str()))
             .collect();
-        assert_eq!(ids_and_tools, [("call_1_0", "write_file"), ("call_1_1", "list_dir")]);
+        assert_eq!(
+            ids_and_tools,
+            [("call_1_0", "write_file"), ("call_1_1", "list_dir")]
+        );
         assert_eq!(turn.text, "Writing the note now.");
         assert_eq!(turn.stop_reason, "tool_use");
         assert_eq!(turn.usage.input_tokens, 3);
@@ -376,7 +378,11 @@ mod tests {
             tool_calls: Vec::new(),
         };
         let mut stream = provider().stream_turn(request(vec![assistant.clone(), assistant]));
-        let error = stream.next().await.unwrap().expect_err("script is exhausted");
+        let error = stream
+            .next()
+            .await
+            .unwrap()
+            .expect_err("script is exhausted");
         assert_eq!(
             error.to_string(),
             "script exhausted after 2 turns (test.script.toml)"

@@ -10,7 +10,9 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 use super::engine::{CompileCache, EngineLimits, EpochTicker, build_engine};
-use super::invoke::{CallOutcome, HostState, Invocation, InvocationLimits, InvocationScope, run_invoke};
+use super::invoke::{
+    CallOutcome, HostState, Invocation, InvocationLimits, InvocationScope, run_invoke,
+};
 use super::output::CapturedOutput;
 use super::registry::{LoadedTool, ToolRegistry};
 use super::{GuestErrorKind, WasiError};
@@ -30,7 +32,9 @@ pub struct WasiBackend {
 
 impl std::fmt::Debug for WasiBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WasiBackend").field("registry", &self.registry).finish_non_exhaustive()
+        f.debug_struct("WasiBackend")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
     }
 }
 
@@ -53,10 +57,16 @@ impl WasiBackend {
             max_concurrent_instances,
         })?;
         let mut linker: Linker<HostState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|source| WasiError::Link { source })?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|source| WasiError::Link { source })?;
         let cache = CompileCache::new(config.effective_cache_dir(), &engine)?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick)?;
-        let registry = ToolRegistry::new(config.tools_dir.clone(), engine.clone(), Arc::new(linker), cache);
+        let registry = ToolRegistry::new(
+            config.tools_dir.clone(),
+            engine.clone(),
+            Arc::new(linker),
+            cache,
+        );
         Ok(Self {
             engine,
             registry,
@@ -73,7 +83,12 @@ impl WasiBackend {
     /// The tools, as the wire message.
     pub fn list_tools(&self) -> pb::ListToolsResponse {
         pb::ListToolsResponse {
-            tools: self.registry.tools().iter().map(|tool| tool_to_proto(tool)).collect(),
+            tools: self
+                .registry
+                .tools()
+                .iter()
+                .map(|tool| tool_to_proto(tool))
+                .collect(),
             load_errors: self
                 .registry
                 .load_errors()
@@ -100,10 +115,17 @@ impl WasiBackend {
         timeout: Duration,
     ) -> Completed {
         let Some(tool) = self.registry.get(&call.tool) else {
-            return rejected(pb::ErrorKind::NotFound, format!("no tool named {:?} on this sandboxd", call.tool), vec![]);
+            return rejected(
+                pb::ErrorKind::NotFound,
+                format!("no tool named {:?} on this sandboxd", call.tool),
+                vec![],
+            );
         };
         if let Err(rejection) = self.check_input(&tool, &call.input_json) {
-            return Completed { digest: tool.digest.clone(), ..rejection };
+            return Completed {
+                digest: tool.digest.clone(),
+                ..*rejection
+            };
         }
         let scope = InvocationScope {
             workspace,
@@ -115,20 +137,30 @@ impl WasiBackend {
             memory_bytes: policy.memory_bytes,
             max_output_bytes: policy.max_output_bytes,
         };
-        let invocation = run_invoke(&self.engine, &tool.pre, &scope, &limits, &call.input_json).await;
+        let invocation =
+            run_invoke(&self.engine, &tool.pre, &scope, &limits, &call.input_json).await;
         completed(&tool, invocation, &limits)
     }
 
-    fn check_input(&self, tool: &LoadedTool, input_json: &str) -> Result<(), Completed> {
+    fn check_input(&self, tool: &LoadedTool, input_json: &str) -> Result<(), Box<Completed>> {
         if input_json.len() as u64 > self.max_input_bytes {
-            return Err(rejected(
+            return Err(Box::new(rejected(
                 pb::ErrorKind::InvalidInput,
-                format!("input is {} bytes, over the limit of {} bytes", input_json.len(), self.max_input_bytes),
+                format!(
+                    "input is {} bytes, over the limit of {} bytes",
+                    input_json.len(),
+                    self.max_input_bytes
+                ),
                 vec![],
-            ));
+            )));
         }
-        let value: serde_json::Value = serde_json::from_str(input_json)
-            .map_err(|e| rejected(pb::ErrorKind::InvalidInput, format!("input is not valid JSON: {e}"), vec![]))?;
+        let value: serde_json::Value = serde_json::from_str(input_json).map_err(|e| {
+            Box::new(rejected(
+                pb::ErrorKind::InvalidInput,
+                format!("input is not valid JSON: {e}"),
+                vec![],
+            ))
+        })?;
         let violations = tool.validate(&value);
         if violations.is_empty() {
             return Ok(());
@@ -136,13 +168,21 @@ impl WasiBackend {
         let listed: Vec<String> = violations
             .iter()
             .map(|v| {
-                let at = if v.instance_path.is_empty() { "input" } else { v.instance_path.as_str() };
+                let at = if v.instance_path.is_empty() {
+                    "input"
+                } else {
+                    v.instance_path.as_str()
+                };
                 format!("{at}: {}", v.message)
             })
             .collect();
-        Err(rejected(
+        Err(Box::new(rejected(
             pb::ErrorKind::InvalidInput,
-            format!("input does not match the {} tool's schema: {}", tool.name, listed.join("; ")),
+            format!(
+                "input does not match the {} tool's schema: {}",
+                tool.name,
+                listed.join("; ")
+            ),
             violations
                 .into_iter()
                 .map(|v| pb::SchemaViolation {
@@ -150,7 +190,7 @@ impl WasiBackend {
                     message: v.message,
                 })
                 .collect(),
-        ))
+        )))
     }
 }
 
@@ -159,13 +199,21 @@ fn tool_to_proto(tool: &LoadedTool) -> pb::Tool {
         name: tool.name.clone(),
         description: tool.description.clone(),
         input_schema_json: tool.input_schema.to_string(),
-        output_schema_json: if tool.output_schema.is_null() { String::new() } else { tool.output_schema.to_string() },
+        output_schema_json: if tool.output_schema.is_null() {
+            String::new()
+        } else {
+            tool.output_schema.to_string()
+        },
         backend: pb::Backend::Wasi as i32,
         digest: tool.digest.clone(),
     }
 }
 
-fn rejected(kind: pb::ErrorKind, message: String, violations: Vec<pb::SchemaViolation>) -> Completed {
+fn rejected(
+    kind: pb::ErrorKind,
+    message: String,
+    violations: Vec<pb::SchemaViolation>,
+) -> Completed {
     Completed {
         chunks: vec![],
         result: pb::InvokeResult {
@@ -198,14 +246,27 @@ fn completed(tool: &LoadedTool, invocation: Invocation, limits: &InvocationLimit
         CallOutcome::ToolError { kind, message } => error(guest_kind(kind), message),
         CallOutcome::Timeout => error(
             pb::ErrorKind::Timeout,
-            format!("{} did not finish within its deadline of {} ms and was stopped", tool.name, limits.timeout.as_millis()),
+            format!(
+                "{} did not finish within its deadline of {} ms and was stopped",
+                tool.name,
+                limits.timeout.as_millis()
+            ),
         ),
         CallOutcome::MemoryExhausted(detail) => error(
             pb::ErrorKind::ResourceExhausted,
-            format!("{} hit its memory limit of {} bytes: {detail}", tool.name, limits.memory_bytes),
+            format!(
+                "{} hit its memory limit of {} bytes: {detail}",
+                tool.name, limits.memory_bytes
+            ),
         ),
-        CallOutcome::Trapped(trap) => error(pb::ErrorKind::Failed, with_stderr(format!("{} crashed: {trap}", tool.name), &stderr_tail)),
-        CallOutcome::Setup(detail) => error(pb::ErrorKind::Internal, format!("sandboxd could not set up the invocation: {detail}")),
+        CallOutcome::Trapped(trap) => error(
+            pb::ErrorKind::Failed,
+            with_stderr(format!("{} crashed: {trap}", tool.name), &stderr_tail),
+        ),
+        CallOutcome::Setup(detail) => error(
+            pb::ErrorKind::Internal,
+            format!("sandboxd could not set up the invocation: {detail}"),
+        ),
     };
     let usage = pb::Usage {
         wall_time: Some(harness_proto::duration_to_proto(invocation.wall_time)),
@@ -246,7 +307,11 @@ fn tail_text(stderr: &CapturedOutput) -> String {
 }
 
 fn with_stderr(message: String, stderr_tail: &str) -> String {
-    if stderr_tail.is_empty() { message } else { format!("{message}\nstderr:\n{stderr_tail}") }
+    if stderr_tail.is_empty() {
+        message
+    } else {
+        format!("{message}\nstderr:\n{stderr_tail}")
+    }
 }
 
 fn output_chunks(stream: pb::OutputStream, captured: &CapturedOutput) -> Vec<pb::OutputChunk> {

@@ -113,12 +113,18 @@ impl CompileCache {
     }
 
     fn path_for(&self, digest_hex: &str) -> PathBuf {
-        self.dir.join(format!("{digest_hex}-{}.cwasm", self.engine_key))
+        self.dir
+            .join(format!("{digest_hex}-{}.cwasm", self.engine_key))
     }
 
     /// Loads the compiled form of `bytes` (whose sha256 is `digest_hex`),
     /// compiling and storing it on a miss.
-    pub fn load_or_compile(&self, engine: &Engine, digest_hex: &str, bytes: &[u8]) -> Result<Component, WasiError> {
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        digest_hex: &str,
+        bytes: &[u8],
+    ) -> Result<Component, WasiError> {
         let cached = self.path_for(digest_hex);
         if cached.exists() {
             match crate::sys::deserialize_component(engine, &cached) {
@@ -133,7 +139,8 @@ impl CompileCache {
             .precompile_component(bytes)
             .map_err(|source| WasiError::Compile { source })?;
         self.store(&cached, &compiled)?;
-        crate::sys::deserialize_component(engine, &cached).map_err(|source| WasiError::Compile { source })
+        crate::sys::deserialize_component(engine, &cached)
+            .map_err(|source| WasiError::Compile { source })
     }
 
     fn store(&self, path: &Path, compiled: &[u8]) -> Result<(), WasiError> {

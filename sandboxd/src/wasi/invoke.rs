@@ -47,16 +47,29 @@ struct MemoryLimiter {
 const MAX_TABLE_ELEMENTS: usize = 1_000_000;
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.limit {
             self.exhausted = true;
-            wasmtime::bail!("memory limit of {} bytes reached (growing to {desired} bytes)", self.limit);
+            wasmtime::bail!(
+                "memory limit of {} bytes reached (growing to {desired} bytes)",
+                self.limit
+            );
         }
         self.peak = self.peak.max(desired);
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
@@ -131,7 +144,11 @@ pub async fn run_invoke(
     let input = input.to_owned();
     run(engine, pre, Some(scope), limits, move |bindings, store| {
         Box::pin(async move {
-            match bindings.harness_tool_tool().call_invoke(store, &input).await? {
+            match bindings
+                .harness_tool_tool()
+                .call_invoke(store, &input)
+                .await?
+            {
                 Ok(json) => Ok(CallOutcome::Ok(json)),
                 Err(err) => Ok(CallOutcome::ToolError {
                     kind: err.kind,
@@ -144,14 +161,23 @@ pub async fn run_invoke(
 }
 
 /// Runs `describe()` on a fresh instance with no workspace.
-pub async fn run_describe(engine: &Engine, pre: &ToolComponentPre<HostState>, limits: &InvocationLimits) -> Invocation {
+pub async fn run_describe(
+    engine: &Engine,
+    pre: &ToolComponentPre<HostState>,
+    limits: &InvocationLimits,
+) -> Invocation {
     run(engine, pre, None, limits, |bindings, store| {
-        Box::pin(async move { Ok(CallOutcome::Ok(bindings.harness_tool_tool().call_describe(store).await?)) })
+        Box::pin(async move {
+            Ok(CallOutcome::Ok(
+                bindings.harness_tool_tool().call_describe(store).await?,
+            ))
+        })
     })
     .await
 }
 
-type CallFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<CallOutcome>> + Send + 'a>>;
+type CallFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<CallOutcome>> + Send + 'a>>;
 
 async fn run<F>(
     engine: &Engine,
@@ -215,7 +241,11 @@ where
     }
 }
 
-fn classify(result: Result<CallOutcome, wasmtime::Error>, timed_out: bool, exhausted: bool) -> CallOutcome {
+fn classify(
+    result: Result<CallOutcome, wasmtime::Error>,
+    timed_out: bool,
+    exhausted: bool,
+) -> CallOutcome {
     match result {
         Ok(outcome) => outcome,
         Err(_) if timed_out => CallOutcome::Timeout,

@@ -70,7 +70,9 @@ impl CappedOutput {
     fn lock(&self) -> std::sync::MutexGuard<'_, Captured> {
         // A poisoned lock only means a writer panicked mid-append; the bytes
         // are still a valid prefix.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -87,7 +89,11 @@ impl StdoutStream for CappedOutput {
 }
 
 impl AsyncWrite for CappedOutput {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.accept(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -90,7 +90,9 @@ pub enum LoadError {
         source: WasiError,
     },
     /// It does not implement the `harness:tool/tool-component` world.
-    #[error("{path} does not implement the harness:tool world or imports something sandboxd does not provide")]
+    #[error(
+        "{path} does not implement the harness:tool world or imports something sandboxd does not provide"
+    )]
     Link {
         /// The file.
         path: PathBuf,
@@ -142,7 +144,9 @@ pub struct ToolRegistry {
 
 impl std::fmt::Debug for ToolRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ToolRegistry").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("ToolRegistry")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -155,7 +159,12 @@ const DESCRIBE_LIMITS: InvocationLimits = InvocationLimits {
 
 impl ToolRegistry {
     /// An empty registry over `dir`; call [`ToolRegistry::rescan`] to load.
-    pub fn new(dir: PathBuf, engine: Engine, linker: Arc<Linker<HostState>>, cache: CompileCache) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        engine: Engine,
+        linker: Arc<Linker<HostState>>,
+        cache: CompileCache,
+    ) -> Self {
         Self {
             dir,
             engine,
@@ -181,7 +190,9 @@ impl ToolRegistry {
         let mut errors: Vec<_> = state
             .by_path
             .iter()
-            .filter_map(|(path, (_, loaded))| loaded.as_ref().err().map(|e| (path.clone(), e.clone())))
+            .filter_map(|(path, (_, loaded))| {
+                loaded.as_ref().err().map(|e| (path.clone(), e.clone()))
+            })
             .collect();
         errors.sort();
         errors
@@ -197,16 +208,25 @@ impl ToolRegistry {
                 Vec::new()
             }
         };
-        let mut next: HashMap<PathBuf, (FileSignature, Result<Arc<LoadedTool>, String>)> = HashMap::new();
+        let mut next: HashMap<PathBuf, (FileSignature, Result<Arc<LoadedTool>, String>)> =
+            HashMap::new();
         for (path, signature) in files {
             let previous = self.read().by_path.get(&path).cloned();
             let entry = match previous {
                 Some((old_sig, loaded)) if old_sig == signature => loaded,
                 _ => {
-                    let loaded = self.load(&path).await.map(Arc::new).map_err(|e| error_chain(&e));
+                    let loaded = self
+                        .load(&path)
+                        .await
+                        .map(Arc::new)
+                        .map_err(|e| error_chain(&e));
                     match &loaded {
-                        Ok(tool) => tracing::info!(tool = %tool.name, digest = %tool.digest, path = %path.display(), "loaded tool"),
-                        Err(error) => tracing::warn!(path = %path.display(), %error, "skipping component"),
+                        Ok(tool) => {
+                            tracing::info!(tool = %tool.name, digest = %tool.digest, path = %path.display(), "loaded tool")
+                        }
+                        Err(error) => {
+                            tracing::warn!(path = %path.display(), %error, "skipping component")
+                        }
                     }
                     loaded
                 }
@@ -228,7 +248,8 @@ impl ToolRegistry {
         })?;
         let digest_hex = hex::encode(Sha256::digest(&bytes));
         let component = {
-            let (engine, cache, digest_hex) = (self.engine.clone(), self.cache.clone(), digest_hex.clone());
+            let (engine, cache, digest_hex) =
+                (self.engine.clone(), self.cache.clone(), digest_hex.clone());
             // Compiling is CPU-bound for up to seconds; keep it off the async workers.
             tokio::task::spawn_blocking(move || cache.load_or_compile(&engine, &digest_hex, &bytes))
                 .await
@@ -293,7 +314,10 @@ impl Descriptor {
         let valid = !self.name.is_empty()
             && self.name.len() <= 64
             && self.name.starts_with(|c: char| c.is_ascii_lowercase())
-            && self.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if valid {
             Ok(())
         } else {

@@ -1,0 +1,10 @@
+//! Integration tests: the real gRPC server in-process, a fake sandboxd served
+//! over gRPC (no wasmtime), and the scripted provider.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+mod health;
+mod sessions;
+mod stream_events;
