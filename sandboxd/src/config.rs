@@ -3,6 +3,8 @@
 //! Defaults are written out in [`SandboxdConfig::default`]; see
 //! `sandboxd/sandboxd.sample.toml` for a commented example.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -80,13 +82,20 @@ pub struct SandboxdConfig {
     /// Workspace size cap when the policy does not set one. Default 1 GiB.
     pub default_workspace_bytes: u64,
     /// How often the epoch ticker advances; the granularity of WASI
-    /// deadlines. Default "5ms".
+    /// deadlines and of fair sharing between looping guests (each yields to
+    /// the executor once per tick). Default "500us".
     #[serde(with = "humantime_serde")]
     pub epoch_tick: Duration,
     /// How often the tools directory is rescanned for added, replaced or
     /// removed components. Default "2s".
     #[serde(with = "humantime_serde")]
     pub tools_rescan_interval: Duration,
+    /// Host names sandboxd resolves itself, before asking the system
+    /// resolver, for network egress: `{ "api.internal.test" = ["10.0.0.5"] }`.
+    /// An allowed name is still refused if it maps to a loopback, private,
+    /// link-local or metadata address that the session has no CIDR for.
+    /// Default: none.
+    pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl Default for SandboxdConfig {
@@ -107,8 +116,9 @@ impl Default for SandboxdConfig {
             max_input_bytes: 4 << 20,
             max_file_bytes: 64 << 20,
             default_workspace_bytes: 1 << 30,
-            epoch_tick: Duration::from_millis(5),
+            epoch_tick: Duration::from_micros(500),
             tools_rescan_interval: Duration::from_secs(2),
+            static_hosts: BTreeMap::new(),
         }
     }
 }
@@ -169,8 +179,13 @@ mod tests {
             max_input_bytes: 1 << 20,
             max_file_bytes: 16 << 20,
             default_workspace_bytes: 512 << 20,
-            epoch_tick: Duration::from_millis(5),
+            epoch_tick: Duration::from_micros(500),
             tools_rescan_interval: Duration::from_secs(2),
+            static_hosts: [(
+                "api.internal.test".to_owned(),
+                vec![IpAddr::from([10, 0, 0, 5])],
+            )]
+            .into(),
         };
         assert_eq!(parsed, expected);
     }

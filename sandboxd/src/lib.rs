@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod error;
+pub mod network;
 pub mod probe;
 pub mod server;
 pub mod service;

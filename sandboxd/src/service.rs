@@ -162,11 +162,7 @@ impl SandboxService for SandboxApi {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
-        let session = self
-            .daemon
-            .sessions
-            .get(&request.into_inner().session_id)
-            .map_err(ServiceError::from)?;
+        let session = self.session(&request.into_inner().session_id)?;
         Ok(Response::new(pb::GetSessionResponse {
             session: Some(session.to_proto()),
         }))
@@ -218,11 +214,7 @@ impl SandboxService for SandboxApi {
         request: Request<pb::InvokeRequest>,
     ) -> Result<Response<Self::InvokeStream>, Status> {
         let request = request.into_inner();
-        let session = self
-            .daemon
-            .sessions
-            .get(&request.session_id)
-            .map_err(ServiceError::from)?;
+        let session = self.session(&request.session_id)?;
         let invocation_id = checked_invocation_id(&request.invocation_id)?;
         let call = match request.target {
             Some(pb::invoke_request::Target::Wasi(call)) => call,
@@ -295,17 +287,9 @@ impl SandboxService for SandboxApi {
         request: Request<pb::WriteFilesRequest>,
     ) -> Result<Response<pb::WriteFilesResponse>, Status> {
         let request = request.into_inner();
-        let session = self
-            .daemon
-            .sessions
-            .get(&request.session_id)
-            .map_err(ServiceError::from)?;
+        let session = self.session(&request.session_id)?;
         let max_file_bytes = self.daemon.config.max_file_bytes;
-        let written = tokio::task::spawn_blocking(move || {
-            write_all(&session, &request.files, max_file_bytes)
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        let written = blocking(move || write_all(&session, &request.files, max_file_bytes)).await?;
         Ok(Response::new(pb::WriteFilesResponse { written }))
     }
 
@@ -314,25 +298,23 @@ impl SandboxService for SandboxApi {
         request: Request<pb::ReadFilesRequest>,
     ) -> Result<Response<pb::ReadFilesResponse>, Status> {
         let request = request.into_inner();
-        let session = self
-            .daemon
-            .sessions
-            .get(&request.session_id)
-            .map_err(ServiceError::from)?;
+        let session = self.session(&request.session_id)?;
         let max = self.daemon.config.max_file_bytes;
         let limit = if request.max_bytes_per_file == 0 {
             max
         } else {
             request.max_bytes_per_file.min(max)
         };
-        let files = tokio::task::spawn_blocking(move || read_all(&session, &request.paths, limit))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))??;
+        let files = blocking(move || read_all(&session, &request.paths, limit)).await?;
         Ok(Response::new(pb::ReadFilesResponse { files }))
     }
 }
 
 impl SandboxApi {
+    fn session(&self, id: &str) -> Result<Arc<Session>, ServiceError> {
+        Ok(self.daemon.sessions.get(id)?)
+    }
+
     fn tool_digest(&self, tool: &str) -> String {
         self.daemon
             .wasi
@@ -350,7 +332,7 @@ async fn run_in_session(
 ) -> Completed {
     let _running = session.start_running();
     tokio::select! {
-        completed = daemon.wasi.invoke(session.workspace_root(), &session.policy, call, timeout) => completed,
+        completed = daemon.wasi.invoke(session.workspace_root(), &session.policy, session.egress.as_ref(), call, timeout) => completed,
         _ = session.cancelled() => Completed {
             chunks: vec![],
             digest: String::new(),
@@ -386,6 +368,15 @@ async fn recorded_result(
         }
         _ => Err(ServiceError::InvocationIdReused(invocation_id.to_owned())),
     }
+}
+
+/// Runs blocking file-system work off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?
 }
 
 fn checked_invocation_id(id: &str) -> Result<String, ServiceError> {

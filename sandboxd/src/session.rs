@@ -14,6 +14,9 @@ use harness_proto::sandbox::v1 as pb;
 use tokio::sync::{Notify, watch};
 
 use crate::config::SandboxdConfig;
+use crate::network::allowlist::Allowlist;
+use crate::network::http_egress::{EgressLog, EgressPolicy};
+use crate::network::resolver::Resolver;
 use crate::probe::HostProbe;
 use crate::workspace::{Workspace, WorkspaceError};
 
@@ -62,6 +65,10 @@ pub struct ResolvedPolicy {
     pub ttl: Duration,
     /// Idle timeout.
     pub idle_timeout: Duration,
+    /// Network rules; empty denies everything.
+    pub network: Arc<Allowlist>,
+    /// Fuel (instruction budget) per WASI invocation, if metered.
+    pub fuel: Option<u64>,
 }
 
 /// Applies defaults and refuses what cannot be enforced (fail closed).
@@ -94,14 +101,8 @@ pub fn resolve_policy(
                 .to_owned(),
         ));
     }
-    let network = policy.network.clone().unwrap_or_default();
-    if !network.allow.is_empty() {
-        return Err(SessionError::NotBuilt(
-            "policy grants network destinations, but this build of sandboxd cannot enforce a network \
-             allowlist yet, so it refuses rather than run with a policy it cannot enforce; remove network.allow"
-                .to_owned(),
-        ));
-    }
+    let network = Allowlist::from_policy(&policy.network.clone().unwrap_or_default())
+        .map_err(|e| SessionError::InvalidPolicy(e.to_string()))?;
     if policy
         .filesystem
         .as_ref()
@@ -117,11 +118,6 @@ pub fn resolve_policy(
             "limits.pids and limits.cpu_millis apply to the process backend, which this build of sandboxd \
              does not have yet; leave them 0"
                 .to_owned(),
-        ));
-    }
-    if limits.fuel != 0 {
-        return Err(SessionError::NotBuilt(
-            "limits.fuel is not enforced by this build of sandboxd yet; leave it 0 (deadlines still apply)".to_owned(),
         ));
     }
     let invocation_timeout = positive_or(
@@ -151,6 +147,8 @@ pub fn resolve_policy(
         .min()
         .unwrap_or(config.default_workspace_bytes);
     Ok(ResolvedPolicy {
+        fuel: (limits.fuel != 0).then_some(limits.fuel),
+        network: Arc::new(network),
         environment: resolve_environment(policy)?,
         workspace_read_only: workspace.read_only,
         workspace_bytes,
@@ -224,6 +222,9 @@ pub struct Session {
     pub policy: ResolvedPolicy,
     /// The policy as requested, secrets redacted, for GetSession.
     pub policy_view: pb::SessionPolicy,
+    /// Network egress of the session's invocations; `None` when the
+    /// allowlist is empty.
+    pub egress: Option<EgressPolicy>,
     /// Caller labels.
     pub labels: HashMap<String, String>,
     /// Creation time.
@@ -389,15 +390,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct SessionManager {
     config: Arc<SandboxdConfig>,
     host: Arc<HostProbe>,
+    resolver: Resolver,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
 }
 
 impl SessionManager {
     /// A manager; sessions live under `config.sessions_dir()`.
     pub fn new(config: Arc<SandboxdConfig>, host: Arc<HostProbe>) -> Self {
+        let resolver = Resolver::new(config.static_hosts.clone());
         Self {
             config,
             host,
+            resolver,
             sessions: RwLock::new(HashMap::new()),
         }
     }
@@ -446,7 +450,13 @@ impl SessionManager {
             }
         }
         let now = (Instant::now(), SystemTime::now());
+        let egress = (!resolved.network.denies_everything()).then(|| EgressPolicy {
+            allowlist: Arc::clone(&resolved.network),
+            resolver: self.resolver.clone(),
+            log: Arc::new(EgressLog::default()),
+        });
         let session = Arc::new(Session {
+            egress,
             id: id.clone(),
             policy: resolved,
             policy_view: redacted(policy),
@@ -625,6 +635,8 @@ mod tests {
                 max_output_bytes: config.default_max_output_bytes,
                 ttl: config.default_ttl,
                 idle_timeout: config.default_idle_timeout,
+                network: Arc::new(Allowlist::default()),
+                fuel: None,
             }
         );
     }
@@ -633,16 +645,16 @@ mod tests {
     fn unenforceable_policies_are_refused() {
         let config = SandboxdConfig::default();
         let host = HostProbe::default();
-        let network = pb::SessionPolicy {
+        let bad_rule = pb::SessionPolicy {
             network: Some(pb::NetworkPolicy {
-                allow: vec!["example.com".to_owned()],
+                allow: vec!["*.".to_owned()],
                 ..Default::default()
             }),
             ..Default::default()
         };
         assert!(matches!(
-            resolve_policy(&network, &config, &host),
-            Err(SessionError::NotBuilt(_))
+            resolve_policy(&bad_rule, &config, &host),
+            Err(SessionError::InvalidPolicy(_))
         ));
         let process = pb::SessionPolicy {
             backends: vec![pb::Backend::Process as i32],

@@ -5,8 +5,10 @@
 
 mod support;
 
+mod adversarial;
 mod confinement;
 mod files;
 mod invoke;
+mod network;
 mod registry;
 mod service;

@@ -143,10 +143,7 @@ async fn unenforceable_policy_is_refused_with_a_reason() {
         .client
         .create_session(pb::CreateSessionRequest {
             policy: Some(pb::SessionPolicy {
-                network: Some(pb::NetworkPolicy {
-                    allow: vec!["example.com".to_owned()],
-                    ..Default::default()
-                }),
+                backends: vec![pb::Backend::Process as i32],
                 ..Default::default()
             }),
             labels: Default::default(),
@@ -154,7 +151,11 @@ async fn unenforceable_policy_is_refused_with_a_reason() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("network"), "{}", status.message());
+    assert!(
+        status.message().contains("process backend"),
+        "{}",
+        status.message()
+    );
     daemon.shutdown().await;
 }
 

@@ -12,6 +12,18 @@ use harness_sandboxd::service::Sandboxd;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+/// Every test daemon holds this shared; tests that measure memory or timing
+/// hold it exclusively, so no other test in this process runs beside them and
+/// skews the measurement.
+static RUNNING: std::sync::LazyLock<Arc<tokio::sync::RwLock<()>>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::RwLock::new(())));
+
+#[allow(dead_code)] // held for its Drop
+enum Turn {
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
 pub struct TestDaemon {
     pub client: SandboxServiceClient<Channel>,
     pub channel: Channel,
@@ -19,6 +31,7 @@ pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
+    _turn: Turn,
 }
 
 impl TestDaemon {
@@ -30,6 +43,21 @@ impl TestDaemon {
     /// Starts a daemon after `prepare` has had a chance to edit its tools dir
     /// (passed in) and config.
     pub async fn start_with(prepare: impl FnOnce(&mut SandboxdConfig)) -> Self {
+        let turn = Turn::Shared(Arc::clone(&RUNNING).read_owned().await);
+        Self::start_in_turn(turn, prepare).await
+    }
+
+    /// Starts a daemon with the test tools that runs alone in this process.
+    pub async fn start_exclusive(prepare: impl FnOnce(&mut SandboxdConfig)) -> Self {
+        let turn = Turn::Exclusive(Arc::clone(&RUNNING).write_owned().await);
+        Self::start_in_turn(turn, |config| {
+            install_test_tools(config);
+            prepare(config);
+        })
+        .await
+    }
+
+    async fn start_in_turn(turn: Turn, prepare: impl FnOnce(&mut SandboxdConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let tools_dir = dir.path().join("tools");
         std::fs::create_dir_all(&tools_dir).unwrap();
@@ -66,7 +94,18 @@ impl TestDaemon {
             dir,
             stop: Some(stop),
             server: Some(server),
+            _turn: turn,
         }
+    }
+
+    /// Starts a daemon with the standard tools plus the test tools
+    /// (`misbehave`, `tally`).
+    pub async fn start_with_test_tools(prepare: impl FnOnce(&mut SandboxdConfig)) -> Self {
+        Self::start_with(|config| {
+            install_test_tools(config);
+            prepare(config);
+        })
+        .await
     }
 
     pub fn tools_dir(&self) -> PathBuf {
@@ -111,17 +150,35 @@ impl TestDaemon {
         tool: &str,
         input: serde_json::Value,
     ) -> Invoked {
-        let request = pb::InvokeRequest {
-            session_id: session_id.to_owned(),
-            invocation_id: invocation_id.to_owned(),
-            target: Some(pb::invoke_request::Target::Wasi(pb::WasiCall {
-                tool: tool.to_owned(),
-                input_json: input.to_string(),
-            })),
-            timeout: None,
-        };
-        collect(self.client.invoke(request).await.unwrap().into_inner()).await
+        invoke_on(&mut self.client, session_id, invocation_id, tool, input).await
     }
+}
+
+fn install_test_tools(config: &SandboxdConfig) {
+    for name in harness_tool_artifacts::TEST_TOOLS {
+        let src = harness_tool_artifacts::test_tool_path(name);
+        std::fs::copy(&src, config.tools_dir.join(format!("{name}.wasm"))).unwrap();
+    }
+}
+
+/// Invokes a WASI tool on any client and collects the whole stream.
+pub async fn invoke_on(
+    client: &mut SandboxServiceClient<Channel>,
+    session_id: &str,
+    invocation_id: &str,
+    tool: &str,
+    input: serde_json::Value,
+) -> Invoked {
+    let request = pb::InvokeRequest {
+        session_id: session_id.to_owned(),
+        invocation_id: invocation_id.to_owned(),
+        target: Some(pb::invoke_request::Target::Wasi(pb::WasiCall {
+            tool: tool.to_owned(),
+            input_json: input.to_string(),
+        })),
+        timeout: None,
+    };
+    collect(client.invoke(request).await.unwrap().into_inner()).await
 }
 
 /// Everything an Invoke stream carried.

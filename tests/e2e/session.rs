@@ -51,7 +51,7 @@ async fn demo_session_runs_to_completion_with_the_expected_events() {
         vec![
             serde_json::json!({"path": "notes/hello.txt", "bytes_written": 24}),
             serde_json::json!({"path": "notes", "entries": [{"name": "hello.txt", "kind": "file", "size": 24}]}),
-            serde_json::json!({"path": "notes/hello.txt", "content": "Hello from the harness!\n", "size": 24}),
+            serde_json::json!({"path": "notes/hello.txt", "content": "Hello from the harness!\n", "size": 24, "total_lines": 1, "truncated": false}),
         ]
     );
     let Some(Kind::Finished(end)) = &all.last().unwrap().kind else {

@@ -1,5 +1,6 @@
-//! Builds the standard tools for `wasm32-wasip2` from source and copies the components to
-//! `$OUT_DIR/tools/`, so tests and the demo never depend on committed binaries.
+//! Builds the standard tools and the test tools for `wasm32-wasip2` from source and copies
+//! the components to `$OUT_DIR/tools/` and `$OUT_DIR/test-tools/`, so tests and the demo
+//! never depend on committed binaries.
 //!
 //! The tools are members of this workspace, so this runs a nested `cargo build` on the same
 //! manifest. It uses its own target directory (`target/wasm-tools`): the outer cargo holds the
@@ -17,7 +18,18 @@ use std::process::{Command, Stdio};
 
 const WASM_TARGET: &str = "wasm32-wasip2";
 /// Crate names of the standard tools; each produces `<name>.wasm`.
-const TOOLS: &[&str] = &["list_dir", "read_file", "write_file"];
+const TOOLS: &[&str] = &[
+    "edit_file",
+    "glob",
+    "grep",
+    "http_fetch",
+    "list_dir",
+    "read_file",
+    "write_file",
+];
+/// Crate names of the tools only sandboxd's tests use; kept out of the standard tools
+/// directory so no deployment picks them up.
+const TEST_TOOLS: &[&str] = &["misbehave", "tally"];
 /// `\0asm` followed by the component-model layer/version (core modules have `01 00 00 00`).
 const COMPONENT_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
 
@@ -57,7 +69,7 @@ const POISONED_PREFIXES: &[&str] = &[
 
 fn main() {
     if let Err(message) = run() {
-        eprintln!("error: building the standard wasm tools failed: {message}");
+        eprintln!("error: building the wasm tools failed: {message}");
         std::process::exit(1);
     }
 }
@@ -72,7 +84,12 @@ fn run() -> Result<(), String> {
     let out_dir = PathBuf::from(env_var("OUT_DIR")?);
     let cargo = env_var("CARGO")?;
 
-    for watched in ["tools-wasm/wit", "tools-wasm/sdk", "tools-wasm/tools"] {
+    for watched in [
+        "tools-wasm/wit",
+        "tools-wasm/sdk",
+        "tools-wasm/tools",
+        "tools-wasm/test-tools",
+    ] {
         println!(
             "cargo:rerun-if-changed={}",
             workspace.join(watched).display()
@@ -96,12 +113,29 @@ fn run() -> Result<(), String> {
     build_tools(&cargo, &workspace, &wasm_target_dir)?;
 
     let built = wasm_target_dir.join(WASM_TARGET).join("release");
-    let tools_dir = out_dir.join("tools");
-    fs::create_dir_all(&tools_dir)
-        .map_err(|err| format!("creating {}: {err}", tools_dir.display()))?;
-    for tool in TOOLS {
-        let from = built.join(format!("{tool}.wasm"));
-        let to = tools_dir.join(format!("{tool}.wasm"));
+    install(&built, TOOLS, &out_dir.join("tools"))?;
+    install(&built, TEST_TOOLS, &out_dir.join("test-tools"))?;
+    Ok(())
+}
+
+/// Copies `<tool>.wasm` for each of `tools` from `built` into `dir`, after checking it is a
+/// component, and removes any other file there (a tool dropped from the list must not linger
+/// in a directory that tests treat as exactly the listed tools).
+fn install(built: &Path, tools: &[&str], dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|err| format!("creating {}: {err}", dir.display()))?;
+    let wanted: Vec<String> = tools.iter().map(|tool| format!("{tool}.wasm")).collect();
+    let existing = fs::read_dir(dir).map_err(|err| format!("listing {}: {err}", dir.display()))?;
+    for entry in existing {
+        let entry = entry.map_err(|err| format!("listing {}: {err}", dir.display()))?;
+        if !wanted.iter().any(|name| entry.file_name() == name.as_str()) {
+            let stale = entry.path();
+            fs::remove_file(&stale)
+                .map_err(|err| format!("removing {}: {err}", stale.display()))?;
+        }
+    }
+    for name in &wanted {
+        let from = built.join(name);
+        let to = dir.join(name);
         check_component(&from)?;
         fs::copy(&from, &to)
             .map_err(|err| format!("copying {} to {}: {err}", from.display(), to.display()))?;
@@ -189,7 +223,8 @@ fn build_tools(cargo: &OsString, workspace: &Path, target_dir: &Path) -> Result<
         .args(["--config", "profile.release.debug=false"])
         .args(["--config", "profile.release.strip=true"])
         .args(["--config", "profile.release.opt-level=\"s\""]);
-    for tool in TOOLS {
+    // One invocation for all of them: the tools share the SDK and most dependencies.
+    for tool in TOOLS.iter().chain(TEST_TOOLS) {
         command.args(["-p", tool]);
     }
     // Cargo parses this script's stdout for directives, so the nested build's output all
@@ -200,9 +235,10 @@ fn build_tools(cargo: &OsString, workspace: &Path, target_dir: &Path) -> Result<
         .map_err(|err| format!("running `{}`: {err}", Path::new(cargo).display()))?;
     if !status.success() {
         return Err(format!(
-            "`cargo build --release --target {WASM_TARGET} -p {}` failed ({status}); \
+            "`cargo build --release --target {WASM_TARGET} -p {} -p {}` failed ({status}); \
              its output is above",
-            TOOLS.join(" -p ")
+            TOOLS.join(" -p "),
+            TEST_TOOLS.join(" -p ")
         ));
     }
     Ok(())

@@ -14,9 +14,10 @@ use super::invoke::{
     CallOutcome, HostState, Invocation, InvocationLimits, InvocationScope, run_invoke,
 };
 use super::output::CapturedOutput;
-use super::registry::{LoadedTool, ToolRegistry};
+use super::registry::{LoadedTool, ToolDefaults, ToolRegistry};
 use super::{GuestErrorKind, WasiError};
 use crate::config::SandboxdConfig;
+use crate::network::http_egress::EgressPolicy;
 use crate::session::ResolvedPolicy;
 
 /// Size of the output chunks streamed back to the caller.
@@ -58,6 +59,8 @@ impl WasiBackend {
         })?;
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|source| WasiError::Link { source })?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|source| WasiError::Link { source })?;
         let cache = CompileCache::new(config.effective_cache_dir(), &engine)?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick)?;
@@ -111,6 +114,7 @@ impl WasiBackend {
         &self,
         workspace: &std::path::Path,
         policy: &ResolvedPolicy,
+        egress: Option<&EgressPolicy>,
         call: &pb::WasiCall,
         timeout: Duration,
     ) -> Completed {
@@ -131,12 +135,9 @@ impl WasiBackend {
             workspace,
             read_only: policy.workspace_read_only,
             environment: &policy.environment,
+            egress,
         };
-        let limits = InvocationLimits {
-            timeout,
-            memory_bytes: policy.memory_bytes,
-            max_output_bytes: policy.max_output_bytes,
-        };
+        let limits = effective_limits(policy, timeout, self.registry.defaults(&tool.name));
         let invocation =
             run_invoke(&self.engine, &tool.pre, &scope, &limits, &call.input_json).await;
         completed(&tool, invocation, &limits)
@@ -191,6 +192,24 @@ impl WasiBackend {
                 })
                 .collect(),
         )))
+    }
+}
+
+/// The session's limits, tightened by the tool's manifest defaults.
+fn effective_limits(
+    policy: &ResolvedPolicy,
+    timeout: Duration,
+    defaults: ToolDefaults,
+) -> InvocationLimits {
+    let tighter = |limit: u64, default: Option<u64>| default.map_or(limit, |d| d.min(limit));
+    InvocationLimits {
+        timeout: defaults.timeout.map_or(timeout, |d| d.min(timeout)),
+        memory_bytes: tighter(policy.memory_bytes, defaults.memory_bytes),
+        max_output_bytes: tighter(policy.max_output_bytes, defaults.max_output_bytes),
+        fuel: match (policy.fuel, defaults.fuel) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
     }
 }
 
@@ -259,6 +278,14 @@ fn completed(tool: &LoadedTool, invocation: Invocation, limits: &InvocationLimit
                 tool.name, limits.memory_bytes
             ),
         ),
+        CallOutcome::FuelExhausted => error(
+            pb::ErrorKind::ResourceExhausted,
+            format!(
+                "{} used up its fuel budget of {} instructions",
+                tool.name,
+                limits.fuel.unwrap_or(0)
+            ),
+        ),
         CallOutcome::Trapped(trap) => error(
             pb::ErrorKind::Failed,
             with_stderr(format!("{} crashed: {trap}", tool.name), &stderr_tail),
@@ -274,7 +301,7 @@ fn completed(tool: &LoadedTool, invocation: Invocation, limits: &InvocationLimit
         peak_memory_bytes: invocation.peak_memory_bytes,
         stdout_bytes: invocation.stdout.total,
         stderr_bytes: invocation.stderr.total,
-        fuel_consumed: 0,
+        fuel_consumed: invocation.fuel_consumed,
     };
     let mut chunks = output_chunks(pb::OutputStream::Stdout, &invocation.stdout);
     chunks.extend(output_chunks(pb::OutputStream::Stderr, &invocation.stderr));
@@ -335,4 +362,55 @@ fn output_chunks(stream: pb::OutputStream, captured: &CapturedOutput) -> Vec<pb:
         }
     }
     chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::allowlist::Allowlist;
+
+    fn policy() -> ResolvedPolicy {
+        ResolvedPolicy {
+            environment: vec![],
+            workspace_read_only: false,
+            workspace_bytes: 1 << 20,
+            invocation_timeout: Duration::from_secs(30),
+            memory_bytes: 256 << 20,
+            max_output_bytes: 1 << 20,
+            ttl: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            network: Arc::new(Allowlist::default()),
+            fuel: Some(1_000),
+        }
+    }
+
+    #[test]
+    fn tool_defaults_only_tighten_the_session_limits() {
+        let defaults = ToolDefaults {
+            timeout: Some(Duration::from_secs(5)),
+            memory_bytes: Some(512 << 20),
+            max_output_bytes: Some(4096),
+            fuel: Some(10_000),
+        };
+        let limits = effective_limits(&policy(), Duration::from_secs(30), defaults);
+        assert_eq!(
+            (
+                limits.timeout,
+                limits.memory_bytes,
+                limits.max_output_bytes,
+                limits.fuel
+            ),
+            (Duration::from_secs(5), 256 << 20, 4096, Some(1_000))
+        );
+        let none = effective_limits(&policy(), Duration::from_secs(2), ToolDefaults::default());
+        assert_eq!(
+            (
+                none.timeout,
+                none.memory_bytes,
+                none.max_output_bytes,
+                none.fuel
+            ),
+            (Duration::from_secs(2), 256 << 20, 1 << 20, Some(1_000))
+        );
+    }
 }

@@ -45,6 +45,9 @@ pub fn build_engine(limits: EngineLimits) -> Result<Engine, WasiError> {
     config
         .wasm_component_model(true)
         .epoch_interruption(true)
+        // Fuel is metered always so a policy can set an instruction budget;
+        // stores without a budget get u64::MAX.
+        .consume_fuel(true)
         .memory_init_cow(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     Engine::new(&config).map_err(|source| WasiError::Engine { source })

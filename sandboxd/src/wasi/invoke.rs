@@ -9,7 +9,12 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::network::allowlist::Verdict;
+use crate::network::http_egress::{EgressHooks, EgressPolicy, EgressRecord};
 
 use super::ToolComponentPre;
 use super::output::{CappedOutput, CapturedOutput};
@@ -20,6 +25,8 @@ pub const GUEST_WORKSPACE: &str = "/workspace";
 /// Per-invocation store state.
 pub struct HostState {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
+    egress: EgressHooks,
     table: ResourceTable,
     limiter: MemoryLimiter,
     timed_out: bool,
@@ -30,6 +37,16 @@ impl WasiView for HostState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.egress,
         }
     }
 }
@@ -83,6 +100,8 @@ pub struct InvocationLimits {
     pub memory_bytes: u64,
     /// Cap on kept stdout and on kept stderr.
     pub max_output_bytes: u64,
+    /// Instruction budget, if any.
+    pub fuel: Option<u64>,
 }
 
 /// What the invocation may see.
@@ -94,6 +113,8 @@ pub struct InvocationScope<'a> {
     pub read_only: bool,
     /// Environment granted by the policy.
     pub environment: &'a [(String, String)],
+    /// Network the policy grants; `None` means none at all.
+    pub egress: Option<&'a EgressPolicy>,
 }
 
 /// How a call ended, before mapping to the wire.
@@ -112,6 +133,8 @@ pub enum CallOutcome {
     Timeout,
     /// The memory limit was hit.
     MemoryExhausted(String),
+    /// The fuel budget ran out.
+    FuelExhausted,
     /// The guest trapped (panic, unreachable, bad access...).
     Trapped(String),
     /// The host could not set the invocation up.
@@ -131,6 +154,8 @@ pub struct Invocation {
     pub wall_time: Duration,
     /// Peak linear memory.
     pub peak_memory_bytes: u64,
+    /// Fuel used, when a budget was set.
+    pub fuel_consumed: u64,
 }
 
 /// Runs `invoke(input)` on a fresh instance.
@@ -196,6 +221,9 @@ where
     let outcome = match build_store(engine, scope, limits, &stdout, &stderr, started) {
         Ok(mut store) => {
             let outcome = instantiate_and_call(pre, &mut store, limits.timeout, call).await;
+            let fuel_consumed = limits.fuel.map_or(0, |budget| {
+                budget.saturating_sub(store.get_fuel().unwrap_or(0))
+            });
             let state = store.data();
             let peak = state.limiter.peak as u64;
             let outcome = classify(outcome, state.timed_out, state.limiter.exhausted);
@@ -205,6 +233,7 @@ where
                 stderr: stderr.take(),
                 wall_time: started.elapsed(),
                 peak_memory_bytes: peak,
+                fuel_consumed,
             };
         }
         Err(message) => CallOutcome::Setup(message),
@@ -215,6 +244,7 @@ where
         stderr: stderr.take(),
         wall_time: started.elapsed(),
         peak_memory_bytes: 0,
+        fuel_consumed: 0,
     }
 }
 
@@ -250,6 +280,11 @@ fn classify(
         Ok(outcome) => outcome,
         Err(_) if timed_out => CallOutcome::Timeout,
         Err(error) if exhausted => CallOutcome::MemoryExhausted(format!("{error:#}")),
+        Err(error)
+            if error.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::OutOfFuel) =>
+        {
+            CallOutcome::FuelExhausted
+        }
         Err(error) => CallOutcome::Trapped(format!("{error:#}")),
     }
 }
@@ -263,12 +298,38 @@ fn build_store(
     started: Instant,
 ) -> Result<Store<HostState>, String> {
     let mut builder = WasiCtxBuilder::new();
+    // Name lookups inside the guest would bypass sandboxd's resolver, and UDP
+    // is never granted; TCP only to addresses an allow rule names literally.
     builder
         .stdout(stdout.clone())
         .stderr(stderr.clone())
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
+    let egress = scope.and_then(|s| s.egress).cloned();
+    if let Some(policy) = &egress {
+        builder.allow_tcp(true);
+        let policy = policy.clone();
+        builder.socket_addr_check(move |address, use_| {
+            let verdict = match use_ {
+                SocketAddrUse::TcpConnect => {
+                    policy.allowlist.check_socket(address.ip(), address.port())
+                }
+                _ => Verdict::Deny("only outgoing TCP connections can be granted".to_owned()),
+            };
+            let allowed = matches!(verdict, Verdict::Allow(_));
+            policy.log.record(EgressRecord {
+                at: std::time::SystemTime::now(),
+                destination: address.to_string(),
+                address: Some(address),
+                allowed,
+                detail: match verdict {
+                    Verdict::Allow(rule) | Verdict::Deny(rule) => rule,
+                },
+            });
+            Box::pin(async move { allowed })
+        });
+    }
     if let Some(scope) = scope {
         builder.envs(scope.environment);
         let perms = if scope.read_only {
@@ -283,6 +344,8 @@ fn build_store(
     }
     let state = HostState {
         wasi: builder.build(),
+        http: WasiHttpCtx::new(),
+        egress: EgressHooks::new(egress),
         table: ResourceTable::new(),
         limiter: MemoryLimiter {
             limit: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
@@ -293,6 +356,9 @@ fn build_store(
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
+    store
+        .set_fuel(limits.fuel.unwrap_or(u64::MAX))
+        .map_err(|e| format!("cannot set fuel: {e:#}"))?;
     let deadline = started + limits.timeout;
     store.set_epoch_deadline(1);
     // Every tick: trap if the deadline has passed, otherwise yield to the

@@ -131,6 +131,56 @@ struct FileSignature {
 struct RegistryState {
     by_name: BTreeMap<String, Arc<LoadedTool>>,
     by_path: HashMap<PathBuf, (FileSignature, Result<Arc<LoadedTool>, String>)>,
+    defaults: BTreeMap<String, ToolDefaults>,
+    manifest_error: Option<String>,
+}
+
+/// The optional manifest file in the tools directory.
+pub const MANIFEST_FILE: &str = "tools.toml";
+
+/// Per-tool defaults from `<tools-dir>/tools.toml`, e.g.
+///
+/// ```toml
+/// [tool.grep]
+/// timeout = "10s"
+/// memory-bytes = 134217728
+/// max-output-bytes = 65536
+/// fuel = 5000000000
+/// ```
+///
+/// They can only tighten a session's limits, never loosen them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ToolDefaults {
+    /// Deadline for one call of this tool.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Linear-memory cap.
+    pub memory_bytes: Option<u64>,
+    /// Cap on kept stdout and on kept stderr.
+    pub max_output_bytes: Option<u64>,
+    /// Instruction budget.
+    pub fuel: Option<u64>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    #[serde(default)]
+    tool: BTreeMap<String, ToolDefaults>,
+}
+
+/// Reads the manifest; a missing file is an empty manifest.
+fn read_manifest(dir: &Path) -> Result<BTreeMap<String, ToolDefaults>, String> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    toml::from_str::<Manifest>(&text)
+        .map(|m| m.tool)
+        .map_err(|e| format!("invalid {}: {e}", path.display()))
 }
 
 /// The set of tools loaded from a directory.
@@ -155,6 +205,7 @@ const DESCRIBE_LIMITS: InvocationLimits = InvocationLimits {
     timeout: Duration::from_secs(5),
     memory_bytes: 64 << 20,
     max_output_bytes: 64 << 10,
+    fuel: None,
 };
 
 impl ToolRegistry {
@@ -184,15 +235,23 @@ impl ToolRegistry {
         self.read().by_name.values().cloned().collect()
     }
 
+    /// The manifest's defaults for a tool (empty if none).
+    pub fn defaults(&self, name: &str) -> ToolDefaults {
+        self.read().defaults.get(name).copied().unwrap_or_default()
+    }
+
     /// Components that failed to load: (path, message).
     pub fn load_errors(&self) -> Vec<(PathBuf, String)> {
         let state = self.read();
-        let mut errors: Vec<_> = state
-            .by_path
-            .iter()
-            .filter_map(|(path, (_, loaded))| {
+        let manifest_error = state
+            .manifest_error
+            .clone()
+            .map(|e| (self.dir.join(MANIFEST_FILE), e));
+        let mut errors: Vec<_> = manifest_error
+            .into_iter()
+            .chain(state.by_path.iter().filter_map(|(path, (_, loaded))| {
                 loaded.as_ref().err().map(|e| (path.clone(), e.clone()))
-            })
+            }))
             .collect();
         errors.sort();
         errors
@@ -234,10 +293,19 @@ impl ToolRegistry {
             next.insert(path, (signature, entry));
         }
         let by_name = index_by_name(&mut next);
+        let (defaults, manifest_error) = match read_manifest(&self.dir) {
+            Ok(defaults) => (defaults, None),
+            Err(error) => {
+                tracing::warn!(%error, "ignoring the tools manifest");
+                (BTreeMap::new(), Some(error))
+            }
+        };
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         *state = RegistryState {
             by_name,
             by_path: next,
+            defaults,
+            manifest_error,
         };
     }
 

@@ -12,8 +12,9 @@
 //!   the WIT `error-kind`.
 //! - [`describe`] and [`invoke`] are what the exports do, callable on the host so a tool's
 //!   JSON interface can be tested with `cargo test`.
-//! - [`workspace`] holds the path rules shared by file tools: the session workspace is
-//!   preopened at `/workspace` and nothing else of the host is visible.
+//! - [`workspace`] holds the path rules shared by file tools (the session workspace is
+//!   preopened at `/workspace` and nothing else of the host is visible), root-parameterised
+//!   variants for testing on the host, and a directory walk that never follows symlinks.
 //!
 //! A complete tool:
 //!
