@@ -83,6 +83,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(tools_dir) = args.tools_dir {
         config.tools_dir = tools_dir;
     }
+    raise_open_file_limit();
     // Probe before the runtime starts threads, so the probe's fork happens in
     // a single-threaded process.
     let host = probe_host();
@@ -107,6 +108,22 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("sandboxd stopped");
         anyhow::Ok(())
     })
+}
+
+/// Each running invocation holds a few descriptors (its workspace preopen,
+/// streams); the default soft limit of 1024 would cap concurrency long before
+/// the instance pool does, so take the hard limit.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
+    }
 }
 
 async fn shutdown_signal() {

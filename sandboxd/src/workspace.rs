@@ -82,11 +82,11 @@ pub struct RemovalStats {
     pub bytes: u64,
 }
 
-/// A session workspace on the host.
+/// A session workspace on the host. It holds no open descriptor between
+/// operations, so idle sessions cost no file descriptors.
 #[derive(Debug)]
 pub struct Workspace {
     root: PathBuf,
-    dir: Dir,
     size_cap: u64,
 }
 
@@ -101,12 +101,18 @@ impl Workspace {
         std::fs::create_dir_all(&root).map_err(|e| io("create workspace", e))?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| io("chmod workspace", e))?;
-        let dir = Dir::open_ambient_dir(&root, cap_std::ambient_authority())
-            .map_err(|e| io("open workspace", e))?;
-        Ok(Self {
-            root,
-            dir,
-            size_cap,
+        Ok(Self { root, size_cap })
+    }
+
+    /// Opens the workspace root for beneath-resolution. The root path itself
+    /// is sandboxd's own (under its state dir), so reopening it is safe.
+    fn dir(&self) -> Result<Dir, WorkspaceError> {
+        Dir::open_ambient_dir(&self.root, cap_std::ambient_authority()).map_err(|source| {
+            WorkspaceError::Io {
+                op: "open workspace",
+                path: self.root.display().to_string(),
+                source,
+            }
         })
     }
 
@@ -119,7 +125,8 @@ impl Workspace {
     /// only permission bits are honoured (no setuid, setgid or sticky).
     pub fn write_file(&self, path: &str, content: &[u8], mode: u32) -> Result<u64, WorkspaceError> {
         let rel = checked_relative(path)?;
-        let existing = self.existing_file_size(path, &rel)?;
+        let dir = self.dir()?;
+        let existing = existing_file_size(&dir, path, &rel)?;
         let used = self.usage()?.bytes;
         let content_len = content.len() as u64;
         let would_be = used.saturating_sub(existing).saturating_add(content_len);
@@ -131,20 +138,17 @@ impl Workspace {
             });
         }
         if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
-            self.dir
-                .create_dir_all(parent)
+            dir.create_dir_all(parent)
                 .map_err(|e| classify(path, "create parent directories of", e))?;
         }
-        self.dir
-            .write(&rel, content)
+        dir.write(&rel, content)
             .map_err(|e| classify(path, "write", e))?;
         let mode = if mode == 0 { 0o644 } else { mode & 0o777 };
-        self.dir
-            .set_permissions(
-                &rel,
-                cap_std::fs::Permissions::from_std(std::fs::Permissions::from_mode(mode)),
-            )
-            .map_err(|e| classify(path, "chmod", e))?;
+        dir.set_permissions(
+            &rel,
+            cap_std::fs::Permissions::from_std(std::fs::Permissions::from_mode(mode)),
+        )
+        .map_err(|e| classify(path, "chmod", e))?;
         Ok(content_len)
     }
 
@@ -156,7 +160,10 @@ impl Workspace {
         limit: u64,
     ) -> Result<(Vec<u8>, u64, bool), WorkspaceError> {
         let rel = checked_relative(path)?;
-        let file = self.dir.open(&rel).map_err(|e| classify(path, "open", e))?;
+        let file = self
+            .dir()?
+            .open(&rel)
+            .map_err(|e| classify(path, "open", e))?;
         let size = file
             .metadata()
             .map_err(|e| classify(path, "stat", e))?
@@ -181,7 +188,6 @@ impl Workspace {
     /// Deletes the workspace and everything in it.
     pub fn remove(self) -> Result<RemovalStats, WorkspaceError> {
         let stats = self.usage()?;
-        drop(self.dir);
         // std's remove_dir_all never follows symlinks, so a planted link to a
         // host directory is unlinked, not recursed into.
         std::fs::remove_dir_all(&self.root).map_err(|source| WorkspaceError::Io {
@@ -191,14 +197,14 @@ impl Workspace {
         })?;
         Ok(stats)
     }
+}
 
-    fn existing_file_size(&self, path: &str, rel: &Path) -> Result<u64, WorkspaceError> {
-        match self.dir.symlink_metadata(rel) {
-            Ok(meta) if meta.is_file() => Ok(meta.len()),
-            Ok(_) => Ok(0),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(classify(path, "stat", e)),
-        }
+fn existing_file_size(dir: &Dir, path: &str, rel: &Path) -> Result<u64, WorkspaceError> {
+    match dir.symlink_metadata(rel) {
+        Ok(meta) if meta.is_file() => Ok(meta.len()),
+        Ok(_) => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(classify(path, "stat", e)),
     }
 }
 

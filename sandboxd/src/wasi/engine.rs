@@ -38,7 +38,8 @@ pub fn build_engine(limits: EngineLimits) -> Result<Engine, WasiError> {
         .max_tables_per_component(8)
         .max_memory_size(usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX))
         // Keep a little of each memory resident between uses so a warm slot
-        // does not fault in its first pages again.
+        // does not fault in its first pages again. (1 MiB measured no better
+        // and makes every slot reset a 1 MiB memset.)
         .linear_memory_keep_resident(64 << 10);
 
     let mut config = Config::new();
