@@ -3,12 +3,29 @@
 //! ```toml
 //! name = "demo"
 //! description = "Writes a note, lists the directory, reads the note back."
-//! provider = "scripted"          # "openai" and "anthropic" are not implemented yet
+//! provider = "scripted"          # "scripted", "openai" or "anthropic"
 //! model = "scripted-demo"
 //! script = "demo.script.toml"    # scripted provider only; relative to this file
+//! # base-url = "http://127.0.0.1:8000/v1"  # network providers: overrides the control plane's
+//! # api-key-env = "VLLM_API_KEY"           # network providers: variable holding the key
+//! # max-tokens-per-turn = 4096             # output-token cap of one model call
 //! system-prompt = "You are a careful assistant."
 //! tools = ["write_file", "list_dir", "read_file"]
 //! max-turns = 20                 # default 20
+//!
+//! [budget]                       # every limit optional; StartSession may lower them
+//! max-tool-calls = 50
+//! max-input-tokens = 200000
+//! max-output-tokens = 20000
+//! max-cost-usd = 1.50            # needs a [prices."<model>"] entry in the control-plane config
+//! max-wall-clock = "30m"
+//!
+//! [policy]                       # see the `policy` module
+//! default = "allow"
+//! [[policy.rule]]
+//! tool = "write_file"
+//! when = { path = "secrets/*" }
+//! verdict = "deny"
 //!
 //! [sandbox]
 //! workspace-size-limit-bytes = 16777216   # 0 or absent: sandboxd's default
@@ -30,7 +47,10 @@ use harness_proto::control::v1 as control;
 use harness_proto::sandbox::v1 as sandbox;
 use serde::Deserialize;
 
+use crate::budget::ModelPrice;
+use crate::policy::{Policy, PolicyError, PolicySettings};
 use crate::provider::ModelProvider;
+use crate::provider::factory::{FactoryError, ProviderFactory};
 use crate::provider::scripted::{ScriptError, ScriptedProvider};
 
 /// Turn limit of an agent that does not set `max-turns`.
@@ -39,14 +59,14 @@ pub const DEFAULT_MAX_TURNS: u32 = 20;
 const SCRIPT_SUFFIX: &str = ".script.toml";
 
 /// The model provider an agent uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     /// Replies read from a script file (tests, offline demo).
     Scripted,
-    /// OpenAI-compatible Chat Completions. Not implemented yet.
+    /// OpenAI-compatible Chat Completions.
     Openai,
-    /// Anthropic Messages. Not implemented yet.
+    /// Anthropic Messages.
     Anthropic,
 }
 
@@ -108,6 +128,9 @@ struct AgentFile {
     provider: ProviderKind,
     model: String,
     script: Option<PathBuf>,
+    base_url: Option<String>,
+    api_key_env: Option<String>,
+    max_tokens_per_turn: Option<u32>,
     #[serde(default)]
     system_prompt: String,
     #[serde(default)]
@@ -115,7 +138,23 @@ struct AgentFile {
     #[serde(default = "default_max_turns")]
     max_turns: u32,
     #[serde(default)]
+    budget: BudgetSettings,
+    #[serde(default)]
+    policy: PolicySettings,
+    #[serde(default)]
     sandbox: SandboxSettings,
+}
+
+/// The `[budget]` table: session limits besides `max-turns`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct BudgetSettings {
+    max_tool_calls: Option<u32>,
+    max_input_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    max_cost_usd: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    max_wall_clock: Option<Duration>,
 }
 
 fn default_max_turns() -> u32 {
@@ -123,7 +162,7 @@ fn default_max_turns() -> u32 {
 }
 
 /// A validated agent definition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentDefinition {
     /// Unique name.
     pub name: String,
@@ -135,12 +174,21 @@ pub struct AgentDefinition {
     pub model: String,
     /// Scripted replies (scripted provider), resolved against the agent file's directory.
     pub script: Option<PathBuf>,
+    /// Network providers: base URL overriding the control plane's.
+    pub base_url: Option<String>,
+    /// Network providers: the environment variable holding the API key.
+    pub api_key_env: Option<String>,
+    /// Output-token cap of one model call.
+    pub max_tokens_per_turn: Option<u32>,
     /// The system prompt.
     pub system_prompt: String,
     /// Tools the agent may call, in the order they are shown to the model.
     pub tools: Vec<String>,
-    /// Model turns before the session stops with `MAX_TURNS`.
-    pub max_turns: u32,
+    /// Its default budget (`max-turns` plus the `[budget]` table); cost in
+    /// micro-dollars.
+    pub budget: control::BudgetLimits,
+    /// Tool-call policy.
+    pub policy: PolicySettings,
     /// Sandbox policy of its sessions.
     pub sandbox: SandboxSettings,
     /// The file it was loaded from.
@@ -156,27 +204,43 @@ impl AgentDefinition {
             provider: self.provider.as_str().to_owned(),
             model: self.model.clone(),
             tools: self.tools.clone(),
-            budget: Some(self.budget()),
+            budget: Some(self.budget),
             subagents: Vec::new(),
-        }
-    }
-
-    /// The agent's default budget.
-    pub fn budget(&self) -> control::BudgetLimits {
-        control::BudgetLimits {
-            max_turns: Some(self.max_turns),
-            ..Default::default()
         }
     }
 }
 
-/// A runnable agent: its definition and its model provider.
+/// A runnable agent: its definition, model provider, policy and price.
 #[derive(Debug, Clone)]
 pub struct Agent {
     /// The definition.
     pub definition: AgentDefinition,
     /// The provider answering its model calls.
     pub provider: Arc<dyn ModelProvider>,
+    /// The compiled tool-call policy.
+    pub policy: Policy,
+    /// The model's price, if the control plane has one.
+    pub price: Option<ModelPrice>,
+}
+
+impl Agent {
+    /// An agent from a definition and a provider (tests, embedding); the
+    /// policy is compiled from the definition, and there is no price.
+    pub fn new(
+        definition: AgentDefinition,
+        provider: Arc<dyn ModelProvider>,
+    ) -> Result<Self, AgentError> {
+        let policy = Policy::new(&definition.policy).map_err(|source| AgentError::Policy {
+            file: definition.source.clone(),
+            source,
+        })?;
+        Ok(Self {
+            definition,
+            provider,
+            policy,
+            price: None,
+        })
+    }
 }
 
 /// Why the agents could not be loaded.
@@ -217,16 +281,25 @@ pub enum AgentError {
         /// What is wrong.
         problem: String,
     },
-    /// The agent names a provider that is not implemented yet.
-    #[error(
-        "agent file {file}: provider \"{}\" is not implemented yet (only \"scripted\" is)",
-        provider.as_str()
-    )]
-    ProviderNotImplemented {
+    /// The agent's network provider could not be set up.
+    #[error("agent file {file}: cannot set up provider \"{}\"", provider.as_str())]
+    Provider {
         /// The agent file.
         file: PathBuf,
         /// The provider it asks for.
         provider: ProviderKind,
+        /// Why.
+        #[source]
+        source: FactoryError,
+    },
+    /// The agent's policy does not compile.
+    #[error("agent file {file}: bad policy")]
+    Policy {
+        /// The agent file.
+        file: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: PolicyError,
     },
     /// The agent's script could not be loaded.
     #[error("agent file {file}: bad script")]
@@ -256,11 +329,12 @@ pub struct AgentCatalog {
 }
 
 impl AgentCatalog {
-    /// Loads every agent file of `dir` (see the module docs for the format).
-    pub fn load_dir(dir: &Path) -> Result<Self, AgentError> {
+    /// Loads every agent file of `dir` (see the module docs for the format),
+    /// with network providers and prices from `providers`.
+    pub fn load_dir(dir: &Path, providers: &mut ProviderFactory) -> Result<Self, AgentError> {
         let mut catalog = Self::default();
         for file in agent_files(dir)? {
-            catalog.insert(load_agent_file(&file)?)?;
+            catalog.insert(load_agent_file(&file, providers)?)?;
         }
         Ok(catalog)
     }
@@ -330,7 +404,7 @@ fn agent_files(dir: &Path) -> Result<Vec<PathBuf>, AgentError> {
 }
 
 /// Loads and validates one agent file, including its provider.
-pub fn load_agent_file(file: &Path) -> Result<Agent, AgentError> {
+pub fn load_agent_file(file: &Path, providers: &mut ProviderFactory) -> Result<Agent, AgentError> {
     let text = std::fs::read_to_string(file).map_err(|source| AgentError::Read {
         file: file.to_owned(),
         source,
@@ -340,11 +414,20 @@ pub fn load_agent_file(file: &Path) -> Result<Agent, AgentError> {
         source: Box::new(source),
     })?;
     let definition = validate(parsed, file)?;
-    let provider = build_provider(&definition)?;
-    Ok(Agent {
-        definition,
-        provider,
-    })
+    let provider = build_provider(&definition, providers)?;
+    let price = providers.price(&definition.model);
+    if definition.budget.max_cost_micros.is_some() && price.is_none() {
+        return Err(AgentError::Invalid {
+            file: file.to_owned(),
+            problem: format!(
+                "budget.max-cost-usd needs a price for model \"{}\" in the control plane's [prices] table",
+                definition.model
+            ),
+        });
+    }
+    let mut agent = Agent::new(definition, provider)?;
+    agent.price = price;
+    Ok(agent)
 }
 
 fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentError> {
@@ -361,6 +444,16 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
     if let Some(duplicate) = first_duplicate(&parsed.tools) {
         return Err(invalid(format!("tool \"{duplicate}\" is listed twice")));
     }
+    let max_cost_micros = match parsed.budget.max_cost_usd {
+        Some(usd) if !usd.is_finite() || usd < 0.0 => {
+            return Err(invalid(
+                "budget.max-cost-usd must be zero or more".to_owned(),
+            ));
+        }
+        // Whole micro-dollars; far below any real price granularity.
+        Some(usd) => Some((usd * 1e6).round() as u64),
+        None => None,
+    };
     let base = file.parent().unwrap_or(Path::new("."));
     Ok(AgentDefinition {
         name: parsed.name,
@@ -368,9 +461,23 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
         provider: parsed.provider,
         model: parsed.model,
         script: parsed.script.map(|script| base.join(script)),
+        base_url: parsed.base_url,
+        api_key_env: parsed.api_key_env,
+        max_tokens_per_turn: parsed.max_tokens_per_turn,
         system_prompt: parsed.system_prompt,
         tools: parsed.tools,
-        max_turns: parsed.max_turns,
+        budget: control::BudgetLimits {
+            max_turns: Some(parsed.max_turns),
+            max_tool_calls: parsed.budget.max_tool_calls,
+            max_input_tokens: parsed.budget.max_input_tokens,
+            max_output_tokens: parsed.budget.max_output_tokens,
+            max_cost_micros,
+            max_wall_clock: parsed
+                .budget
+                .max_wall_clock
+                .map(harness_proto::duration_to_proto),
+        },
+        policy: parsed.policy,
         sandbox: parsed.sandbox,
         source: file.to_owned(),
     })
@@ -384,7 +491,10 @@ fn first_duplicate(names: &[String]) -> Option<&str> {
         .map(|(_, name)| name.as_str())
 }
 
-fn build_provider(definition: &AgentDefinition) -> Result<Arc<dyn ModelProvider>, AgentError> {
+fn build_provider(
+    definition: &AgentDefinition,
+    providers: &mut ProviderFactory,
+) -> Result<Arc<dyn ModelProvider>, AgentError> {
     let file = &definition.source;
     match definition.provider {
         ProviderKind::Scripted => {
@@ -402,12 +512,17 @@ fn build_provider(definition: &AgentDefinition) -> Result<Arc<dyn ModelProvider>
                 })?;
             Ok(Arc::new(provider))
         }
-        provider @ (ProviderKind::Openai | ProviderKind::Anthropic) => {
-            Err(AgentError::ProviderNotImplemented {
+        provider @ (ProviderKind::Openai | ProviderKind::Anthropic) => providers
+            .network(
+                provider,
+                definition.base_url.as_deref(),
+                definition.api_key_env.as_deref(),
+            )
+            .map_err(|source| AgentError::Provider {
                 file: file.clone(),
                 provider,
-            })
-        }
+                source,
+            }),
     }
 }
 
@@ -415,7 +530,29 @@ fn build_provider(definition: &AgentDefinition) -> Result<Arc<dyn ModelProvider>
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::config::ProvidersConfig;
+
+    fn providers() -> ProviderFactory {
+        let prices = BTreeMap::from([(
+            "priced".to_owned(),
+            ModelPrice {
+                input_usd_per_mtok: 1.0,
+                cached_input_usd_per_mtok: None,
+                output_usd_per_mtok: 2.0,
+            },
+        )]);
+        ProviderFactory::with_env(ProvidersConfig::default(), prices, Box::new(|_: &str| None))
+    }
+
+    fn limits(max_turns: u32) -> control::BudgetLimits {
+        control::BudgetLimits {
+            max_turns: Some(max_turns),
+            ..Default::default()
+        }
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let path = dir.join(name);
@@ -426,7 +563,7 @@ mod tests {
     #[test]
     fn shipped_agents_dir_loads_the_demo_agent() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("agents");
-        let catalog = AgentCatalog::load_dir(&dir).expect("shipped agents load");
+        let catalog = AgentCatalog::load_dir(&dir, &mut providers()).expect("shipped agents load");
         let names: Vec<&str> = catalog
             .agents()
             .map(|agent| agent.definition.name.as_str())
@@ -443,6 +580,9 @@ mod tests {
                 provider: ProviderKind::Scripted,
                 model: "scripted-demo".to_owned(),
                 script: Some(dir.join("demo.script.toml")),
+                base_url: None,
+                api_key_env: None,
+                max_tokens_per_turn: None,
                 system_prompt: "You are a careful assistant working in a sandboxed workspace. \
                                 Use the tools to act, then report what you did."
                     .to_owned(),
@@ -451,7 +591,8 @@ mod tests {
                     "list_dir".to_owned(),
                     "read_file".to_owned()
                 ],
-                max_turns: 10,
+                budget: limits(10),
+                policy: PolicySettings::default(),
                 sandbox: SandboxSettings {
                     workspace_size_limit_bytes: 16 * 1024 * 1024,
                     invocation_timeout: Some(Duration::from_secs(30)),
@@ -471,7 +612,7 @@ mod tests {
             "mini.toml",
             "name = \"mini\"\nprovider = \"scripted\"\nmodel = \"m\"\nscript = \"mini.script.toml\"\n",
         );
-        let agent = load_agent_file(&file).unwrap();
+        let agent = load_agent_file(&file, &mut providers()).unwrap();
         assert_eq!(
             agent.definition,
             AgentDefinition {
@@ -480,9 +621,13 @@ mod tests {
                 provider: ProviderKind::Scripted,
                 model: "m".to_owned(),
                 script: Some(dir.path().join("mini.script.toml")),
+                base_url: None,
+                api_key_env: None,
+                max_tokens_per_turn: None,
                 system_prompt: String::new(),
                 tools: Vec::new(),
-                max_turns: DEFAULT_MAX_TURNS,
+                budget: limits(DEFAULT_MAX_TURNS),
+                policy: PolicySettings::default(),
                 sandbox: SandboxSettings::default(),
                 source: file,
             }
@@ -490,18 +635,105 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_provider_is_a_clear_error_naming_the_file() {
+    fn a_network_agent_loads_with_budget_policy_and_price() {
         let dir = tempfile::tempdir().unwrap();
         let file = write(
             dir.path(),
             "gpt.toml",
-            "name = \"gpt\"\nprovider = \"openai\"\nmodel = \"gpt-4o\"\n",
+            r#"
+            name = "gpt"
+            provider = "openai"
+            model = "priced"
+            base-url = "http://127.0.0.1:9/v1"
+            max-tokens-per-turn = 512
+            tools = ["exec"]
+            max-turns = 7
+
+            [budget]
+            max-tool-calls = 12
+            max-input-tokens = 1000
+            max-output-tokens = 200
+            max-cost-usd = 0.25
+            max-wall-clock = "90s"
+
+            [policy]
+            default = "ask"
+            approval-timeout = "5m"
+            [[policy.rule]]
+            tool = "exec"
+            when = { command = "cargo test*" }
+            verdict = "allow"
+            "#,
         );
-        let error = AgentCatalog::load_dir(dir.path()).unwrap_err();
+        let agent = load_agent_file(&file, &mut providers()).unwrap();
+        assert_eq!(
+            agent.definition.budget,
+            control::BudgetLimits {
+                max_turns: Some(7),
+                max_tool_calls: Some(12),
+                max_input_tokens: Some(1000),
+                max_output_tokens: Some(200),
+                max_cost_micros: Some(250_000),
+                max_wall_clock: Some(harness_proto::duration_to_proto(Duration::from_secs(90))),
+            }
+        );
+        assert_eq!(
+            (
+                agent.definition.base_url.as_deref(),
+                agent.definition.max_tokens_per_turn
+            ),
+            (Some("http://127.0.0.1:9/v1"), Some(512))
+        );
+        assert_eq!(
+            agent.price.map(|price| price.output_usd_per_mtok),
+            Some(2.0)
+        );
+        let decision = agent.policy.decide(
+            "gpt",
+            &agent.definition.tools,
+            "exec",
+            &serde_json::json!({"command": "rm x"}),
+        );
+        assert_eq!(decision.verdict, crate::policy::Verdict::Ask);
+        assert_eq!(
+            agent.policy.approval_timeout,
+            Some(Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn a_cost_budget_without_a_price_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            "gpt.toml",
+            "name = \"gpt\"\nprovider = \"anthropic\"\nmodel = \"unpriced\"\n[budget]\nmax-cost-usd = 1.0\n",
+        );
+        let error = AgentCatalog::load_dir(dir.path(), &mut providers()).unwrap_err();
         assert_eq!(
             error.to_string(),
             format!(
-                "agent file {}: provider \"openai\" is not implemented yet (only \"scripted\" is)",
+                "invalid agent file {}: budget.max-cost-usd needs a price for model \"unpriced\" in the control plane's [prices] table",
+                file.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_bad_policy_pattern_names_the_file_and_the_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "s.script.toml", "[[turn]]\ntext = \"hi\"\n");
+        let file = write(
+            dir.path(),
+            "a.toml",
+            "name = \"a\"\nprovider = \"scripted\"\nmodel = \"m\"\nscript = \"s.script.toml\"\n\
+             [[policy.rule]]\ntool = \"[x\"\nverdict = \"deny\"\n",
+        );
+        let error = AgentCatalog::load_dir(dir.path(), &mut providers()).unwrap_err();
+        assert_eq!(
+            crate::error_report::error_chain(&error),
+            format!(
+                "agent file {}: bad policy: policy.rule[0]: bad pattern \"[x\": error parsing glob '[x': unclosed character class; missing ']'",
                 file.display()
             )
         );
@@ -515,7 +747,7 @@ mod tests {
             "typo.toml",
             "name = \"t\"\nprovider = \"scripted\"\nmodel = \"m\"\nmax_turns = 3\n",
         );
-        let error = AgentCatalog::load_dir(dir.path()).unwrap_err();
+        let error = AgentCatalog::load_dir(dir.path(), &mut providers()).unwrap_err();
         assert_eq!(
             error.to_string(),
             format!("invalid agent file {}", file.display())
@@ -532,7 +764,7 @@ mod tests {
             "a.toml",
             "name = \"a\"\nprovider = \"scripted\"\nmodel = \"m\"\nscript = \"gone.script.toml\"\n",
         );
-        let error = AgentCatalog::load_dir(dir.path()).unwrap_err();
+        let error = AgentCatalog::load_dir(dir.path(), &mut providers()).unwrap_err();
         assert_eq!(
             error.to_string(),
             format!("agent file {}: bad script", file.display())
@@ -555,7 +787,7 @@ mod tests {
             "name = \"same\"\nprovider = \"scripted\"\nmodel = \"m\"\nscript = \"s.script.toml\"\n";
         let first = write(dir.path(), "a.toml", body);
         let second = write(dir.path(), "b.toml", body);
-        let error = AgentCatalog::load_dir(dir.path()).unwrap_err();
+        let error = AgentCatalog::load_dir(dir.path(), &mut providers()).unwrap_err();
         assert_eq!(
             error.to_string(),
             format!(

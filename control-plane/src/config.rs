@@ -4,13 +4,19 @@
 //! optional and command-line flags override the file. See
 //! `control-plane/control-plane.sample.toml` for an annotated example.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::budget::ModelPrice;
+use crate::provider::circuit::BreakerSettings;
+use crate::provider::http::HttpSettings;
+use crate::provider::retry::RetryPolicy;
+
 /// Settings of one control-plane process.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct ControlPlaneConfig {
     /// Where the gRPC API listens: `unix:/path/to.sock` for a Unix socket, or
@@ -36,6 +42,124 @@ pub struct ControlPlaneConfig {
     /// results are still recorded in the order the model asked for them.
     /// Default: 4.
     pub max_parallel_tool_calls: usize,
+    /// How hard SQLite works to keep each committed event: `"normal"` (the
+    /// default) survives any crash of the control-plane process — SIGKILL,
+    /// OOM kill, panic — because WAL commits reach the OS before the loop
+    /// moves on; an operating-system crash or power loss may lose the last
+    /// moments (the database stays consistent). `"full"` also survives those
+    /// by syncing the disk on every commit, which costs one disk flush per
+    /// step (concurrent sessions share flushes through group commit).
+    pub sqlite_synchronous: SqliteSynchronous,
+    /// Settings of the OpenAI-compatible provider (`[providers.openai]`).
+    /// Base URL default: `$OPENAI_BASE_URL`, else `https://api.openai.com/v1`;
+    /// key: the variable named by `api-key-env` (default `OPENAI_API_KEY`).
+    pub providers: ProvidersConfig,
+    /// Prices per model name, for cost budgets:
+    /// `[prices."gpt-4o-mini"] input-usd-per-mtok = 0.15, output-usd-per-mtok = 0.6`
+    /// (and optionally `cached-input-usd-per-mtok`). A model without a price
+    /// costs 0, and an agent with a cost budget must have one.
+    pub prices: BTreeMap<String, ModelPrice>,
+}
+
+/// `sqlite-synchronous`: see [`ControlPlaneConfig::sqlite_synchronous`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    /// WAL commits without a disk flush: survives process crashes.
+    #[default]
+    Normal,
+    /// A disk flush per commit: also survives power loss.
+    Full,
+}
+
+/// The `[providers]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    /// `[providers.openai]`: OpenAI and compatible servers.
+    pub openai: ProviderConfig,
+    /// `[providers.anthropic]`: Anthropic Messages. Base URL default:
+    /// `$ANTHROPIC_BASE_URL`, else `https://api.anthropic.com`; key variable
+    /// default `ANTHROPIC_API_KEY`.
+    pub anthropic: ProviderConfig,
+}
+
+/// One provider's endpoint, timeouts, retries and circuit breaker. An agent
+/// file may override `base-url` and `api-key-env`; each distinct endpoint has
+/// its own circuit breaker.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// Base URL; absent: the provider's environment variable, else its public API.
+    pub base_url: Option<String>,
+    /// Environment variable holding the API key; absent: the provider's usual
+    /// one. No key set means no credential is sent (fine for local servers).
+    pub api_key_env: Option<String>,
+    /// Attempts per model call, including the first. Default: 4.
+    pub max_attempts: u32,
+    /// Backoff before the first retry (doubling, with full jitter). Default: "500ms".
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Longest backoff. Default: "20s".
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Longest `Retry-After` honoured; longer fails the call. Default: "60s".
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// Connect timeout. Default: "10s".
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for the response headers. Default: "120s".
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Longest silence inside a stream. Default: "120s".
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Consecutive failed attempts that open the circuit breaker. Default: 5.
+    pub circuit_breaker_threshold: u32,
+    /// How long an open breaker refuses requests. Default: "30s".
+    #[serde(with = "humantime_serde")]
+    pub circuit_breaker_cooldown: Duration,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        let http = HttpSettings::default();
+        Self {
+            base_url: None,
+            api_key_env: None,
+            max_attempts: http.retry.max_attempts,
+            initial_backoff: http.retry.initial_backoff,
+            max_backoff: http.retry.max_backoff,
+            max_retry_after: http.retry.max_retry_after,
+            connect_timeout: http.connect_timeout,
+            response_timeout: http.response_timeout,
+            idle_timeout: http.idle_timeout,
+            circuit_breaker_threshold: http.breaker.failure_threshold,
+            circuit_breaker_cooldown: http.breaker.cooldown,
+        }
+    }
+}
+
+impl ProviderConfig {
+    /// The HTTP client settings.
+    pub fn http_settings(&self) -> HttpSettings {
+        HttpSettings {
+            connect_timeout: self.connect_timeout,
+            response_timeout: self.response_timeout,
+            idle_timeout: self.idle_timeout,
+            retry: RetryPolicy {
+                max_attempts: self.max_attempts,
+                initial_backoff: self.initial_backoff,
+                max_backoff: self.max_backoff,
+                max_retry_after: self.max_retry_after,
+            },
+            breaker: BreakerSettings {
+                failure_threshold: self.circuit_breaker_threshold,
+                cooldown: self.circuit_breaker_cooldown,
+            },
+        }
+    }
 }
 
 impl Default for ControlPlaneConfig {
@@ -47,6 +171,9 @@ impl Default for ControlPlaneConfig {
             agents_dir: PathBuf::from("/etc/harness/agents"),
             tool_timeout: Duration::from_secs(60),
             max_parallel_tool_calls: 4,
+            sqlite_synchronous: SqliteSynchronous::Normal,
+            providers: ProvidersConfig::default(),
+            prices: BTreeMap::new(),
         }
     }
 }
@@ -113,6 +240,29 @@ impl ControlPlaneConfig {
         if self.tool_timeout.is_zero() {
             return Err("tool-timeout must be longer than zero".to_owned());
         }
+        for (name, provider) in [
+            ("openai", &self.providers.openai),
+            ("anthropic", &self.providers.anthropic),
+        ] {
+            if provider.max_attempts == 0 {
+                return Err(format!("providers.{name}.max-attempts must be at least 1"));
+            }
+            if provider.circuit_breaker_threshold == 0 {
+                return Err(format!(
+                    "providers.{name}.circuit-breaker-threshold must be at least 1"
+                ));
+            }
+        }
+        for (model, price) in &self.prices {
+            let prices = [
+                price.input_usd_per_mtok,
+                price.output_usd_per_mtok,
+                price.cached_input_usd_per_mtok.unwrap_or(0.0),
+            ];
+            if prices.iter().any(|usd| !usd.is_finite() || *usd < 0.0) {
+                return Err(format!("prices.\"{model}\": prices must be zero or more"));
+            }
+        }
         Ok(())
     }
 }
@@ -137,6 +287,37 @@ mod tests {
                 agents_dir: PathBuf::from("/etc/harness/agents"),
                 tool_timeout: Duration::from_secs(90),
                 max_parallel_tool_calls: 8,
+                sqlite_synchronous: SqliteSynchronous::Full,
+                providers: ProvidersConfig {
+                    openai: ProviderConfig {
+                        base_url: Some("http://127.0.0.1:8000/v1".to_owned()),
+                        api_key_env: Some("VLLM_API_KEY".to_owned()),
+                        max_attempts: 5,
+                        ..ProviderConfig::default()
+                    },
+                    anthropic: ProviderConfig {
+                        circuit_breaker_cooldown: Duration::from_secs(60),
+                        ..ProviderConfig::default()
+                    },
+                },
+                prices: BTreeMap::from([
+                    (
+                        "claude-sonnet-4-5".to_owned(),
+                        ModelPrice {
+                            input_usd_per_mtok: 3.0,
+                            cached_input_usd_per_mtok: Some(0.3),
+                            output_usd_per_mtok: 15.0,
+                        }
+                    ),
+                    (
+                        "gpt-4o-mini".to_owned(),
+                        ModelPrice {
+                            input_usd_per_mtok: 0.15,
+                            cached_input_usd_per_mtok: Some(0.075),
+                            output_usd_per_mtok: 0.6,
+                        }
+                    ),
+                ]),
             }
         );
     }
@@ -155,6 +336,16 @@ mod tests {
         assert_eq!(error.to_string(), "invalid config file /etc/cp.toml");
         let source = std::error::Error::source(&error).unwrap().to_string();
         assert!(source.contains("listn"), "{source}");
+    }
+
+    #[test]
+    fn negative_prices_are_rejected() {
+        let text = "[prices.m]\ninput-usd-per-mtok = -1.0\noutput-usd-per-mtok = 1.0\n";
+        let error = ControlPlaneConfig::parse(text, Path::new("cp.toml")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid config file cp.toml: prices.\"m\": prices must be zero or more"
+        );
     }
 
     #[test]

@@ -43,7 +43,8 @@ pub fn apply_to_usage(usage: &mut BudgetUsage, kind: &Kind) {
                 usage.cost_micros = usage.cost_micros.saturating_add(turn_usage.cost_micros);
             }
         }
-        Kind::ToolCallRequested(_) => usage.tool_calls = usage.tool_calls.saturating_add(1),
+        // A call counts once it is dispatched: denied and invalid calls cost nothing.
+        Kind::ToolStarted(_) => usage.tool_calls = usage.tool_calls.saturating_add(1),
         Kind::Finished(finished) => {
             if let Some(wall_clock) = finished.usage.as_ref().and_then(|u| u.wall_clock) {
                 usage.wall_clock = Some(wall_clock);
@@ -77,7 +78,7 @@ pub fn outcome_of(kind: &Kind) -> Option<(StopReason, &str)> {
 #[cfg(test)]
 mod tests {
     use harness_proto::control::v1::{
-        SessionFinished, ToolCallRequested, TurnCompleted, TurnUsage,
+        SessionFinished, ToolCallRequested, ToolStarted, TurnCompleted, TurnUsage,
     };
 
     use super::*;
@@ -100,6 +101,7 @@ mod tests {
             &mut usage,
             &Kind::ToolCallRequested(ToolCallRequested::default()),
         );
+        apply_to_usage(&mut usage, &Kind::ToolStarted(ToolStarted::default()));
         let wall_clock = prost_types::Duration {
             seconds: 3,
             nanos: 0,

@@ -17,7 +17,8 @@ use harness_proto::control::v1::{SessionEvent, SessionStatus};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::store::{EventStore, StoreError};
+use crate::crash_hook;
+use crate::store::{EventStore, NewEvent, StepRecord, StoreError};
 
 /// Events read from the store per query while catching up.
 const READ_BATCH: usize = 256;
@@ -81,15 +82,34 @@ impl EventLog {
         turn: u32,
         kind: Kind,
     ) -> Result<SessionEvent, StoreError> {
-        let event = self
-            .store
-            .append_event(session_id.to_owned(), turn, kind)
+        let mut events = self
+            .append_batch(session_id, vec![NewEvent::new(turn, kind)], Vec::new())
             .await?;
-        let watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(sender) = watchers.get(session_id) {
-            sender.send_replace(event.seq);
+        events
+            .pop()
+            .ok_or_else(|| StoreError::UnknownSession(session_id.to_owned()))
+    }
+
+    /// Appends events and step records durably in one transaction, then
+    /// wakes the session's followers.
+    pub async fn append_batch(
+        &self,
+        session_id: &str,
+        events: Vec<NewEvent>,
+        steps: Vec<StepRecord>,
+    ) -> Result<Vec<SessionEvent>, StoreError> {
+        let stored = self
+            .store
+            .append_events(session_id.to_owned(), events, steps)
+            .await?;
+        if let (Some(first), Some(last)) = (stored.first(), stored.last()) {
+            crash_hook::events_committed(first.seq, last.seq);
+            let watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(sender) = watchers.get(session_id) {
+                sender.send_replace(last.seq);
+            }
         }
-        Ok(event)
+        Ok(stored)
     }
 
     /// Streams the session's events with `seq > after_seq` in order, then live

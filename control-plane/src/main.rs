@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -15,6 +16,12 @@ use harness_control_plane::{server, transport};
 use harness_proto::control::v1 as control;
 use harness_proto::control::v1::control_service_client::ControlServiceClient;
 use tonic::transport::Channel;
+
+/// Every event crosses threads (a session's task allocates it, the SQLite
+/// writer thread frees it); glibc's allocator serialises such frees on its
+/// arena locks, mimalloc does not (see docs/BENCHMARKS.md, control-plane).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,11 +60,15 @@ enum Command {
         /// Idempotency key: repeating it returns the same session.
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// Lower the agent's limits for this session (never raise them).
+        #[command(flatten)]
+        budget: BudgetArgs,
         /// Print the session's events until it finishes.
         #[arg(long)]
         follow: bool,
     },
-    /// Print a session's events as a transcript.
+    /// Print a session's events as a transcript, one line each: those
+    /// recorded so far, or with --follow until it finishes.
     Events {
         #[command(flatten)]
         client: ClientArgs,
@@ -66,6 +77,44 @@ enum Command {
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// Keep following until the session finishes, reconnecting (from the
+        /// last event seen) if the control plane restarts.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Allow a tool call that is awaiting approval.
+    Approve {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Session id.
+        session: String,
+        /// The call id (from the approval_requested event).
+        call: String,
+        /// Why (recorded).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Deny a tool call that is awaiting approval; the model is told why.
+    Deny {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Session id.
+        session: String,
+        /// The call id (from the approval_requested event).
+        call: String,
+        /// Why (passed to the model).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Cancel a session; running tool calls are stopped.
+    Cancel {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Session id.
+        session: String,
+        /// Why (recorded in the finished event).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// Show one session.
     Get {
@@ -81,6 +130,10 @@ enum Command {
         /// Only sessions of this agent.
         #[arg(long)]
         agent: Option<String>,
+        /// Only sessions in this status: pending, running, awaiting_approval,
+        /// waiting_for_input or finished.
+        #[arg(long)]
+        status: Option<String>,
         /// Maximum sessions to show.
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -90,6 +143,44 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// Budget overrides of `start`.
+#[derive(Debug, clap::Args)]
+struct BudgetArgs {
+    /// Maximum model turns.
+    #[arg(long)]
+    max_turns: Option<u32>,
+    /// Maximum tool calls.
+    #[arg(long)]
+    max_tool_calls: Option<u32>,
+    /// Maximum input tokens over the session.
+    #[arg(long)]
+    max_input_tokens: Option<u64>,
+    /// Maximum output tokens over the session.
+    #[arg(long)]
+    max_output_tokens: Option<u64>,
+    /// Maximum cost in US dollars.
+    #[arg(long)]
+    max_cost_usd: Option<f64>,
+    /// Maximum wall-clock time, e.g. "10m".
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_wall_clock: Option<Duration>,
+}
+
+impl BudgetArgs {
+    fn to_proto(&self) -> Option<control::BudgetLimits> {
+        let limits = control::BudgetLimits {
+            max_turns: self.max_turns,
+            max_tool_calls: self.max_tool_calls,
+            max_input_tokens: self.max_input_tokens,
+            max_output_tokens: self.max_output_tokens,
+            // Whole micro-dollars.
+            max_cost_micros: self.max_cost_usd.map(|usd| (usd * 1e6).round() as u64),
+            max_wall_clock: self.max_wall_clock.map(harness_proto::duration_to_proto),
+        };
+        (limits != control::BudgetLimits::default()).then_some(limits)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,27 +232,66 @@ async fn main() -> anyhow::Result<()> {
             agent,
             input,
             idempotency_key,
+            budget,
             follow,
         } => {
             let request = control::StartSessionRequest {
                 agent,
                 input,
                 idempotency_key,
+                budget: budget.to_proto(),
                 ..Default::default()
             };
-            start(client.client()?, request, follow).await
+            start(&client, request, follow).await
         }
         Command::Events {
             client,
             session,
             after,
-        } => print_events(&mut client.client()?, session, after).await,
+            follow,
+        } => print_events(&client, session, after, follow).await,
+        Command::Approve {
+            client,
+            session,
+            call,
+            reason,
+        } => {
+            resolve(
+                client.client()?,
+                session,
+                call,
+                reason,
+                control::ApprovalDecision::Allow,
+            )
+            .await
+        }
+        Command::Deny {
+            client,
+            session,
+            call,
+            reason,
+        } => {
+            resolve(
+                client.client()?,
+                session,
+                call,
+                reason,
+                control::ApprovalDecision::Deny,
+            )
+            .await
+        }
+        Command::Cancel {
+            client,
+            session,
+            reason,
+        } => cancel(client.client()?, session, reason).await,
         Command::Get { client, session } => get(client.client()?, session).await,
         Command::List {
             client,
             agent,
+            status,
             limit,
-        } => list(client.client()?, agent, limit).await,
+        } => list(client.client()?, agent, status, limit).await,
         Command::Agents { client } => agents(client.client()?).await,
     }
 }
@@ -215,11 +345,12 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static
 }
 
 async fn start(
-    mut client: ControlServiceClient<Channel>,
+    client_args: &ClientArgs,
     request: control::StartSessionRequest,
     follow: bool,
 ) -> anyhow::Result<()> {
-    let response = client
+    let response = client_args
+        .client()?
         .start_session(request)
         .await
         .map_err(rpc_error("StartSession"))?
@@ -234,31 +365,143 @@ async fn start(
     };
     println!("session {} ({how})", session.session_id);
     if follow {
-        print_events(&mut client, session.session_id, 0).await?;
+        print_events(client_args, session.session_id, 0, true).await?;
     }
     Ok(())
 }
 
+/// How long `events --follow` keeps trying to reconnect.
+const RECONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// Prints events from `after_seq` on: those recorded so far, or with
+/// `follow` every one until the session finishes. A broken stream (the
+/// control plane restarting) is resumed from the last event printed, so the
+/// transcript has no gaps and no repeats.
 async fn print_events(
-    client: &mut ControlServiceClient<Channel>,
+    client_args: &ClientArgs,
     session_id: String,
-    after_seq: u64,
+    mut after_seq: u64,
+    follow: bool,
 ) -> anyhow::Result<()> {
+    let until = if follow {
+        None
+    } else {
+        let session = client_args
+            .client()?
+            .get_session(control::GetSessionRequest {
+                session_id: session_id.clone(),
+            })
+            .await
+            .map_err(rpc_error("GetSession"))?
+            .into_inner()
+            .session
+            .context("GetSession returned no session")?;
+        if session.last_seq <= after_seq {
+            return Ok(());
+        }
+        Some(session.last_seq)
+    };
+    let mut broken_since: Option<std::time::Instant> = None;
+    loop {
+        let before = after_seq;
+        let outcome = stream_once(client_args, &session_id, &mut after_seq, until).await;
+        if after_seq > before {
+            broken_since = None;
+        }
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(status) if follow && reconnectable(&status) => {
+                let since = *broken_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > RECONNECT_FOR {
+                    return Err(rpc_error("StreamEvents")(status));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(status) => return Err(rpc_error("StreamEvents")(status)),
+        }
+    }
+}
+
+fn reconnectable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+    )
+}
+
+/// One StreamEvents call; advances `after_seq` past every event printed and
+/// stops after `until`, if given.
+async fn stream_once(
+    client_args: &ClientArgs,
+    session_id: &str,
+    after_seq: &mut u64,
+    until: Option<u64>,
+) -> Result<(), tonic::Status> {
+    let mut client = client_args
+        .client()
+        .map_err(|error| tonic::Status::invalid_argument(error.to_string()))?;
     let mut events = client
         .stream_events(control::StreamEventsRequest {
-            session_id,
-            after_seq,
-            follow: false,
+            session_id: session_id.to_owned(),
+            after_seq: *after_seq,
+            follow: true,
         })
-        .await
-        .map_err(rpc_error("StreamEvents"))?
+        .await?
         .into_inner();
     while let Some(event) = events.next().await {
-        println!(
-            "{}",
-            render_event(&event.map_err(rpc_error("StreamEvents"))?)
-        );
+        let event = event?;
+        *after_seq = event.seq;
+        println!("{}", render_event(&event));
+        if until.is_some_and(|last| event.seq >= last) {
+            break;
+        }
     }
+    Ok(())
+}
+
+async fn resolve(
+    mut client: ControlServiceClient<Channel>,
+    session_id: String,
+    call_id: String,
+    reason: String,
+    decision: control::ApprovalDecision,
+) -> anyhow::Result<()> {
+    let response = client
+        .resolve_approval(control::ResolveApprovalRequest {
+            session_id,
+            call_id: call_id.clone(),
+            decision: decision.into(),
+            reason,
+        })
+        .await
+        .map_err(rpc_error("ResolveApproval"))?
+        .into_inner();
+    let verb = match decision {
+        control::ApprovalDecision::Allow => "allowed",
+        _ => "denied",
+    };
+    println!("{call_id} {verb} (event #{})", response.seq);
+    Ok(())
+}
+
+async fn cancel(
+    mut client: ControlServiceClient<Channel>,
+    session_id: String,
+    reason: String,
+) -> anyhow::Result<()> {
+    let session = client
+        .cancel_session(control::CancelSessionRequest { session_id, reason })
+        .await
+        .map_err(rpc_error("CancelSession"))?
+        .into_inner()
+        .session
+        .context("CancelSession returned no session")?;
+    println!(
+        "session {}  {}  {}",
+        session.session_id,
+        session_status_label(session.status()),
+        stop_reason_label(session.stop_reason())
+    );
     Ok(())
 }
 
@@ -279,11 +522,13 @@ async fn get(mut client: ControlServiceClient<Channel>, session_id: String) -> a
     println!("updated      {}", optional(session.updated_at));
     println!("events       {}", session.last_seq);
     println!(
-        "usage        turns={} tool_calls={} input_tokens={} output_tokens={} wall_clock={}",
+        "usage        turns={} tool_calls={} input_tokens={} (cached {}) output_tokens={} cost_usd={:.6} wall_clock={}",
         usage.turns,
         usage.tool_calls,
         usage.input_tokens,
+        usage.cached_input_tokens,
         usage.output_tokens,
+        usage.cost_micros as f64 / 1e6,
         optional(usage.wall_clock)
     );
     println!("final output {}", session.final_output);
@@ -293,12 +538,22 @@ async fn get(mut client: ControlServiceClient<Channel>, session_id: String) -> a
 async fn list(
     mut client: ControlServiceClient<Channel>,
     agent: Option<String>,
+    status: Option<String>,
     limit: u32,
 ) -> anyhow::Result<()> {
+    let status = match status {
+        Some(name) => {
+            let full = format!("SESSION_STATUS_{}", name.to_ascii_uppercase());
+            control::SessionStatus::from_str_name(&full)
+                .with_context(|| format!("unknown status {name:?}"))?
+        }
+        None => control::SessionStatus::Unspecified,
+    };
     let response = client
         .list_sessions(control::ListSessionsRequest {
             page_size: limit,
             agent: agent.unwrap_or_default(),
+            status: status.into(),
             ..Default::default()
         })
         .await

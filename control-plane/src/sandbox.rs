@@ -48,6 +48,20 @@ pub enum SandboxError {
     DestroySession(tonic::Status),
 }
 
+impl SandboxError {
+    /// True if sandboxd could not be reached (it may be starting or
+    /// restarting): worth another try.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::CreateSession(status)
+            | Self::ListTools(status)
+            | Self::Invoke(status)
+            | Self::DestroySession(status) => status.code() == tonic::Code::Unavailable,
+            Self::Endpoint(_) | Self::MissingSession | Self::MissingResult => false,
+        }
+    }
+}
+
 /// The sandboxd operations the agent loop needs.
 pub trait SandboxDispatch: Send + Sync + std::fmt::Debug {
     /// Creates a sandbox session; returns its id.
@@ -143,7 +157,10 @@ impl SandboxDispatch for GrpcSandbox {
                     Some(sandbox::invoke_event::Event::Result(result)) => {
                         return Ok(InvocationOutcome { output, result });
                     }
-                    Some(sandbox::invoke_event::Event::Started(_)) | None => {}
+                    Some(sandbox::invoke_event::Event::Started(_)) => {
+                        crate::crash_hook::invoke_acknowledged();
+                    }
+                    None => {}
                 }
             }
             Err(SandboxError::MissingResult)

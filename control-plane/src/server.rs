@@ -35,10 +35,11 @@ use crate::agent::{AgentCatalog, AgentError};
 use crate::agent_loop::{AgentLoop, LoopSettings};
 use crate::config::ControlPlaneConfig;
 use crate::event_log::EventLog;
+use crate::provider::factory::ProviderFactory;
 use crate::sandbox::{GrpcSandbox, SandboxDispatch, SandboxError};
 use crate::service::ControlPlaneService;
 use crate::store::{EventStore, SqliteStore, StoreError};
-use crate::supervisor::{self, SessionSupervisor};
+use crate::supervisor::SessionSupervisor;
 use crate::transport::{AddressError, ListenAddress};
 
 /// Fully-qualified name of the control-plane gRPC service.
@@ -56,8 +57,8 @@ pub enum ServerError {
     /// The sandboxd endpoint is unusable.
     #[error("cannot set up the sandboxd client")]
     Sandbox(#[source] SandboxError),
-    /// Closing sessions left running by a previous process failed.
-    #[error("cannot close sessions interrupted by a restart")]
+    /// Resuming sessions left running by a previous process failed.
+    #[error("cannot resume sessions interrupted by a restart")]
     Recover(#[source] StoreError),
     /// The listen address is unusable.
     #[error("bad listen address")]
@@ -112,12 +113,20 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Loads agents, opens the database, sets up a lazy sandboxd client and
-    /// closes sessions a previous process left unfinished.
+    /// Loads agents (and their model providers), opens the database, sets up
+    /// a lazy sandboxd client and resumes sessions a previous process left
+    /// unfinished.
     pub async fn open(config: &ControlPlaneConfig) -> Result<Self, ServerError> {
-        let agents = AgentCatalog::load_dir(&config.agents_dir).map_err(ServerError::Agents)?;
-        tracing::info!(agents = agents.len(), dir = %config.agents_dir.display(), "agents loaded");
-        let store = SqliteStore::open(&config.database)
+        let mut providers = ProviderFactory::new(config.providers.clone(), config.prices.clone());
+        let agents = AgentCatalog::load_dir(&config.agents_dir, &mut providers)
+            .map_err(ServerError::Agents)?;
+        tracing::info!(
+            agents = agents.len(),
+            dir = %config.agents_dir.display(),
+            endpoints = ?providers.endpoints(),
+            "agents loaded"
+        );
+        let store = SqliteStore::open_with(&config.database, config.sqlite_synchronous)
             .await
             .map_err(ServerError::Store)?;
         let sandbox = GrpcSandbox::connect_lazy(&config.sandboxd).map_err(ServerError::Sandbox)?;
@@ -125,29 +134,28 @@ impl ControlPlane {
             store: Arc::new(store),
             sandbox: Arc::new(sandbox),
             agents,
-            settings: LoopSettings {
-                tool_timeout: config.tool_timeout,
-                max_parallel_tool_calls: config.max_parallel_tool_calls,
-            },
+            settings: LoopSettings::new(config.tool_timeout, config.max_parallel_tool_calls),
         })
         .await
     }
 
-    /// Assembles a control plane from parts (e.g. a fake sandbox in tests).
+    /// Assembles a control plane from parts (e.g. a fake sandbox in tests)
+    /// and resumes the store's unfinished sessions.
     pub async fn from_parts(parts: ControlPlaneParts) -> Result<Self, ServerError> {
         let (shutdown, shutdown_signal) = watch::channel(false);
         let log = EventLog::new(parts.store, shutdown_signal);
-        let closed = supervisor::recover_interrupted_sessions(&log, parts.sandbox.as_ref())
-            .await
-            .map_err(ServerError::Recover)?;
-        if closed > 0 {
-            tracing::warn!(
-                sessions = closed,
-                "closed sessions interrupted by a restart"
-            );
-        }
         let agent_loop = Arc::new(AgentLoop::new(log.clone(), parts.sandbox, parts.settings));
         let supervisor = Arc::new(SessionSupervisor::new(agent_loop));
+        let resumed = supervisor
+            .resume_unfinished(&parts.agents)
+            .await
+            .map_err(ServerError::Recover)?;
+        if resumed > 0 {
+            tracing::info!(
+                sessions = resumed,
+                "resumed sessions interrupted by a restart"
+            );
+        }
         let service = ControlPlaneService::new(Arc::new(parts.agents), log, supervisor);
         Ok(Self { service, shutdown })
     }

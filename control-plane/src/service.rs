@@ -13,7 +13,10 @@ use harness_proto::control::v1 as control;
 use harness_proto::control::v1::control_service_server::ControlService;
 use tonic::{Request, Response, Status};
 
-use crate::agent::{AgentCatalog, AgentDefinition};
+use harness_proto::control::v1::session_event::Kind;
+
+use crate::agent::{Agent, AgentCatalog};
+use crate::budget;
 use crate::error_report::error_chain;
 use crate::event_log::{EventLog, FollowError, FollowMode};
 use crate::store::{NewSession, SessionQuery, SessionRecord, StoreError};
@@ -54,15 +57,31 @@ pub enum ServiceError {
         /// The agent's limit.
         limit: u64,
     },
-    /// A budget override this control plane does not enforce yet.
-    #[error("budget.{0} is not enforced yet; leave it unset")]
-    BudgetNotEnforced(&'static str),
+    /// A cost budget for a model without a price.
+    #[error(
+        "budget.max_cost_micros needs a price for model \"{model}\" (agent \"{agent}\"); add it to the control plane's [prices] table"
+    )]
+    CostWithoutPrice {
+        /// The agent.
+        agent: String,
+        /// Its model.
+        model: String,
+    },
+    /// ResolveApproval without a decision.
+    #[error("decision must be APPROVAL_DECISION_ALLOW or APPROVAL_DECISION_DENY")]
+    MissingDecision,
+    /// ResolveApproval for a call that is not waiting (never asked, or
+    /// already resolved by someone else or by its timeout).
+    #[error("tool call {call_id} of session {session_id} is not awaiting approval")]
+    NotAwaitingApproval {
+        /// The session.
+        session_id: String,
+        /// The call.
+        call_id: String,
+    },
     /// A page token that was not issued by ListSessions.
     #[error("invalid page_token {0:?}")]
     BadPageToken(String),
-    /// The session exists but its loop does not run in this process.
-    #[error("session {0} is not running in this control plane and cannot be cancelled")]
-    NotRunning(String),
     /// The rpc is part of the contract but not built yet.
     #[error("{rpc} is not implemented yet: {missing}")]
     Unimplemented {
@@ -83,6 +102,13 @@ impl From<StoreError> for ServiceError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::BadPageToken(token) => Self::BadPageToken(token),
+            StoreError::ApprovalNotPending {
+                session_id,
+                call_id,
+            } => Self::NotAwaitingApproval {
+                session_id,
+                call_id,
+            },
             other => Self::Store(other),
         }
     }
@@ -94,14 +120,14 @@ impl From<ServiceError> for Status {
         match &error {
             ServiceError::MissingField(_)
             | ServiceError::BudgetAboveLimit { .. }
+            | ServiceError::CostWithoutPrice { .. }
+            | ServiceError::MissingDecision
             | ServiceError::BadPageToken(_) => Status::invalid_argument(message),
             ServiceError::UnknownAgent(_) | ServiceError::UnknownSession(_) => {
                 Status::not_found(message)
             }
-            ServiceError::BudgetNotEnforced(_) | ServiceError::Unimplemented { .. } => {
-                Status::unimplemented(message)
-            }
-            ServiceError::NotRunning(_) => Status::failed_precondition(message),
+            ServiceError::Unimplemented { .. } => Status::unimplemented(message),
+            ServiceError::NotAwaitingApproval { .. } => Status::failed_precondition(message),
             ServiceError::Store(_) => Status::internal(message),
             ServiceError::Follow(FollowError::ShuttingDown) => Status::unavailable(message),
             ServiceError::Follow(FollowError::SessionGone(_)) => Status::not_found(message),
@@ -152,7 +178,7 @@ impl ControlPlaneService {
             .agents
             .get(&request.agent)
             .ok_or_else(|| ServiceError::UnknownAgent(request.agent.clone()))?;
-        let budget = effective_budget(&agent.definition, request.budget)?;
+        let budget = effective_budget(&agent, request.budget)?;
         let new = NewSession {
             session_id: uuid::Uuid::new_v4().to_string(),
             tenant: DEFAULT_TENANT.to_owned(),
@@ -215,15 +241,77 @@ impl ControlPlaneService {
             } else {
                 request.reason
             };
-            if !self.supervisor.cancel(&session.session_id, &reason) {
-                return Err(ServiceError::NotRunning(session.session_id));
+            // Recorded first, so a restart before the loop stops still cancels.
+            match self
+                .log
+                .store()
+                .request_cancel(session.session_id.clone(), reason.clone())
+                .await
+            {
+                Ok(()) | Err(StoreError::SessionFinished(_)) => {}
+                Err(error) => return Err(error.into()),
             }
-            self.wait_for_finish(&session).await;
+            if self.supervisor.cancel(&session.session_id, &reason) {
+                self.wait_for_finish(&session).await;
+            }
         }
         let session = self.session(&request.session_id).await?;
         Ok(control::CancelSessionResponse {
             session: Some(session.to_proto(SystemTime::now())),
         })
+    }
+
+    async fn resolve(
+        &self,
+        request: control::ResolveApprovalRequest,
+    ) -> Result<control::ResolveApprovalResponse, ServiceError> {
+        if request.session_id.is_empty() {
+            return Err(ServiceError::MissingField("session_id"));
+        }
+        if request.call_id.is_empty() {
+            return Err(ServiceError::MissingField("call_id"));
+        }
+        let decision = request.decision();
+        if decision == control::ApprovalDecision::Unspecified {
+            return Err(ServiceError::MissingDecision);
+        }
+        let session = self.session(&request.session_id).await?;
+        let pending = self
+            .log
+            .store()
+            .pending_approvals(session.session_id.clone())
+            .await?;
+        let not_pending = || ServiceError::NotAwaitingApproval {
+            session_id: session.session_id.clone(),
+            call_id: request.call_id.clone(),
+        };
+        let approval = pending
+            .iter()
+            .find(|approval| approval.call_id == request.call_id)
+            .ok_or_else(not_pending)?;
+        // The store accepts one resolution per request; a racing second one
+        // (another human, or the timeout) fails with NotAwaitingApproval.
+        let resolved = control::ApprovalResolved {
+            call_id: request.call_id.clone(),
+            decision: decision.into(),
+            reason: request.reason,
+            resolved_by: session.tenant.clone(),
+        };
+        let event = self
+            .log
+            .append(
+                &session.session_id,
+                approval.turn,
+                Kind::ApprovalResolved(resolved),
+            )
+            .await?;
+        tracing::info!(
+            session_id = session.session_id,
+            call_id = request.call_id,
+            decision = decision.as_str_name(),
+            "approval resolved"
+        );
+        Ok(control::ResolveApprovalResponse { seq: event.seq })
     }
 
     /// Waits (bounded) until the session records `finished`.
@@ -246,33 +334,23 @@ impl ControlPlaneService {
 
 /// The agent's budget lowered by the request's overrides.
 fn effective_budget(
-    agent: &AgentDefinition,
+    agent: &Agent,
     requested: Option<control::BudgetLimits>,
 ) -> Result<control::BudgetLimits, ServiceError> {
-    let mut budget = agent.budget();
-    let Some(requested) = requested else {
-        return Ok(budget);
-    };
-    let not_enforced = [
-        ("max_tool_calls", requested.max_tool_calls.is_some()),
-        ("max_input_tokens", requested.max_input_tokens.is_some()),
-        ("max_output_tokens", requested.max_output_tokens.is_some()),
-        ("max_cost_micros", requested.max_cost_micros.is_some()),
-        ("max_wall_clock", requested.max_wall_clock.is_some()),
-    ];
-    if let Some((field, _)) = not_enforced.iter().find(|(_, set)| *set) {
-        return Err(ServiceError::BudgetNotEnforced(field));
-    }
-    if let Some(max_turns) = requested.max_turns {
-        if max_turns > agent.max_turns {
-            return Err(ServiceError::BudgetAboveLimit {
-                field: "max_turns",
-                requested: u64::from(max_turns),
-                agent: agent.name.clone(),
-                limit: u64::from(agent.max_turns),
-            });
+    let definition = &agent.definition;
+    let budget = budget::lowered(&definition.budget, requested.as_ref()).map_err(|raised| {
+        ServiceError::BudgetAboveLimit {
+            field: raised.field,
+            requested: raised.requested,
+            agent: definition.name.clone(),
+            limit: raised.limit,
         }
-        budget.max_turns = Some(max_turns);
+    })?;
+    if budget.max_cost_micros.is_some() && agent.price.is_none() {
+        return Err(ServiceError::CostWithoutPrice {
+            agent: definition.name.clone(),
+            model: definition.model.clone(),
+        });
     }
     Ok(budget)
 }
@@ -324,13 +402,9 @@ impl ControlService for ControlPlaneService {
 
     async fn resolve_approval(
         &self,
-        _request: Request<control::ResolveApprovalRequest>,
+        request: Request<control::ResolveApprovalRequest>,
     ) -> Result<Response<control::ResolveApprovalResponse>, Status> {
-        Err(ServiceError::Unimplemented {
-            rpc: "ResolveApproval",
-            missing: "the policy never asks for approval yet (it allows or denies)",
-        }
-        .into())
+        Ok(Response::new(self.resolve(request.into_inner()).await?))
     }
 
     async fn cancel_session(
@@ -377,40 +451,60 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::agent::{ProviderKind, SandboxSettings};
+    use crate::agent::{AgentDefinition, ProviderKind, SandboxSettings};
+    use crate::budget::ModelPrice;
+    use crate::provider::scripted::{Script, ScriptedProvider};
 
-    fn agent(max_turns: u32) -> AgentDefinition {
-        AgentDefinition {
+    fn agent(max_turns: u32, max_cost_micros: Option<u64>) -> Agent {
+        let definition = AgentDefinition {
             name: "a".to_owned(),
             description: String::new(),
             provider: ProviderKind::Scripted,
             model: "m".to_owned(),
             script: None,
+            base_url: None,
+            api_key_env: None,
+            max_tokens_per_turn: None,
             system_prompt: String::new(),
             tools: Vec::new(),
-            max_turns,
+            budget: control::BudgetLimits {
+                max_turns: Some(max_turns),
+                max_cost_micros,
+                ..Default::default()
+            },
+            policy: Default::default(),
             sandbox: SandboxSettings::default(),
             source: PathBuf::from("a.toml"),
-        }
+        };
+        let provider = ScriptedProvider::new(Script { turns: Vec::new() }, "none");
+        Agent::new(definition, Arc::new(provider)).unwrap()
     }
 
     #[test]
-    fn budget_overrides_can_only_lower_the_turn_limit() {
+    fn budget_overrides_can_only_lower_limits() {
         let lowered = effective_budget(
-            &agent(10),
+            &agent(10, None),
             Some(control::BudgetLimits {
                 max_turns: Some(3),
+                max_tool_calls: Some(4),
                 ..Default::default()
             }),
         )
         .unwrap();
-        assert_eq!(lowered.max_turns, Some(3));
         assert_eq!(
-            effective_budget(&agent(10), None).unwrap().max_turns,
+            lowered,
+            control::BudgetLimits {
+                max_turns: Some(3),
+                max_tool_calls: Some(4),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            effective_budget(&agent(10, None), None).unwrap().max_turns,
             Some(10)
         );
         let raised = effective_budget(
-            &agent(10),
+            &agent(10, None),
             Some(control::BudgetLimits {
                 max_turns: Some(11),
                 ..Default::default()
@@ -426,11 +520,11 @@ mod tests {
     }
 
     #[test]
-    fn unenforced_budget_fields_are_refused_not_ignored() {
+    fn a_cost_budget_needs_a_price() {
         let error = effective_budget(
-            &agent(10),
+            &agent(10, None),
             Some(control::BudgetLimits {
-                max_output_tokens: Some(5),
+                max_cost_micros: Some(5),
                 ..Default::default()
             }),
         )
@@ -439,15 +533,41 @@ mod tests {
         assert_eq!(
             (status.code(), status.message()),
             (
-                tonic::Code::Unimplemented,
-                "budget.max_output_tokens is not enforced yet; leave it unset"
+                tonic::Code::InvalidArgument,
+                "budget.max_cost_micros needs a price for model \"m\" (agent \"a\"); add it to the control plane's [prices] table"
             )
         );
+        let mut priced = agent(10, Some(100));
+        priced.price = Some(ModelPrice {
+            input_usd_per_mtok: 1.0,
+            cached_input_usd_per_mtok: None,
+            output_usd_per_mtok: 1.0,
+        });
+        let lowered = effective_budget(
+            &priced,
+            Some(control::BudgetLimits {
+                max_cost_micros: Some(50),
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        assert_eq!(lowered.max_cost_micros, Some(50));
     }
 
     #[test]
-    fn store_page_token_errors_become_invalid_argument() {
+    fn store_errors_map_to_their_codes() {
         let status = Status::from(ServiceError::from(StoreError::BadPageToken("x".to_owned())));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let status = Status::from(ServiceError::from(StoreError::ApprovalNotPending {
+            session_id: "s".to_owned(),
+            call_id: "c".to_owned(),
+        }));
+        assert_eq!(
+            (status.code(), status.message()),
+            (
+                tonic::Code::FailedPrecondition,
+                "tool call c of session s is not awaiting approval"
+            )
+        );
     }
 }

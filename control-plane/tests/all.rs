@@ -5,6 +5,9 @@
 
 mod support;
 
+mod approvals;
 mod health;
+mod network_agents;
+mod providers;
 mod sessions;
 mod stream_events;

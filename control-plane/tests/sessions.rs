@@ -178,17 +178,17 @@ async fn invalid_tool_input_is_reported_to_the_model_and_the_session_goes_on() {
             r#"1 t0 started checker "Leave a note in the workspace.""#,
             r#"2 t1 text "Reading.""#,
             "3 t1 requested call_1_0 read_file",
-            "4 t1 policy call_1_0 VERDICT_ALLOW default",
-            "5 t1 tool_started call_1_0 read_file sb-1",
-            r#"6 t1 tool_finished call_1_0 TOOL_ERROR_KIND_INVALID_INPUT input does not match the tool's schema; at /path: 42 is not of type "string""#,
-            "7 t1 turn_completed 1 tool_use calls=1",
-            r#"8 t2 text "The path ""#,
-            r#"9 t2 text "must be ""#,
-            r#"10 t2 text "a string.""#,
-            "11 t2 turn_completed 2 end_turn calls=0",
-            r#"12 t2 finished STOP_REASON_COMPLETED "The path must be a string.""#,
+            r#"4 t1 tool_finished call_1_0 TOOL_ERROR_KIND_INVALID_INPUT the arguments do not match the input schema of "read_file": at /path: 42 is not of type "string""#,
+            "5 t1 turn_completed 1 tool_use calls=1",
+            r#"6 t2 text "The path ""#,
+            r#"7 t2 text "must be ""#,
+            r#"8 t2 text "a string.""#,
+            "9 t2 turn_completed 2 end_turn calls=0",
+            r#"10 t2 finished STOP_REASON_COMPLETED "The path must be a string.""#,
         ]
     );
+    // Checked before dispatch: sandboxd never saw the call.
+    assert!(plane.sandboxd.record.lock().unwrap().invocations.is_empty());
 }
 
 #[tokio::test]
@@ -288,6 +288,12 @@ async fn agents_are_listed_by_name_with_their_budget() {
         summary,
         [
             (
+                "asker".to_owned(),
+                "scripted".to_owned(),
+                vec!["write_file".to_owned()],
+                Some(20)
+            ),
+            (
                 "checker".to_owned(),
                 "scripted".to_owned(),
                 vec!["read_file".to_owned()],
@@ -353,7 +359,7 @@ async fn unknown_sessions_and_agents_are_not_found() {
 }
 
 #[tokio::test]
-async fn rpcs_not_built_yet_say_what_is_missing() {
+async fn send_message_is_not_built_yet_and_says_why() {
     let plane = TestPlane::start(Sockets::Tcp).await;
     let mut client = plane.client.clone();
     let send = client
@@ -367,11 +373,6 @@ async fn rpcs_not_built_yet_say_what_is_missing() {
             "SendMessage is not implemented yet: sessions never wait for input yet (agents finish after their final answer)"
         )
     );
-    let approve = client
-        .resolve_approval(control::ResolveApprovalRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(approve.code(), tonic::Code::Unimplemented);
 }
 
 #[tokio::test]

@@ -302,6 +302,35 @@ arguments = { path = 42 }
 text = "The path must be a string."
 "#;
 
+/// The "asker" agent: a write_file call that needs approval, then an answer.
+const ASKER_AGENT: &str = r#"
+name = "asker"
+provider = "scripted"
+model = "scripted-asker"
+script = "asker.script.toml"
+tools = ["write_file"]
+
+[budget]
+max-tool-calls = 5
+
+[[policy.rule]]
+tool = "write_file"
+when = { path = "notes/*" }
+verdict = "ask"
+reason = "writes need a human"
+"#;
+
+const ASKER_SCRIPT: &str = r#"
+[[turn]]
+text = "Writing."
+[[turn.tool-calls]]
+tool = "write_file"
+arguments = { path = "notes/a.txt", content = "hi" }
+
+[[turn]]
+text = "Written, or not."
+"#;
+
 /// The "waiter" agent: one call that never finishes (until cancelled).
 const WAITER_AGENT: &str = r#"
 name = "waiter"
@@ -333,9 +362,17 @@ impl TestPlane {
     /// Starts a fake sandboxd and a control plane with the shipped demo agent
     /// and the checker and waiter agents.
     pub async fn start(sockets: Sockets) -> Self {
+        Self::start_with_agents(sockets, &[]).await
+    }
+
+    /// Like [`TestPlane::start`], with more agent files (name, contents).
+    pub async fn start_with_agents(sockets: Sockets, extra: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let agents_dir = dir.path().join("agents");
         write_agents(&agents_dir);
+        for (name, contents) in extra {
+            std::fs::write(agents_dir.join(name), contents).unwrap();
+        }
         let sandboxd = FakeSandboxd::default();
         let (sandbox_stop, sandbox_endpoint) =
             serve_fake_sandboxd(sandboxd.clone(), sockets, dir.path()).await;
@@ -350,6 +387,7 @@ impl TestPlane {
             agents_dir,
             tool_timeout: Duration::from_secs(10),
             max_parallel_tool_calls: 2,
+            ..ControlPlaneConfig::default()
         };
         let plane = ControlPlane::open(&config).await.unwrap();
         let listener = Listener::bind(&listen.parse().unwrap()).await.unwrap();
@@ -384,6 +422,31 @@ impl TestPlane {
                 .unwrap()
                 .unwrap();
         }
+    }
+
+    /// Waits until the session has a call awaiting approval; returns its id.
+    pub async fn pending_approval(&self, session_id: &str) -> String {
+        let mut client = self.client.clone();
+        let mut stream = client
+            .stream_events(control::StreamEventsRequest {
+                session_id: session_id.to_owned(),
+                after_seq: 0,
+                follow: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let waiting = async {
+            while let Some(event) = stream.next().await {
+                if let Some(Kind::ApprovalRequested(request)) = event.unwrap().kind {
+                    return request.call_id;
+                }
+            }
+            panic!("the session ended without asking for approval");
+        };
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("an approval is requested within 10s")
     }
 
     /// Starts a session and returns the response.
@@ -454,6 +517,8 @@ fn write_agents(agents_dir: &Path) {
     std::fs::write(agents_dir.join("checker.toml"), CHECKER_AGENT).unwrap();
     std::fs::write(agents_dir.join("checker.script.toml"), CHECKER_SCRIPT).unwrap();
     std::fs::write(agents_dir.join("waiter.toml"), WAITER_AGENT).unwrap();
+    std::fs::write(agents_dir.join("asker.toml"), ASKER_AGENT).unwrap();
+    std::fs::write(agents_dir.join("asker.script.toml"), ASKER_SCRIPT).unwrap();
     std::fs::write(agents_dir.join("waiter.script.toml"), WAITER_SCRIPT).unwrap();
 }
 
@@ -521,6 +586,16 @@ pub fn describe(event: &control::SessionEvent) -> String {
                 error.message
             ),
         },
+        Kind::ApprovalRequested(request) => {
+            format!("approval_requested {} {}", request.call_id, request.reason)
+        }
+        Kind::ApprovalResolved(resolved) => format!(
+            "approval_resolved {} {} by {} {:?}",
+            resolved.call_id,
+            resolved.decision().as_str_name(),
+            resolved.resolved_by,
+            resolved.reason
+        ),
         Kind::TurnCompleted(turn) => format!(
             "turn_completed {} {} calls={}",
             turn.turn, turn.model_stop_reason, turn.tool_calls

@@ -6,5 +6,6 @@
 mod support;
 
 mod confinement;
+mod crash;
 mod health;
 mod session;

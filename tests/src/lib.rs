@@ -24,9 +24,37 @@ pub struct Cluster {
     pub sandboxd_endpoint: String,
     /// `unix:` endpoint of the control plane.
     pub control_endpoint: String,
+    agents_dir: PathBuf,
     sandboxd: Child,
     control_plane: Child,
 }
+
+/// How to start a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The control plane's agents directory.
+    pub agents_dir: PathBuf,
+    /// Tool components for sandboxd: these files are copied into a tools
+    /// directory of the cluster's own. `None`: the standard tools.
+    pub tools: Option<Vec<PathBuf>>,
+    /// Environment variables of the first control-plane process (e.g. the
+    /// `HARNESS_CRASH_AT` test hook).
+    pub control_plane_env: Vec<(String, String)>,
+}
+
+impl ClusterOptions {
+    /// The standard tools, agents from `agents_dir`.
+    pub fn new(agents_dir: &Path) -> Self {
+        Self {
+            agents_dir: agents_dir.to_owned(),
+            tools: None,
+            control_plane_env: Vec::new(),
+        }
+    }
+}
+
+/// How long a daemon may take to answer health checks after starting.
+const START_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Where the workspace repository is (for the demo agents and cargo).
 pub fn repo_root() -> PathBuf {
@@ -62,6 +90,12 @@ impl Cluster {
     /// (with agents from `agents_dir`), and waits until both answer health
     /// checks.
     pub async fn start(agents_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(ClusterOptions::new(agents_dir)).await
+    }
+
+    /// Starts both daemons as `options` say and waits until both answer
+    /// health checks.
+    pub async fn start_with(options: ClusterOptions) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("harness-")
             .tempdir()
@@ -70,6 +104,21 @@ impl Cluster {
         let control_socket = dir.path().join("control-plane.sock");
         let sandboxd_endpoint = format!("unix:{}", sandboxd_socket.display());
         let control_endpoint = format!("unix:{}", control_socket.display());
+        let tools_dir = match &options.tools {
+            None => harness_tool_artifacts::tools_dir().to_owned(),
+            Some(components) => {
+                let tools_dir = dir.path().join("tools");
+                std::fs::create_dir_all(&tools_dir)?;
+                for component in components {
+                    let name = component
+                        .file_name()
+                        .with_context(|| format!("{} has no file name", component.display()))?;
+                    std::fs::copy(component, tools_dir.join(name))
+                        .with_context(|| format!("cannot copy {}", component.display()))?;
+                }
+                tools_dir
+            }
+        };
 
         let sandboxd = spawn_logged(
             Command::new(binary("sandboxd")?)
@@ -79,37 +128,77 @@ impl Cluster {
                 .arg("--state-dir")
                 .arg(dir.path().join("sandboxd-state"))
                 .arg("--tools-dir")
-                .arg(harness_tool_artifacts::tools_dir()),
+                .arg(tools_dir),
             &dir.path().join("sandboxd.log"),
         )?;
-        let control_plane = spawn_logged(
-            Command::new(binary("control-plane")?)
-                .arg("serve")
-                .arg("--listen")
-                .arg(&control_endpoint)
-                .arg("--sandboxd")
-                .arg(&sandboxd_endpoint)
-                .arg("--database")
-                .arg(dir.path().join("control-plane.db"))
-                .arg("--agents-dir")
-                .arg(agents_dir),
-            &dir.path().join("control-plane.log"),
-        )?;
-        let cluster = Self {
+        let mut cluster = Self {
+            control_plane: spawn_control_plane(
+                dir.path(),
+                &control_endpoint,
+                &sandboxd_endpoint,
+                &options.agents_dir,
+                &options.control_plane_env,
+            )?,
             dir,
             sandboxd_endpoint,
             control_endpoint,
+            agents_dir: options.agents_dir,
             sandboxd,
-            control_plane,
         };
-        let deadline = Duration::from_secs(120);
-        wait_healthy(&cluster.sandboxd_endpoint, deadline)
+        wait_healthy(&cluster.sandboxd_endpoint, START_DEADLINE)
             .await
             .with_context(|| cluster.logs())?;
-        wait_healthy(&cluster.control_endpoint, deadline)
-            .await
-            .with_context(|| cluster.logs())?;
+        cluster.wait_control_plane_healthy().await?;
         Ok(cluster)
+    }
+
+    async fn wait_control_plane_healthy(&mut self) -> anyhow::Result<()> {
+        wait_healthy(&self.control_endpoint, START_DEADLINE)
+            .await
+            .with_context(|| self.logs())
+    }
+
+    /// Kills the control plane with SIGKILL (nothing flushed, nothing
+    /// cleaned up) and waits until it is gone.
+    pub async fn kill_control_plane(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.control_plane
+            .start_kill()
+            .context("cannot SIGKILL the control plane")?;
+        Ok(self.control_plane.wait().await?)
+    }
+
+    /// Waits (at most `within`) for the control plane to exit by itself, e.g.
+    /// at a `HARNESS_CRASH_AT` point.
+    pub async fn wait_control_plane_exit(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        tokio::time::timeout(within, self.control_plane.wait())
+            .await
+            .with_context(|| format!("the control plane did not exit within {within:?}"))?
+            .context("cannot wait for the control plane")
+    }
+
+    /// True while the control-plane process runs.
+    pub fn control_plane_running(&mut self) -> bool {
+        matches!(self.control_plane.try_wait(), Ok(None))
+    }
+
+    /// Starts a new control-plane process (the previous one must have
+    /// exited) on the same database, socket and agents, with `env` added,
+    /// and waits until it answers health checks.
+    pub async fn restart_control_plane(&mut self, env: &[(String, String)]) -> anyhow::Result<()> {
+        if self.control_plane_running() {
+            bail!("the control plane is still running; kill it first");
+        }
+        self.control_plane = spawn_control_plane(
+            self.dir.path(),
+            &self.control_endpoint,
+            &self.sandboxd_endpoint,
+            &self.agents_dir,
+            env,
+        )?;
+        self.wait_control_plane_healthy().await
     }
 
     /// A control-plane client.
@@ -156,9 +245,36 @@ impl Cluster {
     }
 }
 
+/// Starts a control plane whose database and log live in `dir`; the log is
+/// appended to, so it tells the story of every restart.
+fn spawn_control_plane(
+    dir: &Path,
+    endpoint: &str,
+    sandboxd_endpoint: &str,
+    agents_dir: &Path,
+    env: &[(String, String)],
+) -> anyhow::Result<Child> {
+    let mut command = Command::new(binary("control-plane")?);
+    command
+        .arg("serve")
+        .arg("--listen")
+        .arg(endpoint)
+        .arg("--sandboxd")
+        .arg(sandboxd_endpoint)
+        .arg("--database")
+        .arg(dir.join("control-plane.db"))
+        .arg("--agents-dir")
+        .arg(agents_dir)
+        .envs(env.iter().map(|(name, value)| (name, value)));
+    spawn_logged(&mut command, &dir.join("control-plane.log"))
+}
+
 fn spawn_logged(command: &mut Command, log: &Path) -> anyhow::Result<Child> {
-    let file =
-        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot create {}", log.display()))?;
     command
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)

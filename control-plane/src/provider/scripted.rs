@@ -282,8 +282,9 @@ mod tests {
     fn request(messages: Vec<Message>) -> ModelRequest {
         ModelRequest {
             model: "scripted".to_owned(),
-            messages,
-            tools: Vec::new(),
+            messages: Arc::new(messages),
+            tools: Arc::default(),
+            max_output_tokens: None,
         }
     }
 

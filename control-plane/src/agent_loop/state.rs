@@ -1,0 +1,437 @@
+//! A session's state as a pure function of its event log (and step records).
+//!
+//! The loop never keeps state of its own beside this: every event it records
+//! is applied here the moment it is staged, and a session resumed after a
+//! restart applies its stored events in order. Both paths run the same code,
+//! so a resumed session has exactly the conversation, usage and turn state
+//! an uninterrupted one would have — and sends the model byte-for-byte the
+//! same requests.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use harness_proto::control::v1 as control;
+use harness_proto::control::v1::session_event::Kind;
+use harness_proto::sandbox::v1 as sandbox;
+use prost::Message as _;
+
+use crate::budget::{self, BudgetKind};
+use crate::event;
+use crate::provider::{Message, ToolCall};
+use crate::store::StepRecord;
+use crate::transcript::tool_error_kind_label;
+
+/// Step-record name of a turn's completed model call.
+pub fn model_step(turn: u32) -> String {
+    format!("model:{turn:08}")
+}
+
+/// Step-record name of a call's sandboxd request.
+pub fn invoke_step(call_id: &str) -> String {
+    format!("invoke:{call_id}")
+}
+
+/// One tool call of the open turn and how far it got.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallState {
+    /// The call (id possibly renamed to be unique in the session).
+    pub call: ToolCall,
+    /// Policy's verdict, once recorded.
+    pub decision: Option<control::PolicyDecision>,
+    /// The approval request, if policy asked.
+    pub approval_requested: Option<control::ApprovalRequested>,
+    /// The approval's resolution.
+    pub approval: Option<control::ApprovalResolved>,
+    /// Dispatch, once recorded.
+    pub started: Option<control::ToolStarted>,
+    /// The exact request sent to sandboxd (its step record).
+    pub invoke: Option<sandbox::InvokeRequest>,
+    /// The result, once recorded.
+    pub finished: Option<control::ToolFinished>,
+}
+
+impl CallState {
+    fn new(call: ToolCall) -> Self {
+        Self {
+            call,
+            decision: None,
+            approval_requested: None,
+            approval: None,
+            started: None,
+            invoke: None,
+            finished: None,
+        }
+    }
+
+    /// Waiting for a human.
+    pub fn awaiting_approval(&self) -> bool {
+        self.approval_requested.is_some() && self.approval.is_none()
+    }
+
+    /// Dispatched, result not recorded.
+    pub fn in_flight(&self) -> bool {
+        self.started.is_some() && self.finished.is_none()
+    }
+}
+
+/// The completed model call of the open turn.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelStep {
+    /// What the step record holds (`turn_completed` to be).
+    pub record: control::TurnCompleted,
+}
+
+/// The turn in progress: its model call and tool calls.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OpenTurn {
+    /// The turn number.
+    pub turn: u32,
+    /// Text deltas recorded so far (a resumed model call skips them).
+    pub recorded_text: String,
+    /// The model call, once completed and recorded.
+    pub model: Option<ModelStep>,
+    /// The tool calls, in the model's order.
+    pub calls: Vec<CallState>,
+}
+
+impl OpenTurn {
+    /// The call with this id.
+    pub fn call_mut(&mut self, call_id: &str) -> Option<&mut CallState> {
+        self.calls
+            .iter_mut()
+            .find(|call| call.call.call_id == call_id)
+    }
+}
+
+/// Everything the loop knows about a session.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SessionState {
+    /// `started` is recorded.
+    pub started: bool,
+    /// `finished` is recorded.
+    pub finished: bool,
+    /// The conversation of closed turns (system prompt and input first);
+    /// shared with model requests, copied only if one is still in flight
+    /// when it grows.
+    pub messages: Arc<Vec<Message>>,
+    /// Usage so far.
+    pub usage: control::BudgetUsage,
+    /// Budgets already warned about.
+    pub warned: Vec<BudgetKind>,
+    /// The last closed turn's assistant text (the partial result).
+    pub last_assistant_text: String,
+    /// Number of the last closed turn.
+    pub closed_turns: u32,
+    /// Model stop reason of the last closed turn.
+    pub last_stop_reason: String,
+    /// The last closed turn asked for no tool calls.
+    pub last_turn_without_calls: bool,
+    /// The turn in progress.
+    pub open: Option<OpenTurn>,
+    /// Every call id used in the session.
+    pub call_ids: HashSet<String>,
+}
+
+/// Why stored data cannot be replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// A step record does not decode.
+    #[error("step record {step} does not decode")]
+    BadStep {
+        /// The step.
+        step: String,
+        /// The decoding error.
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+impl SessionState {
+    /// A session with nothing recorded yet: the system prompt and the input.
+    pub fn new(system_prompt: &str, input: &str) -> Self {
+        let system = (!system_prompt.is_empty()).then(|| Message::System {
+            text: system_prompt.to_owned(),
+        });
+        let user = Message::User {
+            text: input.to_owned(),
+        };
+        Self {
+            messages: Arc::new(system.into_iter().chain([user]).collect()),
+            ..Self::default()
+        }
+    }
+
+    /// The open turn numbered `turn`, opened if needed.
+    pub fn open_turn(&mut self, turn: u32) -> &mut OpenTurn {
+        self.open.get_or_insert_with(|| OpenTurn {
+            turn,
+            ..OpenTurn::default()
+        })
+    }
+
+    /// Applies one recorded event.
+    pub fn apply(&mut self, turn: u32, kind: &Kind) {
+        event::apply_to_usage(&mut self.usage, kind);
+        match kind {
+            Kind::Started(_) => self.started = true,
+            Kind::TextDelta(delta) => self.open_turn(turn).recorded_text.push_str(&delta.text),
+            Kind::ToolCallRequested(requested) => {
+                self.call_ids.insert(requested.call_id.clone());
+                self.open_turn(turn).calls.push(CallState::new(ToolCall {
+                    call_id: requested.call_id.clone(),
+                    tool: requested.tool.clone(),
+                    arguments_json: requested.arguments_json.clone(),
+                }));
+            }
+            Kind::PolicyDecision(decision) => {
+                if let Some(call) = self.call_mut(&decision.call_id) {
+                    call.decision = Some(decision.clone());
+                }
+            }
+            Kind::ApprovalRequested(requested) => {
+                if let Some(call) = self.call_mut(&requested.call_id) {
+                    call.approval_requested = Some(requested.clone());
+                }
+            }
+            Kind::ApprovalResolved(resolved) => {
+                if let Some(call) = self.call_mut(&resolved.call_id) {
+                    call.approval = Some(resolved.clone());
+                }
+            }
+            Kind::ToolStarted(started) => {
+                if let Some(call) = self.call_mut(&started.call_id) {
+                    call.started = Some(started.clone());
+                }
+            }
+            Kind::ToolFinished(finished) => {
+                if let Some(call) = self.call_mut(&finished.call_id) {
+                    call.finished = Some(finished.clone());
+                }
+            }
+            Kind::TurnCompleted(completed) => self.close_turn(completed),
+            Kind::BudgetWarning(warning) => {
+                if let Some(kind) = BudgetKind::from_name(&warning.budget) {
+                    self.warned.push(kind);
+                }
+                Arc::make_mut(&mut self.messages).push(Message::User {
+                    text: budget::wrap_up_notice(warning),
+                });
+            }
+            Kind::Finished(_) => self.finished = true,
+            _ => {}
+        }
+    }
+
+    /// Applies a step record of the open turn (replay; steps of closed turns
+    /// are not needed).
+    pub fn apply_step(&mut self, step: &StepRecord) -> Result<(), ReplayError> {
+        let bad = |source| ReplayError::BadStep {
+            step: step.step.clone(),
+            source,
+        };
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        if step.step == model_step(open.turn) {
+            let record = control::TurnCompleted::decode(step.payload.as_slice()).map_err(bad)?;
+            open.model = Some(ModelStep { record });
+        } else if let Some(call_id) = step.step.strip_prefix("invoke:")
+            && let Some(call) = open.call_mut(call_id)
+        {
+            call.invoke =
+                Some(sandbox::InvokeRequest::decode(step.payload.as_slice()).map_err(bad)?);
+        }
+        Ok(())
+    }
+
+    fn call_mut(&mut self, call_id: &str) -> Option<&mut CallState> {
+        self.open.as_mut()?.call_mut(call_id)
+    }
+
+    fn close_turn(&mut self, completed: &control::TurnCompleted) {
+        let open = self.open.take().unwrap_or_default();
+        let tool_calls: Vec<ToolCall> = open.calls.iter().map(|call| call.call.clone()).collect();
+        let messages = Arc::make_mut(&mut self.messages);
+        messages.push(Message::Assistant {
+            text: completed.assistant_text.clone(),
+            tool_calls,
+        });
+        messages.extend(
+            open.calls
+                .iter()
+                .filter_map(|call| call.finished.as_ref())
+                .map(tool_result_message),
+        );
+        self.last_assistant_text = completed.assistant_text.clone();
+        self.last_stop_reason = completed.model_stop_reason.clone();
+        self.last_turn_without_calls = open.calls.is_empty();
+        self.closed_turns = completed.turn.max(self.closed_turns);
+    }
+
+    /// Usage including the open turn's completed model call, which counts
+    /// only once its turn closes.
+    pub fn usage_with_open_turn(&self) -> control::BudgetUsage {
+        let mut usage = self.usage;
+        if let Some(model) = self.open.as_ref().and_then(|open| open.model.as_ref()) {
+            event::apply_to_usage(&mut usage, &Kind::TurnCompleted(model.record.clone()));
+            // The turn counts against max-turns when it closes, not before.
+            usage.turns = self.usage.turns;
+        }
+        usage
+    }
+}
+
+/// The conversation entry the model sees for a finished call.
+pub fn tool_result_message(finished: &control::ToolFinished) -> Message {
+    let (content, is_error) = match &finished.outcome {
+        Some(control::tool_finished::Outcome::OutputJson(json)) => (json.clone(), false),
+        Some(control::tool_finished::Outcome::Error(error)) => (
+            format!("{}: {}", tool_error_kind_label(error.kind()), error.message),
+            true,
+        ),
+        None => ("no result".to_owned(), true),
+    };
+    Message::ToolResult {
+        call_id: finished.call_id.clone(),
+        tool: finished.tool.clone(),
+        content,
+        is_error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn requested(call_id: &str) -> Kind {
+        Kind::ToolCallRequested(control::ToolCallRequested {
+            call_id: call_id.to_owned(),
+            tool: "read".to_owned(),
+            arguments_json: "{}".to_owned(),
+        })
+    }
+
+    fn finished(call_id: &str, output: &str) -> Kind {
+        Kind::ToolFinished(control::ToolFinished {
+            call_id: call_id.to_owned(),
+            tool: "read".to_owned(),
+            outcome: Some(control::tool_finished::Outcome::OutputJson(
+                output.to_owned(),
+            )),
+            wall_time: None,
+            peak_memory_bytes: 0,
+        })
+    }
+
+    #[test]
+    fn closed_turns_become_the_conversation_and_the_open_turn_stays_open() {
+        let mut state = SessionState::new("Be brief.", "go");
+        let events = [
+            (0, Kind::Started(control::SessionStarted::default())),
+            (
+                1,
+                Kind::TextDelta(control::ModelTextDelta {
+                    text: "Read".to_owned(),
+                }),
+            ),
+            (1, requested("c1")),
+            (1, finished("c1", "{\"a\":1}")),
+            (
+                1,
+                Kind::TurnCompleted(control::TurnCompleted {
+                    turn: 1,
+                    assistant_text: "Read".to_owned(),
+                    tool_calls: 1,
+                    usage: Some(control::TurnUsage {
+                        input_tokens: 10,
+                        ..Default::default()
+                    }),
+                    model_stop_reason: "tool_use".to_owned(),
+                }),
+            ),
+            (
+                1,
+                Kind::BudgetWarning(control::BudgetWarning {
+                    budget: "turns".to_owned(),
+                    used: 1,
+                    limit: 1,
+                }),
+            ),
+            (
+                2,
+                Kind::TextDelta(control::ModelTextDelta {
+                    text: "Par".to_owned(),
+                }),
+            ),
+            (2, requested("c2")),
+        ];
+        for (turn, kind) in &events {
+            state.apply(*turn, kind);
+        }
+        assert_eq!(state.messages.len(), 5);
+        assert_eq!(
+            state.messages[2],
+            Message::Assistant {
+                text: "Read".to_owned(),
+                tool_calls: vec![ToolCall {
+                    call_id: "c1".to_owned(),
+                    tool: "read".to_owned(),
+                    arguments_json: "{}".to_owned()
+                }]
+            }
+        );
+        assert_eq!(
+            state.messages[3],
+            Message::ToolResult {
+                call_id: "c1".to_owned(),
+                tool: "read".to_owned(),
+                content: "{\"a\":1}".to_owned(),
+                is_error: false
+            }
+        );
+        assert!(
+            matches!(&state.messages[4], Message::User { text } if text.starts_with("[harness] Budget notice"))
+        );
+        assert_eq!(state.warned, [BudgetKind::Turns]);
+        assert_eq!((state.closed_turns, state.usage.turns), (1, 1));
+        let open = state.open.as_ref().unwrap();
+        assert_eq!((open.turn, open.recorded_text.as_str()), (2, "Par"));
+        assert_eq!(open.calls.len(), 1);
+        assert_eq!(
+            state.call_ids,
+            HashSet::from(["c1".to_owned(), "c2".to_owned()])
+        );
+    }
+
+    #[test]
+    fn steps_of_the_open_turn_are_replayed() {
+        let mut state = SessionState::new("", "go");
+        state.apply(1, &requested("c1"));
+        let record = control::TurnCompleted {
+            turn: 1,
+            assistant_text: "x".to_owned(),
+            ..Default::default()
+        };
+        state
+            .apply_step(&StepRecord {
+                step: model_step(1),
+                payload: record.encode_to_vec(),
+            })
+            .unwrap();
+        let request = sandbox::InvokeRequest {
+            invocation_id: "s:c1".to_owned(),
+            ..Default::default()
+        };
+        state
+            .apply_step(&StepRecord {
+                step: invoke_step("c1"),
+                payload: request.encode_to_vec(),
+            })
+            .unwrap();
+        let open = state.open.unwrap();
+        assert_eq!(open.model, Some(ModelStep { record }));
+        assert_eq!(open.calls[0].invoke, Some(request));
+    }
+}

@@ -1,0 +1,380 @@
+//! The durable record: sessions, their append-only event logs, and step
+//! records.
+//!
+//! [`EventStore`] is what the rest of the crate sees; [`sqlite::SqliteStore`]
+//! is the embedded implementation. A PostgreSQL implementation for several
+//! replicas can follow behind the same trait without touching the loop.
+//!
+//! Invariants every implementation keeps:
+//! - Each session's events are numbered 1, 2, 3, … with no gaps and no
+//!   duplicates, also across restarts: appending assigns `last_seq + 1` and
+//!   updates the session row in the same transaction.
+//! - A batch of events (and the step records that go with them) is appended
+//!   atomically: all or nothing.
+//! - `finished` is the last event: appending after it fails.
+//! - The session row (status, stop reason, final output, usage, pending
+//!   approvals) is derived from the events in the same transaction that
+//!   appends them, so the row never disagrees with the log.
+//! - An `approval_resolved` event is accepted only for a call whose
+//!   `approval_requested` is still pending, so a human and a timeout (or two
+//!   humans) cannot both resolve one call.
+
+pub mod sqlite;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use futures::future::BoxFuture;
+use harness_proto::control::v1::session_event::Kind;
+use harness_proto::control::v1::{
+    BudgetLimits, BudgetUsage, Session, SessionEvent, SessionStatus, StopReason,
+};
+
+pub use sqlite::SqliteStore;
+
+/// A session to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSession {
+    /// Id chosen by the caller (a UUID).
+    pub session_id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Agent name.
+    pub agent: String,
+    /// The first user message.
+    pub input: String,
+    /// Caller metadata.
+    pub metadata: HashMap<String, String>,
+    /// Effective budget.
+    pub budget: BudgetLimits,
+    /// Idempotency key; `None` never matches another session.
+    pub idempotency_key: Option<String>,
+}
+
+/// A stored session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    /// Session id.
+    pub session_id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Agent name.
+    pub agent: String,
+    /// The first user message.
+    pub input: String,
+    /// Lifecycle status.
+    pub status: SessionStatus,
+    /// Why it stopped, once finished.
+    pub stop_reason: StopReason,
+    /// Caller metadata.
+    pub metadata: HashMap<String, String>,
+    /// Effective budget.
+    pub budget: BudgetLimits,
+    /// Usage derived from the events so far.
+    pub usage: BudgetUsage,
+    /// Idempotency key it was created with.
+    pub idempotency_key: Option<String>,
+    /// Creation time.
+    pub created_at: SystemTime,
+    /// Time of the latest event (or creation).
+    pub updated_at: SystemTime,
+    /// Sequence number of the latest event; 0 before the first.
+    pub last_seq: u64,
+    /// Final (or partial) answer, once finished.
+    pub final_output: String,
+    /// The sandboxd session running its tools, once created.
+    pub sandbox_session_id: Option<String>,
+    /// Set once CancelSession was called: the reason. A session resumed
+    /// after a restart with this set stops as cancelled.
+    pub cancel_reason: Option<String>,
+}
+
+impl SessionRecord {
+    /// The session as the API shows it. `now` fills in the wall clock of a
+    /// session that has not finished.
+    pub fn to_proto(&self, now: SystemTime) -> Session {
+        let mut usage = self.usage;
+        if usage.wall_clock.is_none() {
+            let end = if self.status == SessionStatus::Finished {
+                self.updated_at
+            } else {
+                now
+            };
+            let elapsed = end.duration_since(self.created_at).unwrap_or_default();
+            usage.wall_clock = Some(harness_proto::duration_to_proto(elapsed));
+        }
+        Session {
+            session_id: self.session_id.clone(),
+            agent: self.agent.clone(),
+            status: self.status.into(),
+            stop_reason: self.stop_reason.into(),
+            tenant: self.tenant.clone(),
+            metadata: self.metadata.clone(),
+            created_at: Some(harness_proto::timestamp_to_proto(self.created_at)),
+            updated_at: Some(harness_proto::timestamp_to_proto(self.updated_at)),
+            last_seq: self.last_seq,
+            budget: Some(self.budget),
+            usage: Some(usage),
+            final_output: self.final_output.clone(),
+        }
+    }
+}
+
+/// The result of [`EventStore::create_session`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreatedSession {
+    /// The new session, or the one created earlier with the same idempotency key.
+    pub session: SessionRecord,
+    /// False if the idempotency key matched an existing session.
+    pub created: bool,
+}
+
+/// Which sessions to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionQuery {
+    /// Only this tenant's sessions.
+    pub tenant: String,
+    /// Only sessions of this agent.
+    pub agent: Option<String>,
+    /// Only sessions in this status.
+    pub status: Option<SessionStatus>,
+    /// Maximum sessions to return (at least 1).
+    pub page_size: usize,
+    /// Continue after this token from a previous page.
+    pub page_token: Option<String>,
+}
+
+/// A page of sessions, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionPage {
+    /// The sessions.
+    pub sessions: Vec<SessionRecord>,
+    /// Token for the next page; `None` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// An event to append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// The model turn it belongs to (0 before the first turn).
+    pub turn: u32,
+    /// What happened.
+    pub kind: Kind,
+}
+
+impl NewEvent {
+    /// An event of `turn`.
+    pub fn new(turn: u32, kind: Kind) -> Self {
+        Self { turn, kind }
+    }
+}
+
+/// A step record: what the loop needs to replay a step instead of running
+/// it again, beyond what the events say (the completed model turn with its
+/// usage; the exact request sent to sandboxd). Named per session, e.g.
+/// `model:3` or `invoke:call_3_0`; read back in the order written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRecord {
+    /// Unique name within the session.
+    pub step: String,
+    /// Encoded content (a protobuf message).
+    pub payload: Vec<u8>,
+}
+
+/// A tool call waiting for `ResolveApproval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingApproval {
+    /// The call.
+    pub call_id: String,
+    /// The turn it belongs to.
+    pub turn: u32,
+}
+
+/// A failed store operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database's directory could not be created.
+    #[error("cannot create database directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database could not be opened or configured.
+    #[error("cannot open database {path}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A database thread could not be started.
+    #[error("cannot start a database thread for {path}")]
+    Thread {
+        /// The database file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A schema migration failed.
+    #[error("database migration to schema version {version} failed")]
+    Migrate {
+        /// The version being migrated to.
+        version: usize,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer control plane.
+    #[error(
+        "database schema version {found} is newer than this control plane supports ({supported}); upgrade the control plane"
+    )]
+    SchemaTooNew {
+        /// Version found in the database.
+        found: usize,
+        /// Newest version this binary knows.
+        supported: usize,
+    },
+    /// A query failed.
+    #[error("database error while trying to {operation}")]
+    Query {
+        /// What was being done.
+        operation: &'static str,
+        /// The SQLite error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// No session with this id.
+    #[error("no session {0}")]
+    UnknownSession(String),
+    /// The session already has its `finished` event.
+    #[error("session {0} has finished; its event log is closed")]
+    SessionFinished(String),
+    /// A stored value could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// An `approval_resolved` for a call that has no pending approval.
+    #[error("tool call {call_id} of session {session_id} is not awaiting approval")]
+    ApprovalNotPending {
+        /// The session.
+        session_id: String,
+        /// The call.
+        call_id: String,
+    },
+    /// Step records must come with at least one event to ride on.
+    #[error("step records for session {0} came without an event")]
+    StepsWithoutEvents(String),
+    /// Committing a group of writes failed; none of them took effect.
+    #[error("database commit failed")]
+    Commit(#[source] std::sync::Arc<rusqlite::Error>),
+    /// Another write of the same commit group failed while writing, so the
+    /// group was rolled back; nothing of this write took effect.
+    #[error("the database write was rolled back with the rest of its commit group")]
+    GroupRolledBack,
+    /// The writer thread is gone (the store is shutting down or crashed).
+    #[error("the database writer has stopped")]
+    WriterGone,
+    /// A page token that this store did not issue.
+    #[error("invalid page token {0:?}")]
+    BadPageToken(String),
+    /// A previous operation panicked while holding the connection.
+    #[error("the database connection is unusable after an earlier failure")]
+    Poisoned,
+    /// The blocking task running the query failed.
+    #[error("database task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Durable storage of sessions and events.
+pub trait EventStore: Send + Sync + std::fmt::Debug {
+    /// Creates a session in status PENDING, or returns the tenant's existing
+    /// session with the same idempotency key.
+    fn create_session(&self, new: NewSession) -> BoxFuture<'_, Result<CreatedSession, StoreError>>;
+
+    /// The tenant's session created with `key`, if any.
+    fn find_by_idempotency_key(
+        &self,
+        tenant: String,
+        key: String,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>>;
+
+    /// One of the tenant's sessions.
+    fn get_session(
+        &self,
+        tenant: String,
+        session_id: String,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>>;
+
+    /// A page of the tenant's sessions, newest first.
+    fn list_sessions(&self, query: SessionQuery) -> BoxFuture<'_, Result<SessionPage, StoreError>>;
+
+    /// Every tenant's sessions that have not finished (for start-up recovery).
+    fn list_unfinished_sessions(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
+
+    /// Records the sandboxd session running a session's tools.
+    fn set_sandbox_session(
+        &self,
+        session_id: String,
+        sandbox_session_id: String,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Appends `events` with the next sequence numbers and stores `steps`
+    /// with them (a batch with steps has at least one event), atomically;
+    /// returns the events as stored.
+    fn append_events(
+        &self,
+        session_id: String,
+        events: Vec<NewEvent>,
+        steps: Vec<StepRecord>,
+    ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>>;
+
+    /// Appends one event with the next sequence number and returns it as stored.
+    fn append_event(
+        &self,
+        session_id: String,
+        turn: u32,
+        kind: Kind,
+    ) -> BoxFuture<'_, Result<SessionEvent, StoreError>> {
+        let appended = self.append_events(
+            session_id.clone(),
+            vec![NewEvent::new(turn, kind)],
+            Vec::new(),
+        );
+        Box::pin(async move {
+            appended
+                .await?
+                .pop()
+                .ok_or(StoreError::UnknownSession(session_id))
+        })
+    }
+
+    /// The session's step records, in the order they were written.
+    fn read_steps(&self, session_id: String) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>>;
+
+    /// The session's tool calls awaiting approval, oldest first.
+    fn pending_approvals(
+        &self,
+        session_id: String,
+    ) -> BoxFuture<'_, Result<Vec<PendingApproval>, StoreError>>;
+
+    /// Records that the session is to be cancelled, with why (kept until it
+    /// finishes, so a restart does not forget it). Fails for a finished session.
+    fn request_cancel(
+        &self,
+        session_id: String,
+        reason: String,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Up to `limit` events with `seq > after_seq`, in order.
+    fn read_events(
+        &self,
+        session_id: String,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>>;
+}

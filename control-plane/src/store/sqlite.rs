@@ -1,0 +1,1806 @@
+//! [`EventStore`] on an embedded SQLite database (WAL).
+//!
+//! Writes go to one writer thread that owns the write connection and commits
+//! whatever writes are waiting together, in one transaction (group commit):
+//! one session's steps cost one commit each, and many sessions' steps share
+//! commits, so throughput grows with concurrency instead of queueing behind
+//! one commit per event. A write's future resolves only after its group has
+//! committed. A write that is refused (say, an append to a finished session)
+//! checks everything before it writes anything, so the rest of its group
+//! commits without it; a write that fails while writing fails its group.
+//!
+//! The schema keeps a commit's pages few, which is what a commit costs: events
+//! are appended in insertion order (the rowid) with a narrow `(session, seq)`
+//! index, step records ride in a column of the last event of their batch
+//! (no table, no index of their own), and the part of a session that changes
+//! with every append (last seq, usage) lives in a narrow table of its own.
+//!
+//! Reads run on tokio's blocking pool on a small pool of read connections;
+//! WAL lets them proceed while the writer writes. Async workers never wait
+//! on disk.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use harness_proto::control::v1::session_event::Kind;
+use harness_proto::control::v1::{
+    BudgetLimits, BudgetUsage, SessionEvent, SessionStatus, StopReason,
+};
+use prost::Message as _;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::oneshot;
+
+use super::{
+    CreatedSession, EventStore, NewEvent, NewSession, PendingApproval, SessionPage, SessionQuery,
+    SessionRecord, StepRecord, StoreError,
+};
+use crate::config::SqliteSynchronous;
+use crate::event;
+
+/// Most writes committed in one transaction.
+const MAX_GROUP: usize = 1024;
+/// Read connections kept open between reads.
+const MAX_IDLE_READERS: usize = 8;
+
+/// Schema migrations; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    r"
+    CREATE TABLE sessions (
+        session_id         TEXT PRIMARY KEY,
+        tenant             TEXT NOT NULL,
+        agent              TEXT NOT NULL,
+        input              TEXT NOT NULL,
+        status             TEXT NOT NULL,
+        stop_reason        TEXT NOT NULL,
+        metadata_json      TEXT NOT NULL,
+        budget             BLOB NOT NULL,
+        usage              BLOB NOT NULL,
+        idempotency_key    TEXT,
+        created_at         INTEGER NOT NULL,
+        updated_at         INTEGER NOT NULL,
+        last_seq           INTEGER NOT NULL,
+        final_output       TEXT NOT NULL,
+        sandbox_session_id TEXT,
+        UNIQUE (tenant, idempotency_key)
+    );
+    CREATE INDEX sessions_newest_first ON sessions (tenant, created_at DESC, session_id DESC);
+    CREATE INDEX sessions_by_status ON sessions (status);
+    CREATE TABLE events (
+        session_id TEXT NOT NULL REFERENCES sessions (session_id),
+        seq        INTEGER NOT NULL,
+        kind       TEXT NOT NULL,
+        payload    BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+",
+    // Version 2: integer session keys; events stored a batch per row (the
+    // events of one append, in insertion order), each carrying the session's
+    // usage after it and the batch's step records (a session's last seq,
+    // usage and update time are those of its last batch); pending
+    // approvals; durable cancellation. Event payloads no longer repeat the
+    // session id and time (columns hold them); version-1 payloads still
+    // decode, their copies are simply overwritten on read.
+    r"
+    CREATE TABLE sessions_v2 (
+        session_key        INTEGER PRIMARY KEY,
+        session_id         TEXT NOT NULL UNIQUE,
+        tenant             TEXT NOT NULL,
+        agent              TEXT NOT NULL,
+        input              TEXT NOT NULL,
+        status             TEXT NOT NULL,
+        stop_reason        TEXT NOT NULL,
+        metadata_json      TEXT NOT NULL,
+        budget             BLOB NOT NULL,
+        idempotency_key    TEXT,
+        created_at         INTEGER NOT NULL,
+        final_output       TEXT NOT NULL,
+        sandbox_session_id TEXT,
+        cancel_reason      TEXT,
+        UNIQUE (tenant, idempotency_key)
+    );
+    INSERT INTO sessions_v2 (session_id, tenant, agent, input, status, stop_reason,
+        metadata_json, budget, idempotency_key, created_at, final_output, sandbox_session_id)
+        SELECT session_id, tenant, agent, input, status, stop_reason, metadata_json, budget,
+            idempotency_key, created_at, final_output, sandbox_session_id
+        FROM sessions ORDER BY created_at, session_id;
+    CREATE TABLE event_batches (
+        batch_id    INTEGER PRIMARY KEY,
+        session_key INTEGER NOT NULL,
+        first_seq   INTEGER NOT NULL,
+        last_seq    INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL,
+        events      BLOB NOT NULL,
+        steps       BLOB,
+        usage       BLOB NOT NULL
+    );
+    -- A version-1 event becomes a batch of one, kept in its old encoding (a
+    -- single SessionEvent) and marked by a negative first_seq.
+    INSERT INTO event_batches (session_key, first_seq, last_seq, created_at, events, usage)
+        SELECT v2.session_key, -e.seq, e.seq, e.created_at, e.payload, X''
+        FROM events e JOIN sessions_v2 v2 ON v2.session_id = e.session_id
+        ORDER BY e.created_at, v2.session_key, e.seq;
+    UPDATE event_batches SET usage = (
+            SELECT s.usage FROM sessions s JOIN sessions_v2 v2 ON v2.session_id = s.session_id
+            WHERE v2.session_key = event_batches.session_key)
+        WHERE last_seq = (SELECT MAX(x.last_seq) FROM event_batches x
+                          WHERE x.session_key = event_batches.session_key);
+    DROP TABLE events;
+    DROP TABLE sessions;
+    ALTER TABLE sessions_v2 RENAME TO sessions;
+    CREATE INDEX sessions_newest_first ON sessions (tenant, created_at DESC, session_id DESC);
+    CREATE INDEX sessions_by_status ON sessions (status);
+    CREATE UNIQUE INDEX event_batches_by_session ON event_batches (session_key, last_seq);
+    CREATE TABLE pending_approvals (
+        session_key INTEGER NOT NULL,
+        call_id     TEXT NOT NULL,
+        turn        INTEGER NOT NULL,
+        seq         INTEGER NOT NULL,
+        PRIMARY KEY (session_key, call_id)
+    ) WITHOUT ROWID;
+",
+];
+
+const SESSION_COLUMNS: &str = "s.session_id, s.tenant, s.agent, s.input, s.status, \
+     s.stop_reason, s.metadata_json, s.budget, b.usage, s.idempotency_key, s.created_at, \
+     COALESCE(b.created_at, s.created_at), COALESCE(b.last_seq, 0), s.final_output, \
+     s.sandbox_session_id, s.cancel_reason";
+
+/// A session with its last batch of events (none before the first).
+const SESSION_FROM: &str = "sessions s LEFT JOIN event_batches b \
+     ON b.session_key = s.session_key AND b.last_seq = \
+     (SELECT MAX(x.last_seq) FROM event_batches x WHERE x.session_key = s.session_key)";
+
+/// [`EventStore`] on an embedded SQLite database; see the module docs.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    writes: Mutex<mpsc::Sender<Box<dyn WriteJob>>>,
+    readers: Mutex<Vec<Connection>>,
+    /// Dropped with the store: ends the checkpoint thread.
+    _stop_checkpoints: Mutex<mpsc::Sender<()>>,
+}
+
+/// How often the checkpoint thread copies the WAL back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// How a write went wrong.
+#[derive(Debug)]
+enum WriteError {
+    /// Refused before writing anything; the rest of the group goes on.
+    Refused(StoreError),
+    /// Failed while writing: the group's transaction is rolled back.
+    Failed(StoreError),
+}
+
+type WriteResult<T> = Result<T, WriteError>;
+
+fn refused<T>(error: StoreError) -> WriteResult<T> {
+    Err(WriteError::Refused(error))
+}
+
+/// Refusal for checks that run before any write.
+fn check<T>(result: Result<T, StoreError>) -> WriteResult<T> {
+    result.map_err(WriteError::Refused)
+}
+
+/// Failure for statements that write.
+fn write_step<T>(result: Result<T, StoreError>) -> WriteResult<T> {
+    result.map_err(WriteError::Failed)
+}
+
+/// A write waiting for the writer thread.
+trait WriteJob: Send {
+    /// Runs the write inside the group's transaction.
+    fn run(
+        self: Box<Self>,
+        connection: &Connection,
+        memory: &mut WriterMemory,
+    ) -> Box<dyn WriteOutcome>;
+    /// The write cannot be attempted.
+    fn fail(self: Box<Self>, error: StoreError);
+}
+
+/// A write that ran; its caller hears about it once the group committed.
+trait WriteOutcome: Send {
+    /// True if it failed while writing (the group must roll back).
+    fn broke_the_group(&self) -> bool;
+    /// Answers the caller; `group_error` is set if the group did not commit.
+    fn complete(self: Box<Self>, group_error: Option<StoreError>);
+}
+
+struct Pending<T, F> {
+    work: F,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+struct Ran<T> {
+    result: WriteResult<T>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> WriteJob for Pending<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection, &mut WriterMemory) -> WriteResult<T> + Send + 'static,
+{
+    fn run(
+        self: Box<Self>,
+        connection: &Connection,
+        memory: &mut WriterMemory,
+    ) -> Box<dyn WriteOutcome> {
+        let this = *self;
+        Box::new(Ran {
+            result: (this.work)(connection, memory),
+            reply: this.reply,
+        })
+    }
+
+    fn fail(self: Box<Self>, error: StoreError) {
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+impl<T: Send> WriteOutcome for Ran<T> {
+    fn broke_the_group(&self) -> bool {
+        matches!(self.result, Err(WriteError::Failed(_)))
+    }
+
+    fn complete(self: Box<Self>, group_error: Option<StoreError>) {
+        let this = *self;
+        let result = match (this.result, group_error) {
+            (Err(WriteError::Refused(error) | WriteError::Failed(error)), _) => Err(error),
+            (Ok(_), Some(error)) => Err(error),
+            (Ok(value), None) => Ok(value),
+        };
+        // The caller may have gone away (its session was cancelled).
+        let _ = this.reply.send(result);
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` with the default
+    /// durability (`synchronous = NORMAL`) and migrates it.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, SqliteSynchronous::default()).await
+    }
+
+    /// Opens the database with the given durability setting.
+    pub async fn open_with(
+        path: &Path,
+        synchronous: SqliteSynchronous,
+    ) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path, synchronous))
+            .await
+            .map_err(StoreError::Task)?
+    }
+
+    fn open_blocking(path: &Path, synchronous: SqliteSynchronous) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let mut connection = open_connection(path)?;
+        let open_error = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        // WAL lets readers proceed during writes. NORMAL: a commit is in the
+        // OS before it returns (safe from any process crash); FULL: also on
+        // disk (safe from power loss), at one disk flush per commit group.
+        connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_error)?;
+        let level = match synchronous {
+            SqliteSynchronous::Normal => "NORMAL",
+            SqliteSynchronous::Full => "FULL",
+        };
+        connection
+            .pragma_update(None, "synchronous", level)
+            .map_err(open_error)?;
+        // The writer touches the recent pages of every active session; keep
+        // them in memory (64 MiB) instead of re-reading them from the OS.
+        // Checkpoints run on a thread of their own (below), never inside a
+        // commit, so copying the WAL back (and, with FULL, syncing it) does
+        // not stall every session waiting on that commit.
+        connection
+            .pragma_update(None, "cache_size", -65536)
+            .map_err(open_error)?;
+        connection
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(open_error)?;
+        // Statement journals in memory, not in temp files.
+        connection
+            .pragma_update(None, "temp_store", "MEMORY")
+            .map_err(open_error)?;
+        migrate(&mut connection)?;
+        let checkpoints = open_connection(path)?;
+        let thread_error = |source| StoreError::Thread {
+            path: path.to_owned(),
+            source,
+        };
+        let (writes, jobs) = mpsc::channel::<Box<dyn WriteJob>>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".to_owned())
+            .spawn(move || writer_loop(connection, &jobs))
+            .map_err(thread_error)?;
+        let (stop_checkpoints, stopped) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".to_owned())
+            .spawn(move || checkpoint_loop(&checkpoints, &stopped))
+            .map_err(thread_error)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                writes: Mutex::new(writes),
+                readers: Mutex::new(Vec::new()),
+                _stop_checkpoints: Mutex::new(stop_checkpoints),
+            }),
+        })
+    }
+
+    /// Runs `work` on the writer thread inside the next commit group.
+    fn write<T, F>(&self, work: F) -> BoxFuture<'static, Result<T, StoreError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut WriterMemory) -> WriteResult<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn WriteJob> = Box::new(Pending { work, reply });
+        let sent = self
+            .inner
+            .writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(job);
+        Box::pin(async move {
+            if sent.is_err() {
+                return Err(StoreError::WriterGone);
+            }
+            answer.await.map_err(|_| StoreError::WriterGone)?
+        })
+    }
+
+    /// Runs `read` with a read connection on the blocking pool.
+    fn read<T, F>(&self, read: F) -> BoxFuture<'static, Result<T, StoreError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let idle = inner
+                    .readers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop();
+                let connection = match idle {
+                    Some(connection) => connection,
+                    None => open_connection(&inner.path)?,
+                };
+                let result = read(&connection);
+                let mut readers = inner.readers.lock().unwrap_or_else(PoisonError::into_inner);
+                if readers.len() < MAX_IDLE_READERS {
+                    readers.push(connection);
+                }
+                result
+            })
+            .await
+            .map_err(StoreError::Task)?
+        })
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let open_error = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let connection = Connection::open(path).map_err(open_error)?;
+    connection
+        .busy_timeout(Duration::from_secs(5))
+        .map_err(open_error)?;
+    Ok(connection)
+}
+
+/// The writer thread: takes every write waiting, runs them in one
+/// transaction, commits, then answers all of them. Ends when the store
+/// (every clone of it) is dropped.
+fn writer_loop(mut connection: Connection, jobs: &mpsc::Receiver<Box<dyn WriteJob>>) {
+    let mut memory = WriterMemory::default();
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_group(&mut connection, &mut memory, group);
+    }
+}
+
+/// Copies committed WAL frames back into the database every
+/// [`CHECKPOINT_EVERY`] without blocking the writer (PASSIVE), until the
+/// store is dropped; then one last checkpoint.
+fn checkpoint_loop(connection: &Connection, stop: &mpsc::Receiver<()>) {
+    loop {
+        let stopping = !matches!(
+            stop.recv_timeout(CHECKPOINT_EVERY),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        );
+        if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(%error, "WAL checkpoint failed; retrying later");
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// What the writer remembers between writes: being the only writer, it
+/// knows each running session's append state after its last write and need
+/// not read it back every time. Forgotten when a group rolls back.
+#[derive(Default)]
+struct WriterMemory {
+    sessions: HashMap<String, AppendState>,
+}
+
+fn commit_group(
+    connection: &mut Connection,
+    memory: &mut WriterMemory,
+    group: Vec<Box<dyn WriteJob>>,
+) {
+    let transaction = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(transaction) => transaction,
+        Err(error) => {
+            let error = Arc::new(error);
+            for job in group {
+                job.fail(StoreError::Commit(Arc::clone(&error)));
+            }
+            return;
+        }
+    };
+    let mut outcomes: Vec<Box<dyn WriteOutcome>> = Vec::with_capacity(group.len());
+    let mut jobs = group.into_iter();
+    let mut broken = false;
+    for job in jobs.by_ref() {
+        let outcome = job.run(&transaction, memory);
+        broken = outcome.broke_the_group();
+        outcomes.push(outcome);
+        if broken {
+            break;
+        }
+    }
+    let group_error = if broken {
+        let _ = transaction.rollback();
+        Some(StoreError::GroupRolledBack)
+    } else {
+        transaction
+            .commit()
+            .err()
+            .map(|error| StoreError::Commit(Arc::new(error)))
+    };
+    if group_error.is_some() {
+        memory.sessions.clear();
+    }
+    let rerun_error = || StoreError::GroupRolledBack;
+    for outcome in outcomes {
+        outcome.complete(group_error.as_ref().map(|_| rerun_error()));
+    }
+    for job in jobs {
+        job.fail(rerun_error());
+    }
+    if let Some(StoreError::Commit(error)) = &group_error {
+        tracing::error!(%error, "committing a group of writes failed");
+    }
+}
+
+fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
+    let read_version = |connection: &Connection| {
+        connection
+            .pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))
+            .map_err(|source| StoreError::Migrate { version: 0, source })
+    };
+    let found = usize::try_from(read_version(connection)?).unwrap_or(usize::MAX);
+    if found > MIGRATIONS.len() {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: MIGRATIONS.len(),
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found) {
+        let version = index + 1;
+        let migrate_error = |source| StoreError::Migrate { version, source };
+        let transaction = connection.transaction().map_err(migrate_error)?;
+        transaction.execute_batch(sql).map_err(migrate_error)?;
+        transaction
+            .pragma_update(None, "user_version", version)
+            .map_err(migrate_error)?;
+        transaction.commit().map_err(migrate_error)?;
+    }
+    Ok(())
+}
+
+fn query_error(operation: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Query { operation, source }
+}
+
+fn to_micros(time: SystemTime) -> i64 {
+    let micros = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros();
+    i64::try_from(micros).unwrap_or(i64::MAX)
+}
+
+fn from_micros(micros: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+}
+
+fn seq_to_sql(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// A session row with its columns still encoded.
+struct SessionRow {
+    session_id: String,
+    tenant: String,
+    agent: String,
+    input: String,
+    status: String,
+    stop_reason: String,
+    metadata_json: String,
+    budget: Vec<u8>,
+    usage: Option<Vec<u8>>,
+    idempotency_key: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+    last_seq: i64,
+    final_output: String,
+    sandbox_session_id: Option<String>,
+    cancel_reason: Option<String>,
+}
+
+impl SessionRow {
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            session_id: row.get(0)?,
+            tenant: row.get(1)?,
+            agent: row.get(2)?,
+            input: row.get(3)?,
+            status: row.get(4)?,
+            stop_reason: row.get(5)?,
+            metadata_json: row.get(6)?,
+            budget: row.get(7)?,
+            usage: row.get(8)?,
+            idempotency_key: row.get(9)?,
+            created_at: row.get(10)?,
+            updated_at: row.get(11)?,
+            last_seq: row.get(12)?,
+            final_output: row.get(13)?,
+            sandbox_session_id: row.get(14)?,
+            cancel_reason: row.get(15)?,
+        })
+    }
+
+    fn decode(self) -> Result<SessionRecord, StoreError> {
+        let corrupt =
+            |what: &str| StoreError::Corrupt(format!("session {}: {what}", self.session_id));
+        let status = SessionStatus::from_str_name(&self.status)
+            .ok_or_else(|| corrupt(&format!("unknown status {:?}", self.status)))?;
+        let stop_reason = StopReason::from_str_name(&self.stop_reason)
+            .ok_or_else(|| corrupt(&format!("unknown stop reason {:?}", self.stop_reason)))?;
+        let metadata = serde_json::from_str(&self.metadata_json)
+            .map_err(|error| corrupt(&format!("metadata: {error}")))?;
+        let budget = BudgetLimits::decode(self.budget.as_slice())
+            .map_err(|error| corrupt(&format!("budget: {error}")))?;
+        let usage = BudgetUsage::decode(self.usage.as_deref().unwrap_or_default())
+            .map_err(|error| corrupt(&format!("usage: {error}")))?;
+        Ok(SessionRecord {
+            status,
+            stop_reason,
+            metadata,
+            budget,
+            usage,
+            created_at: from_micros(self.created_at),
+            updated_at: from_micros(self.updated_at),
+            last_seq: u64::try_from(self.last_seq).unwrap_or(0),
+            session_id: self.session_id,
+            tenant: self.tenant,
+            agent: self.agent,
+            input: self.input,
+            idempotency_key: self.idempotency_key,
+            final_output: self.final_output,
+            sandbox_session_id: self.sandbox_session_id,
+            cancel_reason: self.cancel_reason,
+        })
+    }
+}
+
+/// The session matching `condition` (written against `s`, the sessions
+/// table, and `p`, its progress).
+fn select_session(
+    connection: &Connection,
+    condition: &str,
+    params: impl rusqlite::Params,
+) -> Result<Option<SessionRecord>, StoreError> {
+    let sql = format!("SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE {condition}");
+    let row = connection
+        .prepare_cached(&sql)
+        .and_then(|mut statement| statement.query_row(params, SessionRow::read).optional())
+        .map_err(query_error("read a session"))?;
+    row.map(SessionRow::decode).transpose()
+}
+
+fn session_key(connection: &Connection, session_id: &str) -> Result<Option<i64>, StoreError> {
+    connection
+        .prepare_cached("SELECT session_key FROM sessions WHERE session_id = ?1")
+        .and_then(|mut statement| {
+            statement
+                .query_row([session_id], |row| row.get(0))
+                .optional()
+        })
+        .map_err(query_error("find a session"))
+}
+
+fn create_session(connection: &Connection, new: &NewSession) -> WriteResult<CreatedSession> {
+    let now = to_micros(SystemTime::now());
+    let metadata_json = check(
+        serde_json::to_string(&new.metadata)
+            .map_err(|error| StoreError::Corrupt(format!("metadata: {error}"))),
+    )?;
+    let inserted = write_step(
+        connection
+            .execute(
+                "INSERT INTO sessions (session_id, tenant, agent, input, status, stop_reason, \
+                 metadata_json, budget, idempotency_key, created_at, final_output) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '') \
+                 ON CONFLICT (tenant, idempotency_key) DO NOTHING",
+                params![
+                    new.session_id,
+                    new.tenant,
+                    new.agent,
+                    new.input,
+                    SessionStatus::Pending.as_str_name(),
+                    StopReason::Unspecified.as_str_name(),
+                    metadata_json,
+                    new.budget.encode_to_vec(),
+                    new.idempotency_key,
+                    now,
+                ],
+            )
+            .map_err(query_error("create a session")),
+    )?;
+    let created = inserted == 1;
+    let session = if created {
+        select_session(connection, "s.session_id = ?1", [&new.session_id])
+    } else {
+        select_session(
+            connection,
+            "s.tenant = ?1 AND s.idempotency_key = ?2",
+            params![new.tenant, new.idempotency_key],
+        )
+    };
+    let session = write_step(session)?
+        .ok_or_else(|| WriteError::Failed(StoreError::UnknownSession(new.session_id.clone())))?;
+    Ok(CreatedSession { session, created })
+}
+
+/// A session as an append sees it.
+#[derive(Clone)]
+struct AppendState {
+    key: i64,
+    last_seq: u64,
+    status: SessionStatus,
+    stop_reason: StopReason,
+    final_output: String,
+    usage: BudgetUsage,
+}
+
+fn read_append_state(connection: &Connection, session_id: &str) -> Result<AppendState, StoreError> {
+    let row = connection
+        .prepare_cached(
+            "SELECT s.session_key, COALESCE(b.last_seq, 0), s.status, s.stop_reason, \
+             s.final_output, b.usage FROM sessions s LEFT JOIN event_batches b \
+             ON b.session_key = s.session_key AND b.last_seq = \
+             (SELECT MAX(x.last_seq) FROM event_batches x WHERE x.session_key = s.session_key) \
+             WHERE s.session_id = ?1",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row([session_id], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, Option<Vec<u8>>>(5)?,
+                    ))
+                })
+                .optional()
+        })
+        .map_err(query_error("read a session for appending"))?
+        .ok_or_else(|| StoreError::UnknownSession(session_id.to_owned()))?;
+    let corrupt = |what: String| StoreError::Corrupt(format!("session {session_id}: {what}"));
+    Ok(AppendState {
+        key: row.0,
+        last_seq: u64::try_from(row.1).unwrap_or(0),
+        status: SessionStatus::from_str_name(&row.2)
+            .ok_or_else(|| corrupt(format!("unknown status {:?}", row.2)))?,
+        stop_reason: StopReason::from_str_name(&row.3)
+            .ok_or_else(|| corrupt(format!("unknown stop reason {:?}", row.3)))?,
+        final_output: row.4,
+        usage: BudgetUsage::decode(row.5.as_deref().unwrap_or_default())
+            .map_err(|error| corrupt(format!("usage: {error}")))?,
+    })
+}
+
+fn pending_call_ids(connection: &Connection, key: i64) -> Result<Vec<String>, StoreError> {
+    let mut statement = connection
+        .prepare_cached("SELECT call_id FROM pending_approvals WHERE session_key = ?1")
+        .map_err(query_error("read pending approvals"))?;
+    let rows = statement
+        .query_map([key], |row| row.get(0))
+        .map_err(query_error("read pending approvals"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(query_error("read pending approvals"))
+}
+
+/// The events of one append, as stored.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredBatch {
+    /// Each without session id and time (columns hold them).
+    #[prost(message, repeated, tag = "1")]
+    events: Vec<SessionEvent>,
+}
+
+/// Step records as stored in a batch row.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredSteps {
+    #[prost(message, repeated, tag = "1")]
+    steps: Vec<StoredStep>,
+}
+
+/// One step record.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredStep {
+    #[prost(string, tag = "1")]
+    step: String,
+    #[prost(bytes = "vec", tag = "2")]
+    payload: Vec<u8>,
+}
+
+fn encode_steps(steps: Vec<StepRecord>) -> Option<Vec<u8>> {
+    (!steps.is_empty()).then(|| {
+        StoredSteps {
+            steps: steps
+                .into_iter()
+                .map(|step| StoredStep {
+                    step: step.step,
+                    payload: step.payload,
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    })
+}
+
+fn append_events(
+    connection: &Connection,
+    memory: &mut WriterMemory,
+    session_id: &str,
+    events: Vec<NewEvent>,
+    steps: Vec<StepRecord>,
+) -> WriteResult<Vec<SessionEvent>> {
+    // Check everything first: a refused append writes nothing.
+    let remembered = memory.sessions.get(session_id).cloned();
+    let mut state = match remembered {
+        Some(state) => state,
+        None => check(read_append_state(connection, session_id))?,
+    };
+    let key = state.key;
+    let status_before = (state.status, state.stop_reason);
+    let touches_approvals = events.iter().any(|event| {
+        matches!(
+            event.kind,
+            Kind::ApprovalRequested(_) | Kind::ApprovalResolved(_) | Kind::Finished(_)
+        )
+    });
+    let mut pending = if touches_approvals {
+        check(pending_call_ids(connection, key))?
+    } else {
+        Vec::new()
+    };
+    if events.is_empty() && !steps.is_empty() {
+        return refused(StoreError::StepsWithoutEvents(session_id.to_owned()));
+    }
+    // Time as stored (microseconds), so an event reads back exactly as returned.
+    let now_micros = to_micros(SystemTime::now());
+    let now = from_micros(now_micros);
+    let mut stored = Vec::with_capacity(events.len());
+    let mut approvals_added = Vec::new();
+    let mut approvals_resolved = Vec::new();
+    let mut outcome_changed = false;
+    for NewEvent { turn, kind } in events {
+        if state.status == SessionStatus::Finished {
+            return refused(StoreError::SessionFinished(session_id.to_owned()));
+        }
+        state.last_seq += 1;
+        match &kind {
+            Kind::ApprovalRequested(requested) => {
+                pending.push(requested.call_id.clone());
+                approvals_added.push((requested.call_id.clone(), turn, state.last_seq));
+                state.status = SessionStatus::AwaitingApproval;
+            }
+            Kind::ApprovalResolved(resolved) => {
+                let Some(position) = pending.iter().position(|id| *id == resolved.call_id) else {
+                    return refused(StoreError::ApprovalNotPending {
+                        session_id: session_id.to_owned(),
+                        call_id: resolved.call_id.clone(),
+                    });
+                };
+                pending.remove(position);
+                approvals_resolved.push(resolved.call_id.clone());
+                // Resolving one of several pending approvals keeps the session waiting.
+                if pending.is_empty() {
+                    state.status = SessionStatus::Running;
+                }
+            }
+            Kind::Finished(_) => pending.clear(),
+            _ => {}
+        }
+        if !matches!(kind, Kind::ApprovalResolved(_))
+            && let Some(status) = event::status_after(&kind)
+        {
+            state.status = status;
+        }
+        if let Some((stop_reason, final_output)) = event::outcome_of(&kind) {
+            state.stop_reason = stop_reason;
+            state.final_output = final_output.to_owned();
+            outcome_changed = true;
+        }
+        event::apply_to_usage(&mut state.usage, &kind);
+        // Without session id and time, as stored; both are filled in below.
+        stored.push(SessionEvent {
+            session_id: String::new(),
+            seq: state.last_seq,
+            time: None,
+            turn,
+            kind: Some(kind),
+        });
+    }
+    // Now write: the batch as one row.
+    let first_seq = stored.first().map_or(state.last_seq, |event| event.seq);
+    let batch = StoredBatch { events: stored };
+    if !batch.events.is_empty() {
+        write_step(
+            connection
+                .prepare_cached(
+                    "INSERT INTO event_batches (session_key, first_seq, last_seq, created_at, \
+                     events, steps, usage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .and_then(|mut statement| {
+                    statement.execute(params![
+                        key,
+                        seq_to_sql(first_seq),
+                        seq_to_sql(state.last_seq),
+                        now_micros,
+                        batch.encode_to_vec(),
+                        encode_steps(steps),
+                        state.usage.encode_to_vec()
+                    ])
+                })
+                .map_err(query_error("append events")),
+        )?;
+    }
+    let mut stored = batch.events;
+    let time = harness_proto::timestamp_to_proto(now);
+    for event in &mut stored {
+        event.session_id = session_id.to_owned();
+        event.time = Some(time);
+    }
+    if touches_approvals {
+        write_step(write_approvals(
+            connection,
+            key,
+            &approvals_added,
+            &approvals_resolved,
+            state.status,
+        ))?;
+    }
+    let finished = state.status == SessionStatus::Finished;
+    if (state.status, state.stop_reason) != status_before || outcome_changed {
+        write_step(
+            connection
+                .prepare_cached(
+                    "UPDATE sessions SET status = ?2, stop_reason = ?3, final_output = ?4 \
+                     WHERE session_key = ?1",
+                )
+                .and_then(|mut statement| {
+                    statement.execute(params![
+                        key,
+                        state.status.as_str_name(),
+                        state.stop_reason.as_str_name(),
+                        state.final_output
+                    ])
+                })
+                .map_err(query_error("update a session's status")),
+        )?;
+    }
+    if finished {
+        memory.sessions.remove(session_id);
+    } else {
+        memory.sessions.insert(session_id.to_owned(), state);
+    }
+    Ok(stored)
+}
+
+fn write_approvals(
+    connection: &Connection,
+    key: i64,
+    added: &[(String, u32, u64)],
+    resolved: &[String],
+    status: SessionStatus,
+) -> Result<(), StoreError> {
+    for (call_id, turn, seq) in added {
+        connection
+            .prepare_cached(
+                "INSERT OR REPLACE INTO pending_approvals (session_key, call_id, turn, seq) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![key, call_id, turn, seq_to_sql(*seq)])
+            })
+            .map_err(query_error("record a pending approval"))?;
+    }
+    for call_id in resolved {
+        connection
+            .prepare_cached("DELETE FROM pending_approvals WHERE session_key = ?1 AND call_id = ?2")
+            .and_then(|mut statement| statement.execute(params![key, call_id]))
+            .map_err(query_error("resolve a pending approval"))?;
+    }
+    if status == SessionStatus::Finished {
+        connection
+            .prepare_cached("DELETE FROM pending_approvals WHERE session_key = ?1")
+            .and_then(|mut statement| statement.execute([key]))
+            .map_err(query_error("drop pending approvals"))?;
+    }
+    Ok(())
+}
+
+fn read_events(
+    connection: &Connection,
+    session_id: &str,
+    after_seq: u64,
+    limit: usize,
+) -> Result<Vec<SessionEvent>, StoreError> {
+    let Some(key) = session_key(connection, session_id)? else {
+        return Ok(Vec::new());
+    };
+    let mut statement = connection
+        .prepare_cached(
+            "SELECT first_seq, last_seq, events, created_at FROM event_batches \
+             WHERE session_key = ?1 AND last_seq > ?2 ORDER BY last_seq",
+        )
+        .map_err(query_error("read events"))?;
+    let mut rows = statement
+        .query(params![key, seq_to_sql(after_seq)])
+        .map_err(query_error("read events"))?;
+    let mut events = Vec::new();
+    while events.len() < limit {
+        let Some(row) = rows.next().map_err(query_error("read events"))? else {
+            break;
+        };
+        let first_seq: i64 = row.get(0).map_err(query_error("read events"))?;
+        let last_seq: i64 = row.get(1).map_err(query_error("read events"))?;
+        let encoded: Vec<u8> = row.get(2).map_err(query_error("read events"))?;
+        let created_at: i64 = row.get(3).map_err(query_error("read events"))?;
+        let corrupt = |error: prost::DecodeError| {
+            StoreError::Corrupt(format!(
+                "events up to {last_seq} of session {session_id}: {error}"
+            ))
+        };
+        // A negative first seq marks a single event migrated from schema 1.
+        let batch = if first_seq < 0 {
+            vec![SessionEvent::decode(encoded.as_slice()).map_err(corrupt)?]
+        } else {
+            StoredBatch::decode(encoded.as_slice())
+                .map_err(corrupt)?
+                .events
+        };
+        let time = harness_proto::timestamp_to_proto(from_micros(created_at));
+        for mut event in batch {
+            if event.seq <= after_seq || events.len() >= limit {
+                continue;
+            }
+            event.session_id = session_id.to_owned();
+            event.time = Some(time);
+            events.push(event);
+        }
+    }
+    Ok(events)
+}
+
+fn list_sessions(connection: &Connection, query: &SessionQuery) -> Result<SessionPage, StoreError> {
+    let after = query
+        .page_token
+        .as_deref()
+        .map(parse_page_token)
+        .transpose()?;
+    let page_size = query.page_size.max(1);
+    let mut sql = format!("SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.tenant = ?1");
+    let mut values: Vec<rusqlite::types::Value> = vec![query.tenant.clone().into()];
+    if let Some(agent) = &query.agent {
+        values.push(agent.clone().into());
+        sql.push_str(&format!(" AND s.agent = ?{}", values.len()));
+    }
+    if let Some(status) = query.status {
+        values.push(status.as_str_name().to_owned().into());
+        sql.push_str(&format!(" AND s.status = ?{}", values.len()));
+    }
+    if let Some((created_at, session_id)) = after {
+        values.push(created_at.into());
+        values.push(session_id.into());
+        sql.push_str(&format!(
+            " AND (s.created_at, s.session_id) < (?{}, ?{})",
+            values.len() - 1,
+            values.len()
+        ));
+    }
+    // One extra row tells whether another page exists.
+    values.push(i64::try_from(page_size + 1).unwrap_or(i64::MAX).into());
+    sql.push_str(&format!(
+        " ORDER BY s.created_at DESC, s.session_id DESC LIMIT ?{}",
+        values.len()
+    ));
+    let mut statement = connection
+        .prepare(&sql)
+        .map_err(query_error("list sessions"))?;
+    let rows = statement
+        .query_map(rusqlite::params_from_iter(values), SessionRow::read)
+        .map_err(query_error("list sessions"))?;
+    let mut sessions = Vec::new();
+    for row in rows {
+        sessions.push(row.map_err(query_error("list sessions"))?.decode()?);
+    }
+    let next_page_token = if sessions.len() > page_size {
+        sessions.truncate(page_size);
+        sessions.last().map(page_token_after)
+    } else {
+        None
+    };
+    Ok(SessionPage {
+        sessions,
+        next_page_token,
+    })
+}
+
+fn page_token_after(session: &SessionRecord) -> String {
+    format!("{}.{}", to_micros(session.created_at), session.session_id)
+}
+
+fn parse_page_token(token: &str) -> Result<(i64, String), StoreError> {
+    let bad = || StoreError::BadPageToken(token.to_owned());
+    let (micros, session_id) = token.split_once('.').ok_or_else(bad)?;
+    let micros = micros.parse().map_err(|_| bad())?;
+    Ok((micros, session_id.to_owned()))
+}
+
+impl EventStore for SqliteStore {
+    fn create_session(&self, new: NewSession) -> BoxFuture<'_, Result<CreatedSession, StoreError>> {
+        self.write(move |connection, _| create_session(connection, &new))
+    }
+
+    fn find_by_idempotency_key(
+        &self,
+        tenant: String,
+        key: String,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
+        self.read(move |connection| {
+            select_session(
+                connection,
+                "s.tenant = ?1 AND s.idempotency_key = ?2",
+                params![tenant, key],
+            )
+        })
+    }
+
+    fn get_session(
+        &self,
+        tenant: String,
+        session_id: String,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
+        self.read(move |connection| {
+            select_session(
+                connection,
+                "s.tenant = ?1 AND s.session_id = ?2",
+                params![tenant, session_id],
+            )
+        })
+    }
+
+    fn list_sessions(&self, query: SessionQuery) -> BoxFuture<'_, Result<SessionPage, StoreError>> {
+        self.read(move |connection| list_sessions(connection, &query))
+    }
+
+    fn list_unfinished_sessions(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        self.read(|connection| {
+            let sql = format!(
+                "SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.status != ?1 \
+                 ORDER BY s.created_at"
+            );
+            let mut statement = connection
+                .prepare(&sql)
+                .map_err(query_error("list unfinished sessions"))?;
+            let rows = statement
+                .query_map([SessionStatus::Finished.as_str_name()], SessionRow::read)
+                .map_err(query_error("list unfinished sessions"))?;
+            let mut sessions = Vec::new();
+            for row in rows {
+                sessions.push(
+                    row.map_err(query_error("list unfinished sessions"))?
+                        .decode()?,
+                );
+            }
+            Ok(sessions)
+        })
+    }
+
+    fn set_sandbox_session(
+        &self,
+        session_id: String,
+        sandbox_session_id: String,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.write(move |connection, _| {
+            let updated = write_step(
+                connection
+                    .execute(
+                        "UPDATE sessions SET sandbox_session_id = ?2 WHERE session_id = ?1",
+                        params![session_id, sandbox_session_id],
+                    )
+                    .map_err(query_error("record the sandbox session")),
+            )?;
+            if updated == 0 {
+                // Nothing was written.
+                return refused(StoreError::UnknownSession(session_id));
+            }
+            Ok(())
+        })
+    }
+
+    fn append_events(
+        &self,
+        session_id: String,
+        events: Vec<NewEvent>,
+        steps: Vec<StepRecord>,
+    ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
+        self.write(move |connection, memory| {
+            append_events(connection, memory, &session_id, events, steps)
+        })
+    }
+
+    fn read_steps(&self, session_id: String) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>> {
+        self.read(move |connection| {
+            let Some(key) = session_key(connection, &session_id)? else {
+                return Ok(Vec::new());
+            };
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT last_seq, steps FROM event_batches \
+                     WHERE session_key = ?1 AND steps IS NOT NULL ORDER BY last_seq",
+                )
+                .map_err(query_error("read steps"))?;
+            let rows = statement
+                .query_map([key], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(query_error("read steps"))?;
+            let mut steps = Vec::new();
+            for row in rows {
+                let (seq, encoded) = row.map_err(query_error("read steps"))?;
+                let stored = StoredSteps::decode(encoded.as_slice()).map_err(|error| {
+                    StoreError::Corrupt(format!(
+                        "steps of event {seq} of session {session_id}: {error}"
+                    ))
+                })?;
+                steps.extend(stored.steps.into_iter().map(|step| StepRecord {
+                    step: step.step,
+                    payload: step.payload,
+                }));
+            }
+            Ok(steps)
+        })
+    }
+
+    fn pending_approvals(
+        &self,
+        session_id: String,
+    ) -> BoxFuture<'_, Result<Vec<PendingApproval>, StoreError>> {
+        self.read(move |connection| {
+            let Some(key) = session_key(connection, &session_id)? else {
+                return Ok(Vec::new());
+            };
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT call_id, turn FROM pending_approvals WHERE session_key = ?1 ORDER BY seq",
+                )
+                .map_err(query_error("read pending approvals"))?;
+            let rows = statement
+                .query_map([key], |row| {
+                    Ok(PendingApproval {
+                        call_id: row.get(0)?,
+                        turn: row.get(1)?,
+                    })
+                })
+                .map_err(query_error("read pending approvals"))?;
+            rows.collect::<Result<_, _>>()
+                .map_err(query_error("read pending approvals"))
+        })
+    }
+
+    fn request_cancel(
+        &self,
+        session_id: String,
+        reason: String,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.write(move |connection, _| {
+            let status: Option<String> = check(
+                connection
+                    .query_row(
+                        "SELECT status FROM sessions WHERE session_id = ?1",
+                        [&session_id],
+                        |row| row.get(0),
+                    )
+                    .optional()
+                    .map_err(query_error("read a session to cancel")),
+            )?;
+            match status.as_deref() {
+                None => return refused(StoreError::UnknownSession(session_id)),
+                Some(status) if status == SessionStatus::Finished.as_str_name() => {
+                    return refused(StoreError::SessionFinished(session_id));
+                }
+                Some(_) => {}
+            }
+            write_step(
+                connection
+                    .execute(
+                        "UPDATE sessions SET cancel_reason = ?2 WHERE session_id = ?1 \
+                         AND cancel_reason IS NULL",
+                        params![session_id, reason],
+                    )
+                    .map_err(query_error("record a cancellation")),
+            )?;
+            Ok(())
+        })
+    }
+
+    fn read_events(
+        &self,
+        session_id: String,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
+        self.read(move |connection| read_events(connection, &session_id, after_seq, limit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use harness_proto::control::v1::{
+        ModelTextDelta, SessionFinished, SessionStarted, ToolStarted,
+    };
+
+    use super::*;
+
+    async fn open_temp() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("nested/cp.db"))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    fn new_session(id: &str, key: Option<&str>) -> NewSession {
+        NewSession {
+            session_id: id.to_owned(),
+            tenant: "default".to_owned(),
+            agent: "demo".to_owned(),
+            input: "hello".to_owned(),
+            metadata: HashMap::from([("team".to_owned(), "core".to_owned())]),
+            budget: BudgetLimits {
+                max_turns: Some(5),
+                ..Default::default()
+            },
+            idempotency_key: key.map(str::to_owned),
+        }
+    }
+
+    fn delta(text: &str) -> Kind {
+        Kind::TextDelta(ModelTextDelta {
+            text: text.to_owned(),
+        })
+    }
+
+    #[tokio::test]
+    async fn created_session_reads_back_as_pending() {
+        let (_dir, store) = open_temp().await;
+        let created = store.create_session(new_session("s1", None)).await.unwrap();
+        assert!(created.created);
+        let record = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record, created.session);
+        assert_eq!(
+            (
+                record.status,
+                record.stop_reason,
+                record.last_seq,
+                record.input.as_str()
+            ),
+            (SessionStatus::Pending, StopReason::Unspecified, 0, "hello")
+        );
+        assert_eq!(record.metadata, new_session("s1", None).metadata);
+        assert_eq!(record.budget.max_turns, Some(5));
+    }
+
+    #[tokio::test]
+    async fn repeated_idempotency_key_returns_the_first_session() {
+        let (_dir, store) = open_temp().await;
+        let first = store
+            .create_session(new_session("s1", Some("k")))
+            .await
+            .unwrap();
+        let again = store
+            .create_session(new_session("s2", Some("k")))
+            .await
+            .unwrap();
+        assert!(first.created);
+        assert!(!again.created);
+        assert_eq!(again.session, first.session);
+        let other_tenant = NewSession {
+            tenant: "other".to_owned(),
+            ..new_session("s3", Some("k"))
+        };
+        assert!(store.create_session(other_tenant).await.unwrap().created);
+        let found = store
+            .find_by_idempotency_key("default".to_owned(), "k".to_owned())
+            .await
+            .unwrap();
+        assert_eq!(found.map(|s| s.session_id), Some("s1".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn other_tenants_cannot_see_a_session() {
+        let (_dir, store) = open_temp().await;
+        store.create_session(new_session("s1", None)).await.unwrap();
+        let seen = store
+            .get_session("intruder".to_owned(), "s1".to_owned())
+            .await
+            .unwrap();
+        assert_eq!(seen, None);
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_get_gap_free_unique_sequence_numbers() {
+        let (_dir, store) = open_temp().await;
+        store.create_session(new_session("s1", None)).await.unwrap();
+        let appends =
+            (0..40).map(|i| store.append_event("s1".to_owned(), 1, delta(&i.to_string())));
+        let mut seqs: Vec<u64> = futures::future::try_join_all(appends)
+            .await
+            .unwrap()
+            .iter()
+            .map(|event| event.seq)
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
+        let stored: Vec<u64> = store
+            .read_events("s1".to_owned(), 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|event| event.seq)
+            .collect();
+        assert_eq!(stored, seqs);
+    }
+
+    #[tokio::test]
+    async fn read_events_returns_exactly_those_after_the_cursor() {
+        let (_dir, store) = open_temp().await;
+        store.create_session(new_session("s1", None)).await.unwrap();
+        for text in ["a", "b", "c", "d"] {
+            store
+                .append_event("s1".to_owned(), 1, delta(text))
+                .await
+                .unwrap();
+        }
+        let events = store.read_events("s1".to_owned(), 2, 1).await.unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.seq, e.kind.clone()))
+                .collect::<Vec<_>>(),
+            [(3, Some(delta("c")))]
+        );
+        assert_eq!(store.read_events("s1".to_owned(), 4, 10).await.unwrap(), []);
+    }
+
+    #[tokio::test]
+    async fn events_drive_status_usage_and_close_the_log_at_finished() {
+        let (_dir, store) = open_temp().await;
+        store.create_session(new_session("s1", None)).await.unwrap();
+        store
+            .append_event("s1".to_owned(), 0, Kind::Started(SessionStarted::default()))
+            .await
+            .unwrap();
+        let running = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(running.status, SessionStatus::Running);
+        store
+            .append_event(
+                "s1".to_owned(),
+                1,
+                Kind::ToolStarted(ToolStarted::default()),
+            )
+            .await
+            .unwrap();
+        let finished = Kind::Finished(SessionFinished {
+            stop_reason: StopReason::Completed.into(),
+            final_output: "done".to_owned(),
+            ..Default::default()
+        });
+        store
+            .append_event("s1".to_owned(), 1, finished)
+            .await
+            .unwrap();
+        let record = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                record.status,
+                record.stop_reason,
+                record.final_output.as_str(),
+                record.last_seq
+            ),
+            (SessionStatus::Finished, StopReason::Completed, "done", 3)
+        );
+        assert_eq!(record.usage.tool_calls, 1);
+        let late = store.append_event("s1".to_owned(), 1, delta("late")).await;
+        assert!(matches!(late, Err(StoreError::SessionFinished(id)) if id == "s1"));
+        assert_eq!(store.list_unfinished_sessions().await.unwrap(), []);
+    }
+
+    #[tokio::test]
+    async fn appending_to_an_unknown_session_fails() {
+        let (_dir, store) = open_temp().await;
+        let result = store.append_event("nope".to_owned(), 0, delta("x")).await;
+        assert!(matches!(result, Err(StoreError::UnknownSession(id)) if id == "nope"));
+    }
+
+    #[tokio::test]
+    async fn sequence_numbers_continue_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.db");
+        {
+            let store = SqliteStore::open(&path).await.unwrap();
+            store.create_session(new_session("s1", None)).await.unwrap();
+            store
+                .append_event("s1".to_owned(), 1, delta("a"))
+                .await
+                .unwrap();
+        }
+        let reopened = SqliteStore::open(&path).await.unwrap();
+        let event = reopened
+            .append_event("s1".to_owned(), 1, delta("b"))
+            .await
+            .unwrap();
+        assert_eq!(event.seq, 2);
+    }
+
+    #[tokio::test]
+    async fn sessions_list_newest_first_in_pages_with_filters() {
+        let (_dir, store) = open_temp().await;
+        for id in ["s1", "s2", "s3"] {
+            store.create_session(new_session(id, None)).await.unwrap();
+            // Distinct creation times make the expected order unambiguous.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let query = SessionQuery {
+            tenant: "default".to_owned(),
+            page_size: 2,
+            ..Default::default()
+        };
+        let first = store.list_sessions(query.clone()).await.unwrap();
+        let second = store
+            .list_sessions(SessionQuery {
+                page_token: first.next_page_token.clone(),
+                ..query.clone()
+            })
+            .await
+            .unwrap();
+        let ids = |page: &SessionPage| -> Vec<String> {
+            page.sessions.iter().map(|s| s.session_id.clone()).collect()
+        };
+        assert_eq!(ids(&first), ["s3", "s2"]);
+        assert_eq!(ids(&second), ["s1"]);
+        assert_eq!(second.next_page_token, None);
+        let other_agent = store
+            .list_sessions(SessionQuery {
+                agent: Some("other".to_owned()),
+                ..query.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids(&other_agent), Vec::<String>::new());
+        let pending = store
+            .list_sessions(SessionQuery {
+                status: Some(SessionStatus::Pending),
+                page_size: 10,
+                ..query.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids(&pending), ["s3", "s2", "s1"]);
+        let bad = store
+            .list_sessions(SessionQuery {
+                page_token: Some("garbage".to_owned()),
+                ..query
+            })
+            .await;
+        assert!(matches!(bad, Err(StoreError::BadPageToken(_))));
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_is_migrated_with_its_sessions_and_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.db");
+        {
+            let connection = Connection::open(&path).unwrap();
+            connection.execute_batch(MIGRATIONS[0]).unwrap();
+            connection.pragma_update(None, "user_version", 1).unwrap();
+            let usage = BudgetUsage {
+                turns: 1,
+                ..Default::default()
+            };
+            connection
+                .execute(
+                    "INSERT INTO sessions VALUES ('s1', 'default', 'demo', 'hi', \
+                     'SESSION_STATUS_RUNNING', 'STOP_REASON_UNSPECIFIED', '{}', ?1, ?2, 'k1', \
+                     1000, 2000, 2, '', 'sb-1')",
+                    params![
+                        BudgetLimits::default().encode_to_vec(),
+                        usage.encode_to_vec()
+                    ],
+                )
+                .unwrap();
+            for (seq, text) in [(1, "a"), (2, "b")] {
+                let event = SessionEvent {
+                    session_id: "s1".to_owned(),
+                    seq,
+                    time: None,
+                    turn: 1,
+                    kind: Some(delta(text)),
+                };
+                connection
+                    .execute(
+                        "INSERT INTO events VALUES ('s1', ?1, 'text_delta', ?2, 1500)",
+                        params![seq_to_sql(seq), event.encode_to_vec()],
+                    )
+                    .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        let session = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                session.last_seq,
+                session.usage.turns,
+                session.status,
+                session.sandbox_session_id.as_deref(),
+                session.idempotency_key.as_deref()
+            ),
+            (2, 1, SessionStatus::Running, Some("sb-1"), Some("k1"))
+        );
+        let texts = |events: Vec<SessionEvent>| -> Vec<(u64, Option<Kind>)> {
+            events.into_iter().map(|e| (e.seq, e.kind)).collect()
+        };
+        assert_eq!(
+            texts(store.read_events("s1".to_owned(), 0, 10).await.unwrap()),
+            [(1, Some(delta("a"))), (2, Some(delta("b")))]
+        );
+        let next = store
+            .append_event("s1".to_owned(), 1, delta("c"))
+            .await
+            .unwrap();
+        assert_eq!(next.seq, 3);
+        assert_eq!(
+            texts(store.read_events("s1".to_owned(), 1, 10).await.unwrap()),
+            [(2, Some(delta("b"))), (3, Some(delta("c")))]
+        );
+    }
+
+    #[tokio::test]
+    async fn batches_append_atomically_and_read_back_event_by_event() {
+        let (_dir, store) = open_temp().await;
+        store.create_session(new_session("s1", None)).await.unwrap();
+        let batch = ["a", "b", "c"]
+            .map(|text| NewEvent::new(1, delta(text)))
+            .to_vec();
+        let step = StepRecord {
+            step: "model:1".to_owned(),
+            payload: vec![1, 2, 3],
+        };
+        let stored = store
+            .append_events("s1".to_owned(), batch, vec![step.clone()])
+            .await
+            .unwrap();
+        assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        // A cursor and a limit inside a batch.
+        let middle = store.read_events("s1".to_owned(), 1, 1).await.unwrap();
+        assert_eq!(middle, stored[1..2]);
+        assert_eq!(
+            store.read_events("s1".to_owned(), 0, 10).await.unwrap(),
+            stored
+        );
+        assert_eq!(store.read_steps("s1".to_owned()).await.unwrap(), [step]);
+        // Steps need an event to ride on; a refused write changes nothing.
+        let lonely = store
+            .append_events(
+                "s1".to_owned(),
+                Vec::new(),
+                vec![StepRecord {
+                    step: "x".to_owned(),
+                    payload: Vec::new(),
+                }],
+            )
+            .await;
+        assert!(matches!(lonely, Err(StoreError::StepsWithoutEvents(_))));
+        let session = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.last_seq, 3);
+    }
+
+    #[tokio::test]
+    async fn approvals_are_pending_until_resolved_once() {
+        let (_dir, store) = open_temp().await;
+        store.create_session(new_session("s1", None)).await.unwrap();
+        let requested = |call: &str| {
+            Kind::ApprovalRequested(harness_proto::control::v1::ApprovalRequested {
+                call_id: call.to_owned(),
+                ..Default::default()
+            })
+        };
+        let resolved = |call: &str| {
+            Kind::ApprovalResolved(harness_proto::control::v1::ApprovalResolved {
+                call_id: call.to_owned(),
+                ..Default::default()
+            })
+        };
+        store
+            .append_events(
+                "s1".to_owned(),
+                vec![
+                    NewEvent::new(2, requested("c1")),
+                    NewEvent::new(2, requested("c2")),
+                ],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        let status = |store: SqliteStore| async move {
+            store
+                .get_session("default".to_owned(), "s1".to_owned())
+                .await
+                .unwrap()
+                .unwrap()
+                .status
+        };
+        assert_eq!(status(store.clone()).await, SessionStatus::AwaitingApproval);
+        store
+            .append_event("s1".to_owned(), 2, resolved("c1"))
+            .await
+            .unwrap();
+        // One still waits.
+        assert_eq!(status(store.clone()).await, SessionStatus::AwaitingApproval);
+        assert_eq!(
+            store.pending_approvals("s1".to_owned()).await.unwrap(),
+            [PendingApproval {
+                call_id: "c2".to_owned(),
+                turn: 2
+            }]
+        );
+        let twice = store.append_event("s1".to_owned(), 2, resolved("c1")).await;
+        assert!(matches!(twice, Err(StoreError::ApprovalNotPending { .. })));
+        store
+            .append_event("s1".to_owned(), 2, resolved("c2"))
+            .await
+            .unwrap();
+        assert_eq!(status(store.clone()).await, SessionStatus::Running);
+        assert_eq!(store.pending_approvals("s1".to_owned()).await.unwrap(), []);
+    }
+
+    #[tokio::test]
+    async fn cancellation_is_recorded_once_and_refused_after_the_end() {
+        let (_dir, store) = open_temp().await;
+        store.create_session(new_session("s1", None)).await.unwrap();
+        store
+            .request_cancel("s1".to_owned(), "first".to_owned())
+            .await
+            .unwrap();
+        store
+            .request_cancel("s1".to_owned(), "second".to_owned())
+            .await
+            .unwrap();
+        let session = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.cancel_reason.as_deref(), Some("first"));
+        store
+            .append_event(
+                "s1".to_owned(),
+                0,
+                Kind::Finished(SessionFinished::default()),
+            )
+            .await
+            .unwrap();
+        let late = store
+            .request_cancel("s1".to_owned(), "late".to_owned())
+            .await;
+        assert!(matches!(late, Err(StoreError::SessionFinished(_))));
+        let unknown = store.request_cancel("nope".to_owned(), String::new()).await;
+        assert!(matches!(unknown, Err(StoreError::UnknownSession(_))));
+    }
+
+    #[tokio::test]
+    async fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.db");
+        let connection = Connection::open(&path).unwrap();
+        connection.pragma_update(None, "user_version", 99).unwrap();
+        drop(connection);
+        let error = SqliteStore::open(&path).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                StoreError::SchemaTooNew {
+                    found: 99,
+                    supported: 2
+                }
+            ),
+            "{error:?}"
+        );
+    }
+}
