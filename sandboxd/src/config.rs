@@ -96,6 +96,55 @@ pub struct SandboxdConfig {
     /// link-local or metadata address that the session has no CIDR for.
     /// Default: none.
     pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// The process backend (namespaced Linux sandboxes).
+    pub process: ProcessConfig,
+}
+
+/// The `[process]` section: the namespaced process backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    /// The `sandbox-init` program started as pid 1 of every process sandbox.
+    /// Default: `sandbox-init` next to the running sandboxd binary.
+    pub init_program: Option<PathBuf>,
+    /// First host uid (and gid) of the ranges sandbox users map to. Session
+    /// n gets the 65536 ids from `uid-base + n * 65536`, so no two live
+    /// sessions share a host id and none is ever host root. Must not overlap
+    /// real users. Default 1000000000 (10000 sessions stay below 2^31).
+    pub uid_base: u32,
+    /// cgroup under which session cgroups are created, as a path from the
+    /// hierarchy root (e.g. "/harness"). Default: sandboxd's own cgroup.
+    pub cgroup_parent: Option<String>,
+    /// pids limit per session when the policy does not set one. Default 512.
+    pub default_pids: u32,
+    /// Size of each sandbox's `/tmp` (and `/dev/shm`) tmpfs. Default 64 MiB.
+    pub tmp_bytes: u64,
+    /// Open-descriptor limit (RLIMIT_NOFILE) of sandboxed commands.
+    /// Default 1024.
+    pub max_open_files: u64,
+    /// How long a sandbox may take to build itself before `CreateSession`
+    /// fails. Default "10s".
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// After a command exits, how long to keep reading output that
+    /// background processes still write to its pipes. Default "50ms".
+    #[serde(with = "humantime_serde")]
+    pub output_grace: Duration,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            init_program: None,
+            uid_base: 1_000_000_000,
+            cgroup_parent: None,
+            default_pids: 512,
+            tmp_bytes: 64 << 20,
+            max_open_files: 1024,
+            start_timeout: Duration::from_secs(10),
+            output_grace: Duration::from_millis(50),
+        }
+    }
 }
 
 impl Default for SandboxdConfig {
@@ -119,6 +168,7 @@ impl Default for SandboxdConfig {
             epoch_tick: Duration::from_micros(500),
             tools_rescan_interval: Duration::from_secs(2),
             static_hosts: BTreeMap::new(),
+            process: ProcessConfig::default(),
         }
     }
 }
@@ -186,6 +236,16 @@ mod tests {
                 vec![IpAddr::from([10, 0, 0, 5])],
             )]
             .into(),
+            process: ProcessConfig {
+                init_program: Some(PathBuf::from("/usr/libexec/sandboxd/sandbox-init")),
+                uid_base: 1_500_000_000,
+                cgroup_parent: Some("/harness".to_owned()),
+                default_pids: 256,
+                tmp_bytes: 32 << 20,
+                max_open_files: 4096,
+                start_timeout: Duration::from_secs(5),
+                output_grace: Duration::from_millis(100),
+            },
         };
         assert_eq!(parsed, expected);
     }

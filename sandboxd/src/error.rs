@@ -45,6 +45,18 @@ impl From<ServiceError> for Status {
                 SessionError::HostLacks(_) => Status::failed_precondition(message),
                 SessionError::Destroyed(_) => Status::failed_precondition(message),
                 SessionError::Workspace(_) => Status::internal(message),
+                SessionError::NoProcessBackend(_) => Status::failed_precondition(message),
+                SessionError::Process(process) => match process {
+                    crate::process::ProcessError::HostLacks(_) => {
+                        Status::failed_precondition(message)
+                    }
+                    crate::process::ProcessError::Bind(_)
+                    | crate::process::ProcessError::Plan(_) => Status::invalid_argument(message),
+                    crate::process::ProcessError::NoIdRange(_) => {
+                        Status::resource_exhausted(message)
+                    }
+                    crate::process::ProcessError::Launch(_) => Status::internal(message),
+                },
             },
             ServiceError::Workspace(workspace) => match workspace {
                 WorkspaceError::OutsideWorkspace { .. } | WorkspaceError::Escape { .. } => {

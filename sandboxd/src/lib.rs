@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod network;
 pub mod probe;
+pub mod process;
 pub mod server;
 pub mod service;
 pub mod session;

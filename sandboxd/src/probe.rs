@@ -106,11 +106,51 @@ fn read_u64(path: &str) -> Option<u64> {
 }
 
 /// Finds cgroup mounts in `/proc/self/mountinfo` text.
-///
-/// A mountinfo line is `id parent major:minor root mountpoint options
-/// [optional fields...] - fstype source superoptions`.
 pub fn parse_cgroup_mounts(mountinfo: &str) -> CgroupLayout {
     let mut layout = CgroupLayout::default();
+    for mount in cgroup_mounts(mountinfo) {
+        if mount.v2 {
+            if layout.v2_mount.is_none() {
+                layout.v2_mount = Some(mount.mount_point);
+            }
+            continue;
+        }
+        for controller in mount.controllers {
+            if !layout.v1_controllers.contains(&controller) {
+                layout.v1_controllers.push(controller);
+            }
+        }
+    }
+    layout.v1_controllers.sort();
+    layout
+}
+
+/// One cgroup filesystem mount, as `/proc/self/mountinfo` lists it.
+///
+/// The session cgroups need more than [`CgroupLayout`] says: where each v1
+/// controller's hierarchy is mounted, and which part of the hierarchy the
+/// mount shows (containers often mount only their own subtree).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupMount {
+    /// `true` for a cgroup2 mount, `false` for a v1 hierarchy.
+    pub v2: bool,
+    /// The v1 controllers bound to the hierarchy, in mount-option order;
+    /// empty for cgroup2 and for named hierarchies such as `name=systemd`.
+    pub controllers: Vec<String>,
+    /// The cgroup path, within its hierarchy, that the mount's root shows
+    /// (mountinfo field 4; `/` unless a subtree was bind-mounted).
+    pub root: String,
+    /// Where it is mounted.
+    pub mount_point: String,
+}
+
+/// Every cgroup mount in `/proc/self/mountinfo` text, in mount order.
+///
+/// A mountinfo line is `id parent major:minor root mountpoint options
+/// [optional fields...] - fstype source superoptions`; `root` and
+/// `mountpoint` escape space, tab, newline and backslash as `\ooo` octal.
+pub fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
+    let mut mounts = Vec::new();
     for line in mountinfo.lines() {
         let Some((pre, post)) = line.split_once(" - ") else {
             continue;
@@ -119,25 +159,55 @@ pub fn parse_cgroup_mounts(mountinfo: &str) -> CgroupLayout {
         let fstype = post_fields.next().unwrap_or_default();
         let _source = post_fields.next();
         let super_options = post_fields.next().unwrap_or_default();
-        let mount_point = pre.split_whitespace().nth(4).unwrap_or_default();
+        let mut pre_fields = pre.split_whitespace();
+        let root = unescape_mountinfo(pre_fields.nth(3).unwrap_or_default());
+        let mount_point = unescape_mountinfo(pre_fields.next().unwrap_or_default());
         match fstype {
-            "cgroup2" if layout.v2_mount.is_none() => {
-                layout.v2_mount = Some(mount_point.to_owned());
-            }
-            "cgroup" => {
-                for option in super_options.split(',') {
-                    if is_v1_controller(option)
-                        && !layout.v1_controllers.iter().any(|c| c == option)
-                    {
-                        layout.v1_controllers.push(option.to_owned());
-                    }
-                }
-            }
+            "cgroup2" => mounts.push(CgroupMount {
+                v2: true,
+                controllers: Vec::new(),
+                root,
+                mount_point,
+            }),
+            "cgroup" => mounts.push(CgroupMount {
+                v2: false,
+                controllers: super_options
+                    .split(',')
+                    .filter(|option| is_v1_controller(option))
+                    .map(str::to_owned)
+                    .collect(),
+                root,
+                mount_point,
+            }),
             _ => {}
         }
     }
-    layout.v1_controllers.sort();
-    layout
+    mounts
+}
+
+/// Undoes mountinfo's `\ooo` octal escapes.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 4)
+            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
+            .and_then(|digits| std::str::from_utf8(digits).ok())
+            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn is_v1_controller(option: &str) -> bool {
@@ -211,6 +281,38 @@ mod tests {
             }
         );
         assert_eq!(layout.version(), pb::CgroupVersion::Hybrid);
+    }
+
+    #[test]
+    fn cgroup_mounts_keep_roots_and_unescape_mount_points() {
+        let text = "\
+35 31 0:31 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+40 31 0:37 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /mnt/my\\040cgroup rw shared:3 - cgroup2 cgroup2 rw,nsdelegate
+";
+        assert_eq!(
+            cgroup_mounts(text),
+            vec![
+                CgroupMount {
+                    v2: false,
+                    controllers: vec!["memory".to_owned()],
+                    root: "/docker/abc".to_owned(),
+                    mount_point: "/sys/fs/cgroup/memory".to_owned(),
+                },
+                CgroupMount {
+                    v2: false,
+                    controllers: vec![],
+                    root: "/".to_owned(),
+                    mount_point: "/sys/fs/cgroup/systemd".to_owned(),
+                },
+                CgroupMount {
+                    v2: true,
+                    controllers: vec![],
+                    root: "/".to_owned(),
+                    mount_point: "/mnt/my cgroup".to_owned(),
+                },
+            ]
+        );
     }
 
     #[test]

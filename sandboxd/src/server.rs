@@ -140,7 +140,7 @@ pub async fn serve(
     };
     let _ = stop_housekeeping.send(());
     let _ = housekeeping.await;
-    let reports = daemon.sessions.destroy_all("shutdown");
+    let reports = daemon.sessions.destroy_all("shutdown").await;
     tracing::info!(
         sessions = reports.len(),
         "destroyed remaining sessions at shutdown"

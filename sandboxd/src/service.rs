@@ -16,6 +16,8 @@ use tonic::{Request, Response, Status};
 use crate::config::SandboxdConfig;
 use crate::error::ServiceError;
 use crate::probe::HostProbe;
+use crate::process::exec_tool::{EXEC_TOOL, ParsedExec};
+use crate::process::sandbox::Command;
 use crate::session::{Claim, InvocationRecord, Session, SessionManager};
 use crate::wasi::backend::{Completed, WasiBackend};
 
@@ -82,7 +84,7 @@ impl Sandboxd {
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = reap.tick() => { self.sessions.reap_expired(); }
+                _ = reap.tick() => { self.sessions.reap_expired().await; }
                 _ = rescan.tick() => self.wasi.rescan().await,
             }
         }
@@ -120,10 +122,17 @@ impl SandboxService for SandboxApi {
                     available: true,
                     reason: String::new(),
                 },
-                pb::BackendAvailability {
-                    backend: pb::Backend::Process as i32,
-                    available: false,
-                    reason: "this build of sandboxd has no process backend yet (namespaced process sandbox)".to_owned(),
+                match daemon.sessions.process_backend().availability() {
+                    Ok(()) => pb::BackendAvailability {
+                        backend: pb::Backend::Process as i32,
+                        available: true,
+                        reason: String::new(),
+                    },
+                    Err(reason) => pb::BackendAvailability {
+                        backend: pb::Backend::Process as i32,
+                        available: false,
+                        reason,
+                    },
                 },
             ],
             isolation: Some(daemon.host.to_proto()),
@@ -131,7 +140,9 @@ impl SandboxService for SandboxApi {
                 max_sessions: config.max_sessions,
                 max_file_bytes: config.max_file_bytes,
                 max_input_bytes: config.max_input_bytes,
-                max_invocation_timeout: Some(harness_proto::duration_to_proto(config.max_invocation_timeout)),
+                max_invocation_timeout: Some(harness_proto::duration_to_proto(
+                    config.max_invocation_timeout,
+                )),
                 max_memory_bytes: config.max_memory_bytes,
             }),
             load: Some(pb::Load {
@@ -152,6 +163,13 @@ impl SandboxService for SandboxApi {
             .sessions
             .create(&policy, request.labels)
             .map_err(ServiceError::from)?;
+        if let Err(error) = self.daemon.sessions.start_process_sandbox(&session).await {
+            self.daemon
+                .sessions
+                .destroy(&session.id, "process sandbox failed to start")
+                .await;
+            return Err(ServiceError::from(error).into());
+        }
         tracing::info!(session = %session.id, "session created");
         Ok(Response::new(pb::CreateSessionResponse {
             session: Some(session.to_proto()),
@@ -188,13 +206,11 @@ impl SandboxService for SandboxApi {
         request: Request<pb::DestroySessionRequest>,
     ) -> Result<Response<pb::DestroySessionResponse>, Status> {
         let request = request.into_inner();
-        let daemon = Arc::clone(&self.daemon);
-        // Deleting a large workspace is blocking file-system work.
-        let report = tokio::task::spawn_blocking(move || {
-            daemon.sessions.destroy(&request.session_id, "requested")
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let report = self
+            .daemon
+            .sessions
+            .destroy(&request.session_id, "requested")
+            .await;
         Ok(Response::new(pb::DestroySessionResponse {
             report: Some(report),
         }))
@@ -204,7 +220,18 @@ impl SandboxService for SandboxApi {
         &self,
         _request: Request<pb::ListToolsRequest>,
     ) -> Result<Response<pb::ListToolsResponse>, Status> {
-        Ok(Response::new(self.daemon.wasi.list_tools()))
+        let mut tools = self.daemon.wasi.list_tools();
+        if self
+            .daemon
+            .sessions
+            .process_backend()
+            .availability()
+            .is_ok()
+        {
+            tools.tools.push(crate::process::exec_tool::tool());
+            tools.tools.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(Response::new(tools))
     }
 
     type InvokeStream = InvokeStream;
@@ -217,12 +244,21 @@ impl SandboxService for SandboxApi {
         let session = self.session(&request.session_id)?;
         let invocation_id = checked_invocation_id(&request.invocation_id)?;
         let call = match request.target {
+            Some(pb::invoke_request::Target::Wasi(call)) if call.tool == EXEC_TOOL => {
+                let parsed = crate::process::exec_tool::parse(&call.input_json);
+                return self
+                    .invoke_process(session, invocation_id, parsed, request.timeout)
+                    .await;
+            }
             Some(pb::invoke_request::Target::Wasi(call)) => call,
-            Some(pb::invoke_request::Target::Process(_)) => {
-                return Err(ServiceError::Unimplemented(
-                    "process invocations need the process backend, which this build of sandboxd does not have yet".to_owned(),
-                )
-                .into());
+            Some(pb::invoke_request::Target::Process(call)) => {
+                let parsed = Ok(ParsedExec {
+                    call,
+                    timeout: None,
+                });
+                return self
+                    .invoke_process(session, invocation_id, parsed, request.timeout)
+                    .await;
             }
             None => {
                 return Err(ServiceError::InvalidRequest(
@@ -311,6 +347,103 @@ impl SandboxService for SandboxApi {
 }
 
 impl SandboxApi {
+    /// Runs a command in the session's process sandbox, streaming its
+    /// output as it arrives. Idempotent by `invocation_id` like WASI calls.
+    async fn invoke_process(
+        &self,
+        session: Arc<Session>,
+        invocation_id: String,
+        parsed: Result<ParsedExec, pb::ToolError>,
+        requested_timeout: Option<prost_types::Duration>,
+    ) -> Result<Response<InvokeStream>, Status> {
+        session.process().map_err(ServiceError::from)?;
+        let requested = requested_timeout.or_else(|| {
+            parsed
+                .as_ref()
+                .ok()
+                .and_then(|p| p.timeout.map(harness_proto::duration_to_proto))
+        });
+        let timeout = effective_timeout(requested.as_ref(), session.policy.invocation_timeout);
+        let fingerprint = {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            format!("{parsed:?}").hash(&mut hasher);
+            timeout.hash(&mut hasher);
+            hasher.finish()
+        };
+        let started = pb::InvokeEvent {
+            event: Some(pb::invoke_event::Event::Started(pb::InvokeStarted {
+                invocation_id: invocation_id.clone(),
+                backend: pb::Backend::Process as i32,
+                digest: String::new(),
+            })),
+        };
+        let completion = match session.claim(&invocation_id, fingerprint) {
+            Claim::Existing(record) => {
+                let result = recorded_result(record, &invocation_id, fingerprint).await?;
+                let replay = vec![
+                    Ok(started),
+                    Ok(result_event(pb::InvokeResult {
+                        replayed: true,
+                        ..result
+                    })),
+                ];
+                return Ok(Response::new(Box::pin(futures::stream::iter(replay))));
+            }
+            Claim::New(completion) => completion,
+        };
+        let (sender, receiver) = mpsc::channel(64);
+        let max_output_bytes = session.policy.max_output_bytes;
+        tokio::spawn(async move {
+            let _ = sender.send(Ok(started)).await;
+            let result = match parsed.and_then(|p| command_of(p.call, timeout, max_output_bytes)) {
+                Err(error) => pb::InvokeResult {
+                    outcome: Some(pb::invoke_result::Outcome::Error(error)),
+                    usage: Some(pb::Usage::default()),
+                    replayed: false,
+                },
+                Ok(command) => {
+                    let _running = session.start_running();
+                    let (chunks, mut chunk_receiver) = mpsc::channel::<pb::OutputChunk>(64);
+                    let forward = {
+                        let sender = sender.clone();
+                        tokio::spawn(async move {
+                            while let Some(chunk) = chunk_receiver.recv().await {
+                                let _ = sender
+                                    .send(Ok(pb::InvokeEvent {
+                                        event: Some(pb::invoke_event::Event::Output(chunk)),
+                                    }))
+                                    .await;
+                            }
+                        })
+                    };
+                    let result = match session.process() {
+                        Ok(sandbox) => sandbox.run(command, chunks, session.cancelled()).await,
+                        Err(error) => {
+                            drop(chunks);
+                            pb::InvokeResult {
+                                outcome: Some(pb::invoke_result::Outcome::Error(pb::ToolError {
+                                    kind: pb::ErrorKind::Internal as i32,
+                                    message: error.to_string(),
+                                    violations: Vec::new(),
+                                })),
+                                usage: Some(pb::Usage::default()),
+                                replayed: false,
+                            }
+                        }
+                    };
+                    let _ = forward.await;
+                    result
+                }
+            };
+            session.complete(&invocation_id, fingerprint, result.clone());
+            let _ = completion.send(Some(result.clone()));
+            let _ = sender.send(Ok(result_event(result))).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
     fn session(&self, id: &str) -> Result<Arc<Session>, ServiceError> {
         Ok(self.daemon.sessions.get(id)?)
     }
@@ -377,6 +510,45 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))?
+}
+
+/// Checks a process call and turns it into a command.
+fn command_of(
+    call: pb::ProcessCall,
+    timeout: Duration,
+    max_output_bytes: u64,
+) -> Result<Command, pb::ToolError> {
+    let invalid = |message: &str| pb::ToolError {
+        kind: pb::ErrorKind::InvalidInput as i32,
+        message: message.to_owned(),
+        violations: Vec::new(),
+    };
+    let via_shell = !call.shell.is_empty();
+    let argv = match (call.argv.is_empty(), call.shell.is_empty()) {
+        (false, true) => call.argv,
+        (true, false) => vec!["/bin/sh".to_owned(), "-c".to_owned(), call.shell],
+        _ => return Err(invalid("set exactly one of argv and shell")),
+    };
+    let mut environment: Vec<(String, String)> = call.environment.into_iter().collect();
+    environment.sort();
+    for (name, value) in &environment {
+        if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
+            return Err(invalid(&format!("invalid environment variable {name:?}")));
+        }
+    }
+    Ok(Command {
+        argv,
+        cwd: if call.cwd.is_empty() {
+            crate::process::mount_plan::WORKSPACE.to_owned()
+        } else {
+            call.cwd
+        },
+        environment,
+        stdin: call.stdin,
+        timeout,
+        max_output_bytes,
+        via_shell,
+    })
 }
 
 fn checked_invocation_id(id: &str) -> Result<String, ServiceError> {

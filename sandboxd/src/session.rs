@@ -18,6 +18,8 @@ use crate::network::allowlist::Allowlist;
 use crate::network::http_egress::{EgressLog, EgressPolicy};
 use crate::network::resolver::Resolver;
 use crate::probe::HostProbe;
+use crate::process::sandbox::{ProcessSandbox, SandboxTeardown};
+use crate::process::{ProcessBackend, ProcessPolicy};
 use crate::workspace::{Workspace, WorkspaceError};
 
 /// Errors of session management.
@@ -44,6 +46,14 @@ pub enum SessionError {
     /// The session is being destroyed.
     #[error("sandbox session {0:?} is being destroyed")]
     Destroyed(String),
+    /// The process sandbox could not be started.
+    #[error(transparent)]
+    Process(#[from] crate::process::ProcessError),
+    /// The session has no process sandbox.
+    #[error(
+        "session {0:?} has no process sandbox: create it with BACKEND_PROCESS in policy.backends"
+    )]
+    NoProcessBackend(String),
 }
 
 /// A session policy with defaults applied and limits checked.
@@ -69,6 +79,8 @@ pub struct ResolvedPolicy {
     pub network: Arc<Allowlist>,
     /// Fuel (instruction budget) per WASI invocation, if metered.
     pub fuel: Option<u64>,
+    /// The process sandbox to build, if the policy asks for one.
+    pub process: Option<ProcessPolicy>,
 }
 
 /// Applies defaults and refuses what cannot be enforced (fail closed).
@@ -77,16 +89,11 @@ pub fn resolve_policy(
     config: &SandboxdConfig,
     host: &HostProbe,
 ) -> Result<ResolvedPolicy, SessionError> {
+    let mut wants_process = false;
     for backend in &policy.backends {
         match pb::Backend::try_from(*backend) {
             Ok(pb::Backend::Wasi) => {}
-            Ok(pb::Backend::Process) => {
-                return Err(SessionError::NotBuilt(
-                    "policy asks for the process backend, which this build of sandboxd does not have yet \
-                     (namespaced process sandbox); use backends = [BACKEND_WASI]"
-                        .to_owned(),
-                ));
-            }
+            Ok(pb::Backend::Process) => wants_process = true,
             _ => {
                 return Err(SessionError::InvalidPolicy(format!(
                     "unknown backend {backend}"
@@ -103,20 +110,16 @@ pub fn resolve_policy(
     }
     let network = Allowlist::from_policy(&policy.network.clone().unwrap_or_default())
         .map_err(|e| SessionError::InvalidPolicy(e.to_string()))?;
-    if policy
+    let binds = policy
         .filesystem
         .as_ref()
-        .is_some_and(|fs| !fs.binds.is_empty())
-    {
-        return Err(SessionError::NotBuilt(
-            "filesystem.binds apply to the process backend, which this build of sandboxd does not have yet".to_owned(),
-        ));
-    }
+        .map(|fs| fs.binds.clone())
+        .unwrap_or_default();
     let limits = policy.limits.unwrap_or_default();
-    if limits.pids != 0 || limits.cpu_millis != 0 {
-        return Err(SessionError::NotBuilt(
-            "limits.pids and limits.cpu_millis apply to the process backend, which this build of sandboxd \
-             does not have yet; leave them 0"
+    if !wants_process && (!binds.is_empty() || limits.pids != 0 || limits.cpu_millis != 0) {
+        return Err(SessionError::InvalidPolicy(
+            "filesystem.binds, limits.pids and limits.cpu_millis apply to the process backend: \
+             add BACKEND_PROCESS to policy.backends or leave them unset"
                 .to_owned(),
         ));
     }
@@ -146,7 +149,21 @@ pub fn resolve_policy(
         .filter(|v| *v != 0)
         .min()
         .unwrap_or(config.default_workspace_bytes);
+    let process = wants_process.then_some(ProcessPolicy {
+        memory_bytes,
+        pids: if limits.pids == 0 {
+            config.process.default_pids
+        } else {
+            limits.pids
+        },
+        cpu_millis: limits.cpu_millis,
+        max_file_bytes: workspace_bytes,
+        binds,
+        require_landlock: policy.require_landlock,
+        workspace_read_only: workspace.read_only,
+    });
     Ok(ResolvedPolicy {
+        process,
         fuel: (limits.fuel != 0).then_some(limits.fuel),
         network: Arc::new(network),
         environment: resolve_environment(policy)?,
@@ -237,6 +254,8 @@ pub struct Session {
     finished: AtomicU64,
     cancelled: Notify,
     invocations: Mutex<Invocations>,
+    process: std::sync::OnceLock<ProcessSandbox>,
+    id_slot: Mutex<Option<u32>>,
 }
 
 #[derive(Debug, Default)]
@@ -296,6 +315,13 @@ impl Session {
         RunningGuard {
             session: Arc::clone(self),
         }
+    }
+
+    /// The session's process sandbox.
+    pub fn process(&self) -> Result<&ProcessSandbox, SessionError> {
+        self.process
+            .get()
+            .ok_or_else(|| SessionError::NoProcessBackend(self.id.clone()))
     }
 
     /// Resolves when the session is destroyed.
@@ -392,6 +418,7 @@ pub struct SessionManager {
     host: Arc<HostProbe>,
     resolver: Resolver,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
+    process: ProcessBackend,
 }
 
 impl SessionManager {
@@ -399,6 +426,7 @@ impl SessionManager {
     pub fn new(config: Arc<SandboxdConfig>, host: Arc<HostProbe>) -> Self {
         let resolver = Resolver::new(config.static_hosts.clone());
         Self {
+            process: ProcessBackend::new(&config, Arc::clone(&host)),
             config,
             host,
             resolver,
@@ -406,9 +434,19 @@ impl SessionManager {
         }
     }
 
+    /// The process backend.
+    pub fn process_backend(&self) -> &ProcessBackend {
+        &self.process
+    }
+
     /// Deletes leftovers of a crashed instance: every entry in the sessions
-    /// directory (this instance has created none yet). Returns how many.
+    /// directory (this instance has created none yet) and every session
+    /// cgroup, killing what runs in it. Returns how many.
     pub fn clean_up_after_crash(&self) -> std::io::Result<usize> {
+        let cgroups = self.process.sweep_leftovers();
+        for cgroup in &cgroups {
+            tracing::warn!(cgroup = %cgroup.display(), "removed a cgroup left by a previous sandboxd instance");
+        }
         let dir = self.config.sessions_dir();
         std::fs::create_dir_all(&dir)?;
         let mut removed = 0;
@@ -470,9 +508,46 @@ impl SessionManager {
             finished: AtomicU64::new(0),
             cancelled: Notify::new(),
             invocations: Mutex::new(Invocations::default()),
+            process: std::sync::OnceLock::new(),
+            id_slot: Mutex::new(None),
         });
         self.write().insert(id, Arc::clone(&session));
         Ok(session)
+    }
+
+    /// Builds the process sandbox of a session whose policy asks for one
+    /// (no-op otherwise). On failure the caller destroys the session.
+    pub async fn start_process_sandbox(&self, session: &Arc<Session>) -> Result<(), SessionError> {
+        let Some(policy) = &session.policy.process else {
+            return Ok(());
+        };
+        let (slot, host_uid) = self.process.reserve_ids()?;
+        *lock(&session.id_slot) = Some(slot);
+        {
+            let mut workspace = lock(&session.workspace);
+            let workspace = workspace
+                .as_mut()
+                .ok_or_else(|| SessionError::Destroyed(session.id.clone()))?;
+            workspace
+                .set_owner(host_uid, host_uid)
+                .map_err(SessionError::Workspace)?;
+        }
+        let sandbox = self
+            .process
+            .launch(
+                &session.id,
+                slot,
+                policy,
+                &session.workspace_root,
+                session.policy.environment.clone(),
+                session.egress.clone(),
+            )
+            .await?;
+        tracing::info!(session = %session.id, init = sandbox.init_pid(), landlock = sandbox.landlock(), "process sandbox ready");
+        if let Err(sandbox) = session.process.set(sandbox) {
+            sandbox.destroy().await;
+        }
+        Ok(())
     }
 
     /// Looks a session up.
@@ -509,7 +584,7 @@ impl SessionManager {
     }
 
     /// Destroys a session completely. Idempotent.
-    pub fn destroy(&self, id: &str, cause: &str) -> pb::TeardownReport {
+    pub async fn destroy(&self, id: &str, cause: &str) -> pb::TeardownReport {
         let started = Instant::now();
         let Some(session) = self.write().remove(id) else {
             return pb::TeardownReport {
@@ -522,15 +597,28 @@ impl SessionManager {
         let running = session.running.load(Ordering::SeqCst);
         // Running invocations select on this and drop their stores.
         session.cancelled.notify_waiters();
-        let workspace = lock(&session.workspace).take();
         let mut report = pb::TeardownReport {
             session_id: id.to_owned(),
             cause: cause.to_owned(),
             invocations_cancelled: running,
-            wasi_stores_dropped: running,
+            wasi_stores_dropped: if session.process.get().is_some() {
+                0
+            } else {
+                running
+            },
             ..Default::default()
         };
-        match workspace.map(Workspace::remove) {
+        if let Some(sandbox) = session.process.get() {
+            add_sandbox_teardown(&mut report, sandbox.destroy().await);
+        }
+        if let Some(slot) = lock(&session.id_slot).take() {
+            self.process.release(slot);
+        }
+        let workspace = lock(&session.workspace).take();
+        let removed = tokio::task::spawn_blocking(move || workspace.map(Workspace::remove))
+            .await
+            .unwrap_or(None);
+        match removed {
             Some(Ok(stats)) => {
                 report.workspace_removed = true;
                 report.workspace_files_removed = stats.files;
@@ -554,23 +642,28 @@ impl SessionManager {
     }
 
     /// Destroys every session past its TTL or idle timeout.
-    pub fn reap_expired(&self) -> Vec<pb::TeardownReport> {
+    pub async fn reap_expired(&self) -> Vec<pb::TeardownReport> {
         let now = Instant::now();
         let expired: Vec<(String, &'static str)> = self
             .read()
             .values()
             .filter_map(|s| s.expiry_cause(now).map(|cause| (s.id.clone(), cause)))
             .collect();
-        expired
-            .into_iter()
-            .map(|(id, cause)| self.destroy(&id, cause))
-            .collect()
+        let mut reports = Vec::with_capacity(expired.len());
+        for (id, cause) in expired {
+            reports.push(self.destroy(&id, cause).await);
+        }
+        reports
     }
 
     /// Destroys every session (daemon shutdown).
-    pub fn destroy_all(&self, cause: &str) -> Vec<pb::TeardownReport> {
+    pub async fn destroy_all(&self, cause: &str) -> Vec<pb::TeardownReport> {
         let ids: Vec<String> = self.read().keys().cloned().collect();
-        ids.iter().map(|id| self.destroy(id, cause)).collect()
+        let mut reports = Vec::with_capacity(ids.len());
+        for id in ids {
+            reports.push(self.destroy(&id, cause).await);
+        }
+        reports
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Session>>> {
@@ -580,6 +673,14 @@ impl SessionManager {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Session>>> {
         self.sessions.write().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn add_sandbox_teardown(report: &mut pb::TeardownReport, teardown: SandboxTeardown) {
+    report.processes_killed = teardown.processes_killed;
+    report.mounts_removed = teardown.mounts_removed;
+    report.cgroups_removed = teardown.cgroups_removed;
+    report.network_removed = teardown.network;
+    report.errors.extend(teardown.errors);
 }
 
 /// The policy with secret values and initial file contents removed.
@@ -637,6 +738,7 @@ mod tests {
                 idle_timeout: config.default_idle_timeout,
                 network: Arc::new(Allowlist::default()),
                 fuel: None,
+                process: None,
             }
         );
     }
@@ -656,13 +758,16 @@ mod tests {
             resolve_policy(&bad_rule, &config, &host),
             Err(SessionError::InvalidPolicy(_))
         ));
-        let process = pb::SessionPolicy {
-            backends: vec![pb::Backend::Process as i32],
+        let pids_without_process = pb::SessionPolicy {
+            limits: Some(pb::ResourceLimits {
+                pids: 10,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         assert!(matches!(
-            resolve_policy(&process, &config, &host),
-            Err(SessionError::NotBuilt(_))
+            resolve_policy(&pids_without_process, &config, &host),
+            Err(SessionError::InvalidPolicy(_))
         ));
         let landlock = pb::SessionPolicy {
             require_landlock: true,
@@ -683,8 +788,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn create_then_destroy_removes_the_workspace_and_is_idempotent() {
+    #[tokio::test]
+    async fn create_then_destroy_removes_the_workspace_and_is_idempotent() {
         let tmp = tempfile::tempdir().unwrap();
         let manager = manager(&tmp);
         let policy = pb::SessionPolicy {
@@ -701,7 +806,7 @@ mod tests {
         let session = manager.create(&policy, HashMap::new()).unwrap();
         let root = session.workspace_root().to_owned();
         assert_eq!(std::fs::read(root.join("a/b.txt")).unwrap(), b"hi");
-        let report = manager.destroy(&session.id, "requested");
+        let report = manager.destroy(&session.id, "requested").await;
         assert!(
             report.workspace_removed && report.errors.is_empty(),
             "{report:?}"
@@ -714,15 +819,20 @@ mod tests {
             (1, 2)
         );
         assert!(!root.exists());
-        assert!(manager.destroy(&session.id, "requested").already_destroyed);
+        assert!(
+            manager
+                .destroy(&session.id, "requested")
+                .await
+                .already_destroyed
+        );
         assert!(matches!(
             manager.get(&session.id),
             Err(SessionError::NotFound(_))
         ));
     }
 
-    #[test]
-    fn idle_sessions_are_reaped() {
+    #[tokio::test]
+    async fn idle_sessions_are_reaped() {
         let tmp = tempfile::tempdir().unwrap();
         let manager = manager(&tmp);
         let policy = pb::SessionPolicy {
@@ -731,7 +841,7 @@ mod tests {
         };
         let session = manager.create(&policy, HashMap::new()).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        let reports = manager.reap_expired();
+        let reports = manager.reap_expired().await;
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].cause, "idle");
         assert!(!session.workspace_root().exists());

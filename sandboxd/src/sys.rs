@@ -96,3 +96,311 @@ pub fn deserialize_component(
     // to sandboxd (see THREAT_MODEL.md: the state dir is trusted).
     unsafe { wasmtime::component::Component::deserialize_file(engine, path) }
 }
+
+/// What the first process of a process sandbox executes once its user
+/// namespace is mapped: the `sandbox-init` program with no environment and
+/// the control socket as descriptor 3.
+#[derive(Debug)]
+pub struct InitExec {
+    /// Absolute path of the `sandbox-init` program.
+    pub program: std::ffi::CString,
+    /// Its argument vector (`argv[0]` included).
+    pub argv: Vec<std::ffi::CString>,
+    /// The child's end of the control socket; it becomes descriptor 3.
+    pub control_fd: std::os::fd::RawFd,
+}
+
+/// The descriptor number the control socket has inside `sandbox-init`.
+pub const INIT_CONTROL_FD: std::os::fd::RawFd = 3;
+
+/// Clones a child into new namespaces (`flags`) that waits for one byte on
+/// its control socket (the parent writes it after mapping the child's user
+/// namespace), becomes root of that namespace, and executes
+/// `sandbox-init`. Exits 1 if the parent went away first, 2 if it could not
+/// take the mapped ids, 127 if the exec failed.
+///
+/// The caller must run this on a thread that outlives the child, because
+/// the child's parent-death signal follows the cloning *thread*.
+pub fn clone_sandbox_init(
+    init: &InitExec,
+    flags: nix::sched::CloneFlags,
+) -> io::Result<nix::unistd::Pid> {
+    let program = init.program.as_ptr();
+    let mut argv: Vec<*const libc::c_char> = init.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let control_fd = init.control_fd;
+    let argv_ptr = argv.as_ptr();
+    let envp_ptr = envp.as_ptr();
+    let child = Box::new(move || -> isize {
+        // SAFETY: this runs in the cloned child of a possibly multi-threaded
+        // process, so it only makes raw, async-signal-safe system calls on
+        // memory prepared by the parent before the clone (`program`, `argv`,
+        // `envp` stay alive in the parent's frame, and the child has its own
+        // copy of that memory); it never allocates and never returns
+        // normally from a successful exec.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            let mut go = [0_u8; 1];
+            if libc::read(control_fd, go.as_mut_ptr().cast(), 1) != 1 {
+                libc::_exit(1);
+            }
+            // Raw calls: glibc's wrappers would try to broadcast the change to
+            // threads that exist only in the parent.
+            if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+                || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+            {
+                libc::_exit(2);
+            }
+            // Changing credentials cleared the parent-death signal: set it
+            // again, then make sure the parent did not die in between.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            let mut hangup = libc::pollfd {
+                fd: control_fd,
+                events: 0,
+                revents: 0,
+            };
+            if libc::poll(&mut hangup, 1, 0) != 0 && hangup.revents & libc::POLLHUP != 0 {
+                libc::_exit(1);
+            }
+            let moved = if control_fd == INIT_CONTROL_FD {
+                libc::fcntl(control_fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(control_fd, INIT_CONTROL_FD)
+            };
+            if moved == -1 {
+                libc::_exit(2);
+            }
+            libc::execve(program, argv_ptr, envp_ptr);
+            libc::_exit(127)
+        }
+    });
+    let mut stack = vec![0_u8; 64 * 1024];
+    // SAFETY: the callback above is async-signal-safe (see its comment) and
+    // does not touch the parent's locks or allocator, which is what `clone`
+    // of a multi-threaded process requires; `stack` outlives the call (the
+    // child runs on its own copy since CLONE_VM is not set).
+    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) };
+    drop(argv);
+    pid.map_err(io::Error::from)
+}
+
+/// Forks the calling process.
+///
+/// Only the sandbox init calls this; it is single-threaded, so the child may
+/// do anything the parent could.
+pub fn fork_single_threaded() -> io::Result<nix::unistd::ForkResult> {
+    // SAFETY: the caller (sandbox-init) is single-threaded, so no lock or
+    // allocator state can be held by another thread at the fork.
+    unsafe { nix::unistd::fork() }.map_err(io::Error::from)
+}
+
+/// Drops every capability from the calling thread's bounding set and clears
+/// its ambient set, so no later exec can regain one.
+pub fn drop_bounding_and_ambient_capabilities() -> io::Result<()> {
+    let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::c_ulong>().ok())
+        .unwrap_or(63);
+    for cap in 0..=last_cap {
+        // SAFETY: PR_CAPBSET_DROP takes an integer and touches no memory.
+        let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if let Err(err) = check(libc::c_long::from(ret)) {
+            // Capabilities above what this kernel knows are EINVAL: done.
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(err);
+        }
+    }
+    // SAFETY: PR_CAP_AMBIENT_CLEAR_ALL takes integers and touches no memory.
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    check(libc::c_long::from(ret)).map(drop)
+}
+
+/// The raw outcome of one reaped child.
+#[derive(Debug, Clone, Copy)]
+pub struct Reaped {
+    /// Its pid.
+    pub pid: i32,
+    /// The raw wait status.
+    pub status: i32,
+    /// User CPU time in microseconds.
+    pub user_micros: u64,
+    /// System CPU time in microseconds.
+    pub system_micros: u64,
+    /// Peak resident set in bytes.
+    pub max_rss_bytes: u64,
+}
+
+/// Reaps one exited child without blocking, with its resource usage.
+/// `Ok(None)` when no child has exited (or there are no children).
+pub fn reap_any_child() -> io::Result<Option<Reaped>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: all-zero is a valid `rusage`.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes one int and one rusage through pointers to
+    // live locals.
+    let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut usage) };
+    match check(libc::c_long::from(pid)) {
+        Ok(0) => Ok(None),
+        Ok(pid) => Ok(Some(Reaped {
+            pid: i32::try_from(pid).unwrap_or(-1),
+            status,
+            user_micros: timeval_micros(usage.ru_utime),
+            system_micros: timeval_micros(usage.ru_stime),
+            max_rss_bytes: u64::try_from(usage.ru_maxrss)
+                .unwrap_or(0)
+                .saturating_mul(1024),
+        })),
+        Err(err) if err.raw_os_error() == Some(libc::ECHILD) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+fn timeval_micros(tv: libc::timeval) -> u64 {
+    u64::try_from(tv.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::try_from(tv.tv_usec).unwrap_or(0))
+}
+
+/// Marks every descriptor from `first` up close-on-exec, so an exec leaves
+/// exactly the ones below `first` open (while a descriptor that reports exec
+/// failure stays usable until the exec).
+pub fn close_on_exec_from(first: u32) -> io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range takes integers and only changes descriptor flags.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    check(ret).map(drop)
+}
+
+/// Takes ownership of the control socket `sandbox-init` inherits as
+/// descriptor [`INIT_CONTROL_FD`]. Fails if that descriptor is not open.
+pub fn take_init_control_fd() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    nix::fcntl::fcntl(
+        // SAFETY: only borrowed for the F_GETFD probe below.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(INIT_CONTROL_FD) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: the launcher placed the control socket at this number in a
+    // freshly executed process, and nothing else in it owns the descriptor.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(INIT_CONTROL_FD) })
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub fn bring_loopback_up() -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: all-zero is a valid `ifreq`.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into the
+    // `ifreq`, a live local of the right type.
+    let ret = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) };
+    check(libc::c_long::from(ret))?;
+    // SAFETY: `ifru_flags` is the union member SIOCGIFFLAGS just filled.
+    unsafe {
+        request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads the `ifreq`, a live local of the right type.
+    let ret = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) };
+    check(libc::c_long::from(ret)).map(drop)
+}
+
+/// Makes descriptor `target` a copy of `fd` (clearing close-on-exec on it).
+pub fn duplicate_onto(
+    fd: std::os::fd::BorrowedFd<'_>,
+    target: std::os::fd::RawFd,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 takes integers; replacing `target` is the caller's intent
+    // (a child setting up its stdio right before exec).
+    let ret = unsafe { libc::dup2(fd.as_raw_fd(), target) };
+    check(libc::c_long::from(ret)).map(drop)
+}
+
+/// Restores the default disposition of `signal`.
+pub fn default_signal_disposition(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: installing SIG_DFL runs no handler code, so it cannot violate
+    // any signal-safety invariant.
+    let previous = unsafe { libc::signal(signal, libc::SIG_DFL) };
+    if previous == libc::SIG_ERR {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Registers an owned descriptor with tokio's reactor.
+pub fn async_fd(
+    fd: std::os::fd::OwnedFd,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: an `OwnedFd` owns its descriptor, which therefore stays open
+    // and refers to the same file description until the `AsyncFd` (which
+    // takes ownership of it) is dropped, and its `as_raw_fd` never changes.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+/// Clones the mount at `path` (not its submounts) into a detached tree,
+/// returned as a descriptor that another mount namespace can attach with
+/// [`attach_mount_tree`]. Unlike an `O_PATH` descriptor, a detached tree
+/// may be mounted from a mount namespace other than the one it came from.
+pub fn clone_mount_tree(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags = OPEN_TREE_CLONE
+        | libc::O_CLOEXEC as libc::c_uint
+        | libc::AT_SYMLINK_NOFOLLOW as libc::c_uint;
+    // SAFETY: `path` is a live NUL-terminated string for the duration of the
+    // call; open_tree returns a new descriptor or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+    let fd = check(ret)?;
+    // SAFETY: open_tree just returned this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).unwrap_or(-1)) })
+}
+
+/// Attaches a detached mount tree (from [`clone_mount_tree`]) on `target`.
+pub fn attach_mount_tree(
+    tree: std::os::fd::BorrowedFd<'_>,
+    target: &std::path::Path,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x0000_0004;
+    let target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let empty = c"";
+    // SAFETY: both strings are live and NUL-terminated for the duration of
+    // the call; move_mount only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    check(ret).map(drop)
+}

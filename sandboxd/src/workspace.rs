@@ -88,6 +88,7 @@ pub struct RemovalStats {
 pub struct Workspace {
     root: PathBuf,
     size_cap: u64,
+    owner: Option<(u32, u32)>,
 }
 
 impl Workspace {
@@ -101,7 +102,11 @@ impl Workspace {
         std::fs::create_dir_all(&root).map_err(|e| io("create workspace", e))?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| io("chmod workspace", e))?;
-        Ok(Self { root, size_cap })
+        Ok(Self {
+            root,
+            size_cap,
+            owner: None,
+        })
     }
 
     /// Opens the workspace root for beneath-resolution. The root path itself
@@ -114,6 +119,41 @@ impl Workspace {
                 source,
             }
         })
+    }
+
+    /// Hands the workspace to a process sandbox's user: chowns everything
+    /// in it now (only sandboxd has written to it so far, so walking paths is
+    /// safe), and every file or directory written later.
+    pub fn set_owner(&mut self, uid: u32, gid: u32) -> Result<(), WorkspaceError> {
+        chown_tree(&self.root, uid, gid).map_err(|source| WorkspaceError::Io {
+            op: "chown",
+            path: self.root.display().to_string(),
+            source,
+        })?;
+        self.owner = Some((uid, gid));
+        Ok(())
+    }
+
+    /// Gives `rel` and the directories leading to it to the owner, opening
+    /// each beneath the root (never following a link out).
+    fn chown_written(&self, dir: &Dir, path: &str, rel: &Path) -> Result<(), WorkspaceError> {
+        let Some((uid, gid)) = self.owner else {
+            return Ok(());
+        };
+        let mut prefix = PathBuf::new();
+        for component in rel.components() {
+            prefix.push(component);
+            let entry = if prefix == rel {
+                dir.open(&prefix).map(cap_std::fs::File::into_std)
+            } else {
+                dir.open_dir(&prefix)
+                    .map(|d| std::fs::File::from(std::os::fd::OwnedFd::from(d.into_std_file())))
+            }
+            .map_err(|e| classify(path, "open for chown", e))?;
+            std::os::unix::fs::fchown(&entry, Some(uid), Some(gid))
+                .map_err(|e| classify(path, "chown", e))?;
+        }
+        Ok(())
     }
 
     /// The workspace's host path.
@@ -149,6 +189,7 @@ impl Workspace {
             cap_std::fs::Permissions::from_std(std::fs::Permissions::from_mode(mode)),
         )
         .map_err(|e| classify(path, "chmod", e))?;
+        self.chown_written(&dir, path, &rel)?;
         Ok(content_len)
     }
 
@@ -197,6 +238,16 @@ impl Workspace {
         })?;
         Ok(stats)
     }
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 fn existing_file_size(dir: &Dir, path: &str, rel: &Path) -> Result<u64, WorkspaceError> {

@@ -10,5 +10,6 @@ mod confinement;
 mod files;
 mod invoke;
 mod network;
+mod process;
 mod registry;
 mod service;

@@ -32,6 +32,39 @@ pub struct TestDaemon {
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     _turn: Turn,
+    _cgroups: Option<CgroupParentGuard>,
+}
+
+/// Removes a test daemon's cgroup parent (in every hierarchy) when dropped.
+pub struct CgroupParentGuard(String);
+
+impl Drop for CgroupParentGuard {
+    fn drop(&mut self) {
+        let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for mount in mounts.flatten() {
+            let parent = mount.path().join(self.0.trim_start_matches('/'));
+            let _ = std::fs::remove_dir(parent.join("harness-sandboxd"));
+            let _ = std::fs::remove_dir(&parent);
+        }
+    }
+}
+
+/// Panics with what is missing unless this host can run process sandboxes:
+/// these tests must fail loudly, never pass silently, where they cannot run.
+pub fn require_process_sandbox_host() -> HostProbe {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "process sandbox tests need root (CI runs as root)"
+    );
+    let host = harness_sandboxd::probe::probe_host();
+    assert!(
+        host.user_namespaces && host.seccomp_filter,
+        "process sandbox tests need user namespaces and seccomp: {:?}",
+        host.missing
+    );
+    host
 }
 
 impl TestDaemon {
@@ -44,20 +77,41 @@ impl TestDaemon {
     /// (passed in) and config.
     pub async fn start_with(prepare: impl FnOnce(&mut SandboxdConfig)) -> Self {
         let turn = Turn::Shared(Arc::clone(&RUNNING).read_owned().await);
-        Self::start_in_turn(turn, prepare).await
+        Self::start_in_turn(turn, HostProbe::default(), prepare).await
+    }
+
+    /// Starts a daemon whose process backend works: the real host probe,
+    /// `sandbox-init` from this build, and a cgroup parent of its own (a
+    /// daemon sweeps every session cgroup under its parent at start-up).
+    pub async fn start_process(prepare: impl FnOnce(&mut SandboxdConfig)) -> Self {
+        let host = require_process_sandbox_host();
+        let turn = Turn::Shared(Arc::clone(&RUNNING).read_owned().await);
+        let parent = format!("/harness-test-{}", uuid::Uuid::new_v4().simple());
+        let mut daemon = Self::start_in_turn(turn, host, |config| {
+            config.process.init_program = Some(PathBuf::from(env!("CARGO_BIN_EXE_sandbox-init")));
+            config.process.cgroup_parent = Some(parent.clone());
+            prepare(config);
+        })
+        .await;
+        daemon._cgroups = Some(CgroupParentGuard(parent));
+        daemon
     }
 
     /// Starts a daemon with the test tools that runs alone in this process.
     pub async fn start_exclusive(prepare: impl FnOnce(&mut SandboxdConfig)) -> Self {
         let turn = Turn::Exclusive(Arc::clone(&RUNNING).write_owned().await);
-        Self::start_in_turn(turn, |config| {
+        Self::start_in_turn(turn, HostProbe::default(), |config| {
             install_test_tools(config);
             prepare(config);
         })
         .await
     }
 
-    async fn start_in_turn(turn: Turn, prepare: impl FnOnce(&mut SandboxdConfig)) -> Self {
+    async fn start_in_turn(
+        turn: Turn,
+        host: HostProbe,
+        prepare: impl FnOnce(&mut SandboxdConfig),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let tools_dir = dir.path().join("tools");
         std::fs::create_dir_all(&tools_dir).unwrap();
@@ -74,9 +128,7 @@ impl TestDaemon {
             ..SandboxdConfig::default()
         };
         prepare(&mut config);
-        let daemon = Sandboxd::start(config.clone(), HostProbe::default())
-            .await
-            .unwrap();
+        let daemon = Sandboxd::start(config.clone(), host).await.unwrap();
         let listener = Listener::bind(&config.listen).await.unwrap();
         let endpoint = listener.endpoint();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -95,6 +147,7 @@ impl TestDaemon {
             stop: Some(stop),
             server: Some(server),
             _turn: turn,
+            _cgroups: None,
         }
     }
 
@@ -151,6 +204,31 @@ impl TestDaemon {
         input: serde_json::Value,
     ) -> Invoked {
         invoke_on(&mut self.client, session_id, invocation_id, tool, input).await
+    }
+}
+
+/// Runs a command in a process session and collects the whole stream.
+pub async fn exec_on(
+    client: &mut SandboxServiceClient<Channel>,
+    session_id: &str,
+    invocation_id: &str,
+    call: pb::ProcessCall,
+    timeout: Option<std::time::Duration>,
+) -> Invoked {
+    let request = pb::InvokeRequest {
+        session_id: session_id.to_owned(),
+        invocation_id: invocation_id.to_owned(),
+        target: Some(pb::invoke_request::Target::Process(call)),
+        timeout: timeout.map(harness_proto::duration_to_proto),
+    };
+    collect(client.invoke(request).await.unwrap().into_inner()).await
+}
+
+/// A shell command line as a process call.
+pub fn sh(command: &str) -> pb::ProcessCall {
+    pb::ProcessCall {
+        shell: command.to_owned(),
+        ..Default::default()
     }
 }
 

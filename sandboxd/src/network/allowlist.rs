@@ -78,10 +78,15 @@ impl Rule {
         })
     }
 
-    fn matches(&self, host: &str, port: u16) -> bool {
-        let host_matches = match &self.host {
-            HostPattern::Exact(exact) => exact == host,
-            HostPattern::Suffix(suffix) => {
+    /// Whether the rule covers `host:port`. `ip` is `host` parsed as an IP
+    /// literal, if it is one: literals match only a rule naming the same
+    /// address (in any spelling), never a wildcard.
+    fn matches(&self, host: &str, ip: Option<IpAddr>, port: u16) -> bool {
+        let host_matches = match (&self.host, ip) {
+            (HostPattern::Exact(_), Some(ip)) => self.literal_ip() == Some(ip),
+            (HostPattern::Exact(exact), None) => exact == host,
+            (HostPattern::Suffix(_), Some(_)) => false,
+            (HostPattern::Suffix(suffix), None) => {
                 host.len() > suffix.len() && host.ends_with(suffix.as_str())
             }
         };
@@ -96,7 +101,7 @@ impl Rule {
     /// The IP address this rule names literally, if it does.
     fn literal_ip(&self) -> Option<IpAddr> {
         match &self.host {
-            HostPattern::Exact(host) => host.parse().ok(),
+            HostPattern::Exact(host) => host.parse().ok().map(canonical),
             HostPattern::Suffix(_) => None,
         }
     }
@@ -195,32 +200,51 @@ impl Allowlist {
         self.allow.is_empty()
     }
 
-    /// Decides on `host:port` by name (before resolution).
+    /// Decides on `host:port` by name (before resolution). An IP literal is
+    /// allowed only by a rule naming that address; a name that a resolver
+    /// would read as a numeric IPv4 address (`127.1`, `0x7f.1`, `2130706433`)
+    /// is refused outright, since no rule could have meant it.
     pub fn check_destination(&self, host: &str, port: u16) -> Verdict {
         let host = normalize_host(host);
-        if let Some(rule) = self.deny.iter().find(|r| r.matches(&host, port)) {
-            return Verdict::Deny(format!("{host}:{port} matches deny rule {:?}", rule.text));
+        let ip = host.parse::<IpAddr>().ok().map(canonical);
+        if ip.is_none() && numeric_lookalike(&host) {
+            return Verdict::Deny(format!(
+                "host {host} looks like a numeric IP address; write IP literals in dotted-quad or IPv6 form"
+            ));
         }
-        match self.allow.iter().find(|r| r.matches(&host, port)) {
+        if let Some(rule) = self.deny.iter().find(|r| r.matches(&host, ip, port)) {
+            return Verdict::Deny(format!(
+                "host {host} port {port} matches deny rule {:?}",
+                rule.text
+            ));
+        }
+        match self.allow.iter().find(|r| r.matches(&host, ip, port)) {
             Some(rule) => Verdict::Allow(rule.text.clone()),
             None if self.allow.is_empty() => {
                 Verdict::Deny("the session has no network access".to_owned())
             }
-            None => Verdict::Deny(format!("{host}:{port} is not on the session's allowlist")),
+            None if ip.is_some() => Verdict::Deny(format!(
+                "IP address {host} port {port} is not on the allowlist (IP literals need a rule naming them)"
+            )),
+            None => Verdict::Deny(format!("host {host} port {port} is not on the allowlist")),
         }
+    }
+
+    /// The special range `ip` lies in when no granted CIDR covers it: the
+    /// reason to refuse a connection to `ip`, or `None` when it may be used.
+    pub fn uncovered_special_range(&self, ip: IpAddr) -> Option<&'static str> {
+        let ip = canonical(ip);
+        special_range(ip).filter(|_| !self.allow_cidrs.iter().any(|cidr| cidr.contains(&ip)))
     }
 
     /// Decides on a resolved address: refused if it lies in a special range
     /// that no granted CIDR covers.
     pub fn check_address(&self, ip: IpAddr) -> Verdict {
-        let ip = canonical(ip);
-        match special_range(ip) {
-            Some(range) if !self.allow_cidrs.iter().any(|cidr| cidr.contains(&ip)) => {
-                Verdict::Deny(format!(
-                    "{ip} is a {range} address and no allowed CIDR covers it"
-                ))
-            }
-            _ => Verdict::Allow(String::new()),
+        match self.uncovered_special_range(ip) {
+            Some(range) => Verdict::Deny(format!(
+                "{ip} is a {range} address and no granted CIDR covers it"
+            )),
+            None => Verdict::Allow(String::new()),
         }
     }
 
@@ -240,6 +264,17 @@ impl Allowlist {
         }
         self.check_address(ip)
     }
+}
+
+/// Whether `host` (not a valid IP literal) is something `getaddrinfo` or a
+/// URL parser could read as an IPv4 address: its last label is all digits or
+/// a `0x` hex number. No real top-level domain looks like that.
+fn numeric_lookalike(host: &str) -> bool {
+    let last = host.rsplit('.').next().unwrap_or(host);
+    let hex = last
+        .strip_prefix("0x")
+        .is_some_and(|digits| digits.chars().all(|c| c.is_ascii_hexdigit()));
+    hex || (!last.is_empty() && last.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// IPv4-mapped and NAT64 IPv6 addresses are judged as the IPv4 address they
@@ -346,6 +381,58 @@ mod tests {
         assert!(allowed(&list, "::1", 8080));
         assert!(!allowed(&list, "::1", 8081));
         assert!(allowed(&list, "10.0.0.1", 1));
+    }
+
+    #[test]
+    fn ip_literals_match_only_rules_naming_them() {
+        let list = allowlist(&["*.0.0.1", "[0:0::1]:8080", "10.0.0.1:443"], &[], &[]);
+        assert!(!allowed(&list, "127.0.0.1", 80));
+        assert!(allowed(&list, "::1", 8080));
+        assert!(allowed(&list, "[0000::0001]", 8080));
+        assert!(allowed(&list, "10.0.0.1", 443));
+        assert!(allowed(&list, "::ffff:10.0.0.1", 443));
+        assert!(!allowed(&list, "10.0.0.1", 80));
+        assert_eq!(
+            list.check_destination("127.0.0.1", 80),
+            Verdict::Deny(
+                "IP address 127.0.0.1 port 80 is not on the allowlist (IP literals need a rule naming them)"
+                    .to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn numeric_host_names_are_refused() {
+        let list = allowlist(&["*.1", "*.allowed.test"], &[], &["127.0.0.0/8"]);
+        for host in ["127.1", "0.0.1", "2130706433", "a.0x7f", "0x7f.0.0.1"] {
+            assert!(!allowed(&list, host, 80), "{host} was allowed");
+        }
+        assert!(allowed(&list, "v1.allowed.test", 80));
+        assert!(allowed(&list, "0x7g.allowed.test", 80));
+    }
+
+    #[test]
+    fn refusals_name_the_host_and_port() {
+        let list = allowlist(&["*.example.com"], &["secret.example.com"], &[]);
+        assert_eq!(
+            list.check_destination("evil.test", 443),
+            Verdict::Deny("host evil.test port 443 is not on the allowlist".to_owned())
+        );
+        assert_eq!(
+            list.check_destination("Secret.Example.com.", 443),
+            Verdict::Deny(
+                "host secret.example.com port 443 matches deny rule \"secret.example.com\""
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            list.uncovered_special_range("169.254.169.254".parse().unwrap()),
+            Some("link-local / cloud metadata (169.254.0.0/16)")
+        );
+        assert_eq!(
+            list.uncovered_special_range("93.184.216.34".parse().unwrap()),
+            None
+        );
     }
 
     #[test]

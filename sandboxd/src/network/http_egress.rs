@@ -1,13 +1,14 @@
 //! The `wasi:http` outgoing-request hook: every request a WASI tool makes
 //! passes the session's allowlist, is resolved by sandboxd itself, has its
 //! addresses checked against the special ranges, and is sent to exactly the
-//! address that was checked.
+//! address that was checked. The checking and connecting is
+//! [`EgressPolicy::connect`] ([`super::egress`]), shared with the process
+//! backend's proxy; this module adds the HTTP (and TLS) exchange.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::Request;
@@ -15,72 +16,11 @@ use tokio::net::TcpStream;
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
-use super::allowlist::{Allowlist, Verdict};
-use super::resolver::Resolver;
+use super::egress::{EgressConnection, EgressError};
+pub use super::egress::{EgressLog, EgressPolicy, EgressRecord};
 
 /// Longest wait for a connection when the guest does not set one.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a session may reach, shared by its invocations.
-#[derive(Debug, Clone)]
-pub struct EgressPolicy {
-    /// The session's rules.
-    pub allowlist: Arc<Allowlist>,
-    /// Name resolution.
-    pub resolver: Resolver,
-    /// Where decisions are recorded.
-    pub log: Arc<EgressLog>,
-}
-
-/// One recorded egress decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EgressRecord {
-    /// When.
-    pub at: SystemTime,
-    /// `host:port` as requested.
-    pub destination: String,
-    /// The address connected to, if it got that far.
-    pub address: Option<SocketAddr>,
-    /// Allowed or not.
-    pub allowed: bool,
-    /// The matching rule or the refusal reason.
-    pub detail: String,
-}
-
-/// A bounded log of a session's allowed and refused connections.
-#[derive(Debug, Default)]
-pub struct EgressLog {
-    records: Mutex<std::collections::VecDeque<EgressRecord>>,
-}
-
-/// How many decisions a session keeps.
-const EGRESS_LOG_LIMIT: usize = 1000;
-
-impl EgressLog {
-    /// Records a decision, dropping the oldest beyond the limit.
-    pub fn record(&self, record: EgressRecord) {
-        if record.allowed {
-            tracing::info!(destination = %record.destination, address = ?record.address, rule = %record.detail, "egress allowed");
-        } else {
-            tracing::warn!(destination = %record.destination, reason = %record.detail, "egress refused");
-        }
-        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        records.push_back(record);
-        while records.len() > EGRESS_LOG_LIMIT {
-            records.pop_front();
-        }
-    }
-
-    /// The recorded decisions, oldest first.
-    pub fn records(&self) -> Vec<EgressRecord> {
-        self.records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
-    }
-}
 
 /// The hooks installed in every WASI store. `None` means no network at all.
 #[derive(Debug, Clone, Default)]
@@ -149,59 +89,13 @@ async fn send_checked(
     options: Option<RequestOptions>,
 ) -> SendResult {
     let target = target_of(&request)?;
-    let destination = format!("{}:{}", target.host, target.port);
-    let refuse = |detail: String| {
-        policy.log.record(EgressRecord {
-            at: SystemTime::now(),
-            destination: destination.clone(),
-            address: None,
-            allowed: false,
-            detail,
-        });
-        Err(HttpError::HttpRequestDenied)
-    };
-    let rule = match policy
-        .allowlist
-        .check_destination(&target.host, target.port)
-    {
-        Verdict::Allow(rule) => rule,
-        Verdict::Deny(reason) => return refuse(reason),
-    };
-    let addresses = match policy.resolver.resolve(&target.host, target.port).await {
-        Ok(addresses) if !addresses.is_empty() => addresses,
-        Ok(_) | Err(_) => {
-            policy.log.record(EgressRecord {
-                at: SystemTime::now(),
-                destination: destination.clone(),
-                address: None,
-                allowed: false,
-                detail: "name did not resolve".to_owned(),
-            });
-            return Err(HttpError::DnsError {
-                rcode: Some("NXDOMAIN".to_owned()),
-                info_code: None,
-            });
-        }
-    };
-    // Every resolved address must pass: an allowed name that also resolves
-    // to a metadata or loopback address is refused outright rather than
-    // trimmed, since such an answer is a sign of DNS rebinding.
-    for address in &addresses {
-        if let Verdict::Deny(reason) = policy.allowlist.check_address(address.ip()) {
-            return refuse(format!("{} resolves to {address}: {reason}", target.host));
-        }
-    }
     let connect_timeout = options
         .and_then(|o| o.connect_timeout)
         .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-    let (stream, address) = connect_any(&addresses, connect_timeout).await?;
-    policy.log.record(EgressRecord {
-        at: SystemTime::now(),
-        destination,
-        address: Some(address),
-        allowed: true,
-        detail: rule,
-    });
+    let EgressConnection { stream, .. } = policy
+        .connect(&target.host, target.port, connect_timeout)
+        .await
+        .map_err(http_error)?;
     // The request line carries only the path; the Host header was already set
     // from the authority by wasmtime-wasi-http.
     let path = request
@@ -231,22 +125,17 @@ async fn send_checked(
     }
 }
 
-async fn connect_any(
-    addresses: &[SocketAddr],
-    timeout: Duration,
-) -> Result<(TcpStream, SocketAddr), HttpError> {
-    let mut last = HttpError::ConnectionRefused;
-    for address in addresses {
-        match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                return Ok((stream, *address));
-            }
-            Ok(Err(error)) => last = HttpError::Connect(error),
-            Err(_) => last = HttpError::ConnectionTimeout,
-        }
+/// The `wasi:http` error code a guest sees for a connection not made.
+fn http_error(error: EgressError) -> HttpError {
+    match error {
+        EgressError::Refused { .. } => HttpError::HttpRequestDenied,
+        EgressError::Resolve { .. } | EgressError::NoAddresses { .. } => HttpError::DnsError {
+            rcode: Some("NXDOMAIN".to_owned()),
+            info_code: None,
+        },
+        EgressError::Connect { source, .. } => HttpError::Connect(source),
+        EgressError::ConnectTimeout { .. } => HttpError::ConnectionTimeout,
     }
-    Err(last)
 }
 
 async fn tls_connect(

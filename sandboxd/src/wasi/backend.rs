@@ -381,6 +381,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             network: Arc::new(Allowlist::default()),
             fuel: Some(1_000),
+            process: None,
         }
     }
 

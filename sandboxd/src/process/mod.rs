@@ -1,0 +1,328 @@
+//! The process backend: a namespaced Linux sandbox built once per session,
+//! in which each invocation is a fork+exec.
+//!
+//! Reading order:
+//! - [`ProcessBackend`] (here) checks the host (failing closed), assigns
+//!   each sandbox its own host id range, and launches sandboxes.
+//! - [`mount_plan`] describes the sandbox root as data; [`seccomp`] and
+//!   [`landlock`] hold the reviewed filter and ruleset; all three are pure
+//!   and unit-tested, and applied inside the sandbox by [`init`], the
+//!   `sandbox-init` program (its module docs list the set-up steps in order).
+//! - [`sandbox`] launches one sandbox and runs commands in it, talking to
+//!   the init over [`protocol`].
+//! - [`cgroup`] creates, limits, kills and removes the session cgroups (v2
+//!   where the host has controllers there, otherwise v1).
+//! - [`proxy`] is the egress proxy, the sandbox's only way out.
+//! - [`exec_tool`] is how models see this backend: the `exec` tool.
+
+pub mod cgroup;
+pub mod exec_tool;
+pub mod init;
+pub mod landlock;
+pub mod mount_plan;
+pub mod protocol;
+pub mod proxy;
+pub mod sandbox;
+pub mod seccomp;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use harness_proto::sandbox::v1 as pb;
+
+use crate::config::{ProcessConfig, SandboxdConfig};
+use crate::network::http_egress::EgressPolicy;
+use crate::probe::HostProbe;
+use cgroup::{CgroupHierarchy, CgroupLimits};
+use mount_plan::{ETC_PATHS, MountPlan, PolicyBind, RootSpec, SYSTEM_PATHS, probe_host_entries};
+use sandbox::{IDS_PER_SESSION, LaunchSpec, ProcessSandbox, SANDBOX_UID, standard_rlimits};
+
+/// Errors of the process backend.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The host lacks an isolation feature the sandbox needs.
+    #[error("{0}")]
+    HostLacks(String),
+    /// A policy bind is unusable.
+    #[error("invalid filesystem bind: {0}")]
+    Bind(String),
+    /// The bind targets do not make a valid root.
+    #[error("invalid filesystem binds")]
+    Plan(#[source] mount_plan::MountPlanError),
+    /// Every host id range is in use.
+    #[error("all {0} sandbox id ranges are in use")]
+    NoIdRange(u32),
+    /// Launching the sandbox failed.
+    #[error("cannot start the process sandbox")]
+    Launch(#[source] sandbox::SandboxError),
+}
+
+/// What a policy asks of a process sandbox, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessPolicy {
+    /// Memory limit of the whole sandbox.
+    pub memory_bytes: u64,
+    /// pids limit.
+    pub pids: u32,
+    /// CPU limit in millicores; 0 = none.
+    pub cpu_millis: u32,
+    /// Largest file a command may write (RLIMIT_FSIZE).
+    pub max_file_bytes: u64,
+    /// Host binds.
+    pub binds: Vec<pb::BindMount>,
+    /// Landlock must be fully enforced.
+    pub require_landlock: bool,
+    /// Workspace mounted read-only.
+    pub workspace_read_only: bool,
+}
+
+/// The backend: host facts, id ranges and the cgroup hierarchy.
+#[derive(Debug)]
+pub struct ProcessBackend {
+    config: ProcessConfig,
+    max_sessions: u32,
+    host: Arc<HostProbe>,
+    cgroups: Result<CgroupHierarchy, String>,
+    init_program: Result<PathBuf, String>,
+    slots: Mutex<BTreeSet<u32>>,
+}
+
+/// A launched sandbox and the id range it holds.
+#[derive(Debug)]
+pub struct LaunchedSandbox {
+    /// The sandbox.
+    pub sandbox: ProcessSandbox,
+    /// Its id-range slot; give it back with [`ProcessBackend::release`].
+    pub slot: u32,
+}
+
+impl ProcessBackend {
+    /// Finds the cgroup hierarchy and the init program; never fails, so
+    /// the daemon still serves WASI on hosts without them (`Capabilities`
+    /// and `CreateSession` say what is missing).
+    pub fn new(config: &SandboxdConfig, host: Arc<HostProbe>) -> Self {
+        let cgroups = CgroupHierarchy::from_host(config.process.cgroup_parent.as_deref())
+            .map_err(|e| crate::wasi::registry::error_chain(&e));
+        Self {
+            init_program: find_init_program(&config.process),
+            config: config.process.clone(),
+            max_sessions: config.max_sessions,
+            host,
+            cgroups,
+            slots: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Whether sandboxes can be made here, and if not, why and how to fix it.
+    pub fn availability(&self) -> Result<(), String> {
+        self.check_host(false)
+    }
+
+    /// Fails closed: every missing feature, with its fix.
+    pub fn check_host(&self, require_landlock: bool) -> Result<(), String> {
+        let mut missing = Vec::new();
+        if !self.host.user_namespaces {
+            missing.push(
+                "user namespaces are unavailable: set sysctl user.max_user_namespaces > 0 \
+                 (and kernel.unprivileged_userns_clone=1 where it exists)"
+                    .to_owned(),
+            );
+        }
+        if !self.host.seccomp_filter {
+            missing.push(
+                "seccomp filters are unavailable: use a kernel built with CONFIG_SECCOMP_FILTER"
+                    .to_owned(),
+            );
+        }
+        if require_landlock && self.host.landlock_abi == 0 {
+            missing.push(
+                "the policy requires landlock, which this kernel lacks: boot a kernel ≥ 5.13 with \
+                 landlock in `lsm=`, or drop require_landlock"
+                    .to_owned(),
+            );
+        }
+        if let Err(error) = &self.cgroups {
+            missing.push(format!("no usable cgroups: {error}"));
+        }
+        if let Err(error) = &self.init_program {
+            missing.push(error.clone());
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "the process backend cannot run on this host: {}",
+                missing.join("; ")
+            ))
+        }
+    }
+
+    /// Kills and removes session cgroups a crashed instance left behind.
+    pub fn sweep_leftovers(&self) -> Vec<PathBuf> {
+        match &self.cgroups {
+            Ok(cgroups) => cgroups.sweep_leftovers().unwrap_or_else(|error| {
+                tracing::warn!(error = %crate::wasi::registry::error_chain(&error), "cannot sweep leftover cgroups");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Reserves a host id range; returns its slot and the sandbox user's
+    /// host uid (= gid).
+    pub fn reserve_ids(&self) -> Result<(u32, u32), ProcessError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (0..self.max_sessions)
+            .find(|s| !slots.contains(s))
+            .ok_or(ProcessError::NoIdRange(self.max_sessions))?;
+        slots.insert(slot);
+        Ok((slot, self.host_id_base(slot) + SANDBOX_UID))
+    }
+
+    /// Gives an id range back.
+    pub fn release(&self, slot: u32) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&slot);
+    }
+
+    fn host_id_base(&self, slot: u32) -> u32 {
+        self.config
+            .uid_base
+            .saturating_add(slot.saturating_mul(IDS_PER_SESSION))
+    }
+
+    /// Launches a sandbox for `session_id` in id range `slot` (reserved
+    /// with [`Self::reserve_ids`]) over `workspace`.
+    pub async fn launch(
+        &self,
+        session_id: &str,
+        slot: u32,
+        policy: &ProcessPolicy,
+        workspace: &Path,
+        environment: Vec<(String, String)>,
+        egress: Option<EgressPolicy>,
+    ) -> Result<ProcessSandbox, ProcessError> {
+        self.check_host(policy.require_landlock)
+            .map_err(ProcessError::HostLacks)?;
+        let (Ok(cgroups), Ok(init_program)) = (&self.cgroups, &self.init_program) else {
+            return Err(ProcessError::HostLacks(
+                "process backend unavailable".to_owned(),
+            ));
+        };
+        let (binds, bind_sources) = policy_binds(&policy.binds)?;
+        let plan = MountPlan::build(&RootSpec {
+            system: probe_host_entries(SYSTEM_PATHS),
+            etc: probe_host_entries(ETC_PATHS),
+            workspace_read_only: policy.workspace_read_only,
+            tmp_bytes: self.config.tmp_bytes,
+            binds,
+            uid: SANDBOX_UID,
+        })
+        .map_err(ProcessError::Plan)?;
+        let spec = LaunchSpec {
+            session_id: session_id.to_owned(),
+            init_program: init_program.clone(),
+            host_id_base: self.host_id_base(slot),
+            workspace: workspace.to_owned(),
+            bind_sources,
+            plan,
+            rlimits: standard_rlimits(
+                self.config.max_open_files,
+                u64::from(policy.pids),
+                policy.max_file_bytes,
+            ),
+            require_landlock: policy.require_landlock,
+            limits: CgroupLimits {
+                memory_bytes: Some(policy.memory_bytes),
+                pids: Some(policy.pids),
+                cpu_millis: (policy.cpu_millis != 0).then_some(policy.cpu_millis),
+            },
+            environment: base_environment(environment),
+            egress,
+            start_timeout: self.config.start_timeout,
+            output_grace: self.config.output_grace,
+        };
+        ProcessSandbox::launch(spec, cgroups)
+            .await
+            .map_err(ProcessError::Launch)
+    }
+
+    /// The default pids limit.
+    pub fn default_pids(&self) -> u32 {
+        self.config.default_pids
+    }
+}
+
+/// The environment every command starts with; the policy's grants come
+/// after (and win over) these defaults.
+fn base_environment(granted: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut environment: Vec<(String, String)> = [
+        (
+            "PATH",
+            "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+        ),
+        ("HOME", "/workspace"),
+        ("USER", "sandbox"),
+        ("LOGNAME", "sandbox"),
+        ("SHELL", "/bin/sh"),
+        ("LANG", "C.UTF-8"),
+        ("TERM", "dumb"),
+        ("TMPDIR", "/tmp"),
+    ]
+    .into_iter()
+    .filter(|(name, _)| !granted.iter().any(|(g, _)| g == name))
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    environment.extend(granted);
+    environment
+}
+
+fn policy_binds(binds: &[pb::BindMount]) -> Result<(Vec<PolicyBind>, Vec<PathBuf>), ProcessError> {
+    let mut plan = Vec::new();
+    let mut sources = Vec::new();
+    for bind in binds {
+        let host = PathBuf::from(&bind.host_path);
+        if !host.is_absolute() {
+            return Err(ProcessError::Bind(format!(
+                "host_path {:?} must be absolute",
+                bind.host_path
+            )));
+        }
+        let meta = std::fs::symlink_metadata(&host)
+            .map_err(|e| ProcessError::Bind(format!("host_path {:?}: {e}", bind.host_path)))?;
+        if meta.file_type().is_symlink() {
+            return Err(ProcessError::Bind(format!(
+                "host_path {:?} is a symbolic link; name its target",
+                bind.host_path
+            )));
+        }
+        plan.push(PolicyBind {
+            target: bind.sandbox_path.clone(),
+            writable: bind.writable,
+            is_dir: meta.is_dir(),
+        });
+        sources.push(host);
+    }
+    Ok((plan, sources))
+}
+
+fn find_init_program(config: &ProcessConfig) -> Result<PathBuf, String> {
+    let candidate = match &config.init_program {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot locate sandbox-init: {e}"))?
+            .with_file_name("sandbox-init"),
+    };
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(format!(
+            "the sandbox-init program is missing at {}: install it next to sandboxd or set \
+             [process] init-program",
+            candidate.display()
+        ))
+    }
+}

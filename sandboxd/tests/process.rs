@@ -1,0 +1,469 @@
+//! The process backend end to end: a namespaced sandbox per session, commands
+//! as fork+exec inside it, and complete teardown.
+
+use harness_proto::sandbox::v1 as pb;
+
+use crate::support::{Invoked, TestDaemon, exec_on, sh};
+
+pub fn process_policy() -> pb::SessionPolicy {
+    pb::SessionPolicy {
+        backends: vec![pb::Backend::Process as i32],
+        ..Default::default()
+    }
+}
+
+pub fn exit_code(invoked: &Invoked) -> Option<i32> {
+    match invoked.result.as_ref().and_then(|r| r.outcome.clone()) {
+        Some(pb::invoke_result::Outcome::Ok(ok)) => ok.exit_status.and_then(|s| s.code),
+        other => panic!(
+            "expected a finished command, got {other:?}; stderr: {}",
+            String::from_utf8_lossy(&invoked.stderr)
+        ),
+    }
+}
+
+#[tokio::test]
+async fn a_command_runs_in_the_session_sandbox_and_teardown_removes_everything() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let session = daemon.create_session_with(process_policy()).await;
+    let id = &session.session_id;
+    let invoked = exec_on(
+        &mut daemon.client,
+        id,
+        "one",
+        sh("echo hello from $(id -un) > note.txt; cat note.txt; echo oops >&2; exit 3"),
+        None,
+    )
+    .await;
+    assert_eq!(exit_code(&invoked), Some(3), "{invoked:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&invoked.stdout),
+        "hello from sandbox\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&invoked.stderr), "oops\n");
+    let workspace = daemon.workspace_of(id);
+    assert_eq!(
+        std::fs::read_to_string(workspace.join("note.txt")).unwrap(),
+        "hello from sandbox\n"
+    );
+    let init_pid = daemon
+        .daemon
+        .sessions
+        .get(id)
+        .unwrap()
+        .process()
+        .unwrap()
+        .init_pid();
+    let report = daemon
+        .client
+        .destroy_session(pb::DestroySessionRequest {
+            session_id: id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert!(report.workspace_removed);
+    assert!(!report.cgroups_removed.is_empty(), "{report:?}");
+    for cgroup in &report.cgroups_removed {
+        assert!(
+            !std::path::Path::new(cgroup).exists(),
+            "{cgroup} still exists"
+        );
+    }
+    assert!(
+        !std::path::Path::new(&format!("/proc/{init_pid}")).exists(),
+        "sandbox init {init_pid} still alive"
+    );
+    assert!(!workspace.exists());
+    daemon.shutdown().await;
+}
+
+/// Runs `command` in a fresh session's sandbox of `daemon`.
+async fn run(daemon: &mut TestDaemon, session: &str, command: &str) -> Invoked {
+    let id = format!("inv-{}", uuid::Uuid::new_v4().simple());
+    exec_on(&mut daemon.client, session, &id, sh(command), None).await
+}
+
+fn stdout(invoked: &Invoked) -> String {
+    String::from_utf8_lossy(&invoked.stdout).into_owned()
+}
+
+fn error_kind(invoked: &Invoked) -> pb::ErrorKind {
+    invoked.error_kind()
+}
+
+#[tokio::test]
+async fn the_host_file_system_is_read_only_and_symlinks_reach_nothing_outside() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let marker = format!("/tmp/harness-host-marker-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(&marker, "host").unwrap();
+    let invoked = run(
+        &mut daemon,
+        &session,
+        &format!(
+            "for d in / /usr /usr/bin /etc /bin /proc/sys; do \
+               if touch $d/planted 2>/dev/null; then echo WROTE $d; else echo refused $d; fi; done; \
+             ln -s {marker} link; echo sandbox-tmp > link; \
+             ln -s /etc/passwd pw; echo x >> pw 2>/dev/null && echo WROTE-PASSWD; \
+             ln -s / root-link; ls root-link/ | tr '\\n' ' '"
+        ),
+    )
+    .await;
+    let out = stdout(&invoked);
+    // The link's target path names the sandbox's own /tmp, never the host's.
+    assert!(!out.contains("WROTE"), "{out}");
+    assert_eq!(out.matches("refused").count(), 6, "{out}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "host");
+    assert!(!std::path::Path::new("/usr/planted").exists());
+    assert!(!out.contains("harness-host-marker"), "the host's /tmp is visible: {out}");
+    // The daemon's own file API refuses to follow the planted links.
+    for path in ["link", "pw", "root-link/etc/passwd"] {
+        let read = daemon
+            .client
+            .read_files(pb::ReadFilesRequest {
+                session_id: session.clone(),
+                paths: vec![path.to_owned()],
+                max_bytes_per_file: 0,
+            })
+            .await;
+        let status = read.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{path}: {status:?}");
+    }
+    let written = daemon
+        .client
+        .write_files(pb::WriteFilesRequest {
+            session_id: session.clone(),
+            files: vec![pb::FileWrite {
+                path: "link".to_owned(),
+                content: b"through the daemon".to_vec(),
+                mode: 0,
+            }],
+        })
+        .await;
+    assert!(written.is_err(), "{written:?}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "host");
+    std::fs::remove_file(&marker).unwrap();
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn proc_shows_only_the_sandbox_and_privileges_are_gone() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let invoked = run(
+        &mut daemon,
+        &session,
+        "ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; echo; \
+         tr '\\0' ' ' < /proc/1/cmdline; echo; \
+         grep -E '^(NoNewPrivs|Cap(Inh|Prm|Eff|Bnd|Amb)|Seccomp):' /proc/self/status | tr -s '\\t' ' '; \
+         cp /usr/bin/id ./id && chmod u+s ./id && ls -l ./id | cut -c1-4 && ./id -u && id -u",
+    )
+    .await;
+    let out = stdout(&invoked);
+    let lines: Vec<&str> = out.lines().collect();
+    let pids: Vec<u32> = lines[0].split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(pids[0], 1, "{out}");
+    assert!(pids.len() <= 6, "only the sandbox's processes: {out}");
+    assert!(lines[1].contains("sandbox-init"), "pid 1 is the sandbox init: {out}");
+    for expected in [
+        "NoNewPrivs: 1",
+        "CapInh: 0000000000000000",
+        "CapPrm: 0000000000000000",
+        "CapEff: 0000000000000000",
+        "CapBnd: 0000000000000000",
+        "CapAmb: 0000000000000000",
+        "Seccomp: 2",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in {out}");
+    }
+    assert!(out.contains("-rws"), "the copy is setuid: {out}");
+    let ids: Vec<&str> = lines[lines.len() - 2..].to_vec();
+    assert_eq!(ids, vec!["1000", "1000"], "setuid copy ran unprivileged: {out}");
+    daemon.shutdown().await;
+}
+
+/// Tries each dangerous call; prints one `name result` line each.
+const SYSCALL_PROBE: &str = r#"
+import ctypes, os, socket, subprocess, time
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, nr, *args):
+    ret = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    print(name, "ALLOWED" if ret >= 0 else "refused:" + os.strerror(ctypes.get_errno()))
+sibling = subprocess.Popen(["sleep", "30"])
+time.sleep(0.1)
+buf = ctypes.create_string_buffer(256)
+local = (ctypes.c_void_p * 2)(ctypes.cast(buf, ctypes.c_void_p), 16)
+remote = (ctypes.c_void_p * 2)(0x400000, 16)
+call("ptrace", 101, 16, sibling.pid, 0, 0)
+call("process_vm_readv", 310, sibling.pid, ctypes.addressof(local), 1, ctypes.addressof(remote), 1, 0)
+call("mount", 165, ctypes.addressof(ctypes.create_string_buffer(b"none")), ctypes.addressof(ctypes.create_string_buffer(b"/tmp")), ctypes.addressof(ctypes.create_string_buffer(b"tmpfs")), 0, 0)
+call("unshare", 272, 0x10000000)
+call("pivot_root", 155, ctypes.addressof(ctypes.create_string_buffer(b"/tmp")), ctypes.addressof(ctypes.create_string_buffer(b"/tmp")))
+call("io_uring_setup", 425, 4, ctypes.addressof(ctypes.create_string_buffer(120)))
+call("bpf", 321, 0, ctypes.addressof(ctypes.create_string_buffer(128)), 128)
+call("keyctl", 250, 0, -3, 1)
+call("perf_event_open", 298, ctypes.addressof(ctypes.create_string_buffer(128)), 0, -1, -1, 0)
+for name, family in (("AF_NETLINK", 16), ("AF_PACKET", 17)):
+    try:
+        socket.socket(family, socket.SOCK_RAW, 0).close()
+        print(name, "ALLOWED")
+    except OSError as e:
+        print(name, "refused:" + e.strerror)
+import fcntl, termios
+try:
+    fcntl.ioctl(0, termios.TIOCSTI, b"x")
+    print("TIOCSTI ALLOWED")
+except OSError as e:
+    print("TIOCSTI refused:" + e.strerror)
+try:
+    os.open("/dev/tty", os.O_RDWR)
+    print("controlling-tty ALLOWED")
+except OSError as e:
+    print("controlling-tty refused:" + e.strerror)
+sibling.kill()
+"#;
+
+#[tokio::test]
+async fn dangerous_system_calls_and_socket_families_are_refused() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let invoked = exec_on(
+        &mut daemon.client,
+        &session,
+        "probe",
+        pb::ProcessCall {
+            argv: vec!["python3".into(), "-c".into(), SYSCALL_PROBE.into()],
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let out = stdout(&invoked);
+    let names = [
+        "ptrace",
+        "process_vm_readv",
+        "mount",
+        "unshare",
+        "pivot_root",
+        "io_uring_setup",
+        "bpf",
+        "keyctl",
+        "perf_event_open",
+        "AF_NETLINK",
+        "AF_PACKET",
+        "TIOCSTI",
+        "controlling-tty",
+    ];
+    for name in names {
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no result for {name}: {out}\n{}", String::from_utf8_lossy(&invoked.stderr)));
+        assert!(line.contains("refused"), "{line}");
+    }
+    assert_eq!(exit_code(&invoked), Some(0), "{}", String::from_utf8_lossy(&invoked.stderr));
+    daemon.shutdown().await;
+}
+
+fn limited(limits: pb::ResourceLimits) -> pb::SessionPolicy {
+    pb::SessionPolicy {
+        limits: Some(limits),
+        ..process_policy()
+    }
+}
+
+#[tokio::test]
+async fn a_fork_bomb_is_capped_by_the_pids_limit_and_others_are_unaffected() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let bombed = daemon
+        .create_session_with(limited(pb::ResourceLimits {
+            pids: 32,
+            ..Default::default()
+        }))
+        .await
+        .session_id;
+    let bystander = daemon.create_session_with(process_policy()).await.session_id;
+    let mut client = daemon.client.clone();
+    let bomb = tokio::spawn({
+        let bombed = bombed.clone();
+        async move {
+            exec_on(
+                &mut client,
+                &bombed,
+                "bomb",
+                sh("bomb() { bomb | bomb & }; bomb; sleep 5"),
+                Some(std::time::Duration::from_secs(3)),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let sandbox_cgroup = daemon.daemon.sessions.get(&bombed).unwrap();
+    let count = sandbox_cgroup.process().unwrap().cgroup().process_count().unwrap();
+    assert!(count <= 32, "{count} processes in a session limited to 32");
+    let calm = run(&mut daemon, &bystander, "echo still fine").await;
+    assert_eq!(stdout(&calm), "still fine\n");
+    let bombed_result = bomb.await.unwrap();
+    assert_eq!(error_kind(&bombed_result), pb::ErrorKind::Timeout);
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_memory_bomb_is_killed_by_the_cgroup_and_reported_as_resource_exhausted() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let session = daemon
+        .create_session_with(limited(pb::ResourceLimits {
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        }))
+        .await
+        .session_id;
+    let invoked = run(
+        &mut daemon,
+        &session,
+        "python3 -c 'b = bytearray(1 << 30); print(len(b))'",
+    )
+    .await;
+    assert_eq!(error_kind(&invoked), pb::ErrorKind::ResourceExhausted, "{invoked:?}");
+    let after = run(&mut daemon, &session, "echo alive").await;
+    assert_eq!(stdout(&after), "alive\n");
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn endless_writes_are_stopped_by_the_size_limits() {
+    let mut daemon = TestDaemon::start_process(|config| {
+        config.process.tmp_bytes = 8 << 20;
+    })
+    .await;
+    let session = daemon
+        .create_session_with(limited(pb::ResourceLimits {
+            disk_bytes: 16 << 20,
+            ..Default::default()
+        }))
+        .await
+        .session_id;
+    let file = run(&mut daemon, &session, "dd if=/dev/zero of=big bs=1M 2>/dev/null").await;
+    assert_eq!(error_kind(&file), pb::ErrorKind::ResourceExhausted, "{file:?}");
+    let size = std::fs::metadata(daemon.workspace_of(&session).join("big")).unwrap().len();
+    assert!(size <= 16 << 20, "{size}");
+    let tmp = run(
+        &mut daemon,
+        &session,
+        "dd if=/dev/zero of=/tmp/big bs=1M 2>&1 | grep -c 'No space left on device'; stat -c %s /tmp/big",
+    )
+    .await;
+    let out = stdout(&tmp);
+    assert!(out.starts_with("1\n"), "dd stops at a full /tmp: {out}");
+    let tmp_size: u64 = out.lines().last().unwrap().trim().parse().unwrap();
+    assert!(tmp_size <= 8 << 20, "{tmp_size}");
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn timeouts_kill_the_process_group_and_teardown_kills_background_processes() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let started = std::time::Instant::now();
+    let timed_out = exec_on(
+        &mut daemon.client,
+        &session,
+        "slow",
+        sh("sleep 60 & sleep 60"),
+        Some(std::time::Duration::from_millis(500)),
+    )
+    .await;
+    assert_eq!(error_kind(&timed_out), pb::ErrorKind::Timeout);
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "{:?}", started.elapsed());
+    let fds = run(&mut daemon, &session, "ls /proc/$$/fd | tr '\\n' ' '").await;
+    assert_eq!(stdout(&fds), "0 1 2 ", "only stdio is inherited");
+    let background = run(&mut daemon, &session, "nohup sleep 600 >/dev/null 2>&1 & echo started").await;
+    assert_eq!(stdout(&background), "started\n");
+    let sandbox = daemon.daemon.sessions.get(&session).unwrap();
+    let cgroup_dirs: Vec<std::path::PathBuf> = sandbox
+        .process()
+        .unwrap()
+        .cgroup()
+        .dirs()
+        .iter()
+        .map(|d| d.path.clone())
+        .collect();
+    let procs = std::fs::read_to_string(cgroup_dirs[0].join("cgroup.procs")).unwrap();
+    let host_pids: Vec<i32> = procs.lines().map(|p| p.parse().unwrap()).collect();
+    assert!(host_pids.len() >= 2, "init and the background sleep: {host_pids:?}");
+    drop(sandbox);
+    let report = daemon
+        .client
+        .destroy_session(pb::DestroySessionRequest {
+            session_id: session.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert!(report.processes_killed >= 2, "{report:?}");
+    for pid in host_pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let alive = !stat.is_empty() && !stat.contains(") Z ");
+        assert!(!alive, "process {pid} survived teardown: {stat}");
+    }
+    for dir in cgroup_dirs {
+        assert!(!dir.exists(), "{} survived teardown", dir.display());
+    }
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_sessions_cannot_see_each_other() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let first = daemon.create_session_with(process_policy()).await.session_id;
+    let second = daemon.create_session_with(process_policy()).await.session_id;
+    let _ = run(&mut daemon, &first, "echo secret > mine.txt; nohup sleep 600 >/dev/null 2>&1 &").await;
+    let first_workspace = daemon.workspace_of(&first);
+    let peek = run(
+        &mut daemon,
+        &second,
+        &format!(
+            "cat /workspace/mine.txt 2>&1; ls {} 2>&1; ls /proc | grep -E '^[0-9]+$' | wc -l; \
+             cat /proc/[0-9]*/comm 2>/dev/null | grep -c '^sleep$'",
+            first_workspace.display()
+        ),
+    )
+    .await;
+    let out = stdout(&peek);
+    assert!(!out.contains("secret"), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[lines.len() - 1].trim(), "0", "the other session's sleep is visible: {out}");
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_an_allowlist_there_is_no_network_at_all() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let invoked = run(
+        &mut daemon,
+        &session,
+        &format!(
+            "curl -sS --max-time 3 http://127.0.0.1:{port}/ >/dev/null 2>&1 && echo REACHED-HOST; \
+             getent hosts example.com >/dev/null && echo RESOLVED; \
+             curl -sS --max-time 3 http://10.0.0.1/ >/dev/null 2>&1 && echo REACHED-IP; \
+             ip -o link 2>/dev/null | wc -l; echo done"
+        ),
+    )
+    .await;
+    let out = stdout(&invoked);
+    assert!(!out.contains("REACHED") && !out.contains("RESOLVED"), "{out}");
+    assert!(out.ends_with("done\n"), "{out}");
+    drop(listener);
+    daemon.shutdown().await;
+}
