@@ -99,7 +99,10 @@ fn error_kind(invoked: &Invoked) -> pb::ErrorKind {
 #[tokio::test]
 async fn the_host_file_system_is_read_only_and_symlinks_reach_nothing_outside() {
     let mut daemon = TestDaemon::start_process(|_| {}).await;
-    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let session = daemon
+        .create_session_with(process_policy())
+        .await
+        .session_id;
     let marker = format!("/tmp/harness-host-marker-{}", uuid::Uuid::new_v4().simple());
     std::fs::write(&marker, "host").unwrap();
     let invoked = run(
@@ -120,7 +123,10 @@ async fn the_host_file_system_is_read_only_and_symlinks_reach_nothing_outside() 
     assert_eq!(out.matches("refused").count(), 6, "{out}");
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "host");
     assert!(!std::path::Path::new("/usr/planted").exists());
-    assert!(!out.contains("harness-host-marker"), "the host's /tmp is visible: {out}");
+    assert!(
+        !out.contains("harness-host-marker"),
+        "the host's /tmp is visible: {out}"
+    );
     // The daemon's own file API refuses to follow the planted links.
     for path in ["link", "pw", "root-link/etc/passwd"] {
         let read = daemon
@@ -132,7 +138,11 @@ async fn the_host_file_system_is_read_only_and_symlinks_reach_nothing_outside() 
             })
             .await;
         let status = read.unwrap_err();
-        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{path}: {status:?}");
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{path}: {status:?}"
+        );
     }
     let written = daemon
         .client
@@ -154,7 +164,10 @@ async fn the_host_file_system_is_read_only_and_symlinks_reach_nothing_outside() 
 #[tokio::test]
 async fn proc_shows_only_the_sandbox_and_privileges_are_gone() {
     let mut daemon = TestDaemon::start_process(|_| {}).await;
-    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let session = daemon
+        .create_session_with(process_policy())
+        .await
+        .session_id;
     let invoked = run(
         &mut daemon,
         &session,
@@ -166,10 +179,16 @@ async fn proc_shows_only_the_sandbox_and_privileges_are_gone() {
     .await;
     let out = stdout(&invoked);
     let lines: Vec<&str> = out.lines().collect();
-    let pids: Vec<u32> = lines[0].split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let pids: Vec<u32> = lines[0]
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert_eq!(pids[0], 1, "{out}");
     assert!(pids.len() <= 6, "only the sandbox's processes: {out}");
-    assert!(lines[1].contains("sandbox-init"), "pid 1 is the sandbox init: {out}");
+    assert!(
+        lines[1].contains("sandbox-init"),
+        "pid 1 is the sandbox init: {out}"
+    );
     for expected in [
         "NoNewPrivs: 1",
         "CapInh: 0000000000000000",
@@ -183,7 +202,11 @@ async fn proc_shows_only_the_sandbox_and_privileges_are_gone() {
     }
     assert!(out.contains("-rws"), "the copy is setuid: {out}");
     let ids: Vec<&str> = lines[lines.len() - 2..].to_vec();
-    assert_eq!(ids, vec!["1000", "1000"], "setuid copy ran unprivileged: {out}");
+    assert_eq!(
+        ids,
+        vec!["1000", "1000"],
+        "setuid copy ran unprivileged: {out}"
+    );
     daemon.shutdown().await;
 }
 
@@ -231,7 +254,10 @@ sibling.kill()
 #[tokio::test]
 async fn dangerous_system_calls_and_socket_families_are_refused() {
     let mut daemon = TestDaemon::start_process(|_| {}).await;
-    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let session = daemon
+        .create_session_with(process_policy())
+        .await
+        .session_id;
     let invoked = exec_on(
         &mut daemon.client,
         &session,
@@ -263,10 +289,20 @@ async fn dangerous_system_calls_and_socket_families_are_refused() {
         let line = out
             .lines()
             .find(|l| l.split_whitespace().next() == Some(name))
-            .unwrap_or_else(|| panic!("no result for {name}: {out}\n{}", String::from_utf8_lossy(&invoked.stderr)));
+            .unwrap_or_else(|| {
+                panic!(
+                    "no result for {name}: {out}\n{}",
+                    String::from_utf8_lossy(&invoked.stderr)
+                )
+            });
         assert!(line.contains("refused"), "{line}");
     }
-    assert_eq!(exit_code(&invoked), Some(0), "{}", String::from_utf8_lossy(&invoked.stderr));
+    assert_eq!(
+        exit_code(&invoked),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&invoked.stderr)
+    );
     daemon.shutdown().await;
 }
 
@@ -287,7 +323,10 @@ async fn a_fork_bomb_is_capped_by_the_pids_limit_and_others_are_unaffected() {
         }))
         .await
         .session_id;
-    let bystander = daemon.create_session_with(process_policy()).await.session_id;
+    let bystander = daemon
+        .create_session_with(process_policy())
+        .await
+        .session_id;
     let mut client = daemon.client.clone();
     let bomb = tokio::spawn({
         let bombed = bombed.clone();
@@ -304,7 +343,12 @@ async fn a_fork_bomb_is_capped_by_the_pids_limit_and_others_are_unaffected() {
     });
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let sandbox_cgroup = daemon.daemon.sessions.get(&bombed).unwrap();
-    let count = sandbox_cgroup.process().unwrap().cgroup().process_count().unwrap();
+    let count = sandbox_cgroup
+        .process()
+        .unwrap()
+        .cgroup()
+        .process_count()
+        .unwrap();
     assert!(count <= 32, "{count} processes in a session limited to 32");
     let calm = run(&mut daemon, &bystander, "echo still fine").await;
     assert_eq!(stdout(&calm), "still fine\n");
@@ -329,7 +373,11 @@ async fn a_memory_bomb_is_killed_by_the_cgroup_and_reported_as_resource_exhauste
         "python3 -c 'b = bytearray(1 << 30); print(len(b))'",
     )
     .await;
-    assert_eq!(error_kind(&invoked), pb::ErrorKind::ResourceExhausted, "{invoked:?}");
+    assert_eq!(
+        error_kind(&invoked),
+        pb::ErrorKind::ResourceExhausted,
+        "{invoked:?}"
+    );
     let after = run(&mut daemon, &session, "echo alive").await;
     assert_eq!(stdout(&after), "alive\n");
     daemon.shutdown().await;
@@ -348,9 +396,20 @@ async fn endless_writes_are_stopped_by_the_size_limits() {
         }))
         .await
         .session_id;
-    let file = run(&mut daemon, &session, "dd if=/dev/zero of=big bs=1M 2>/dev/null").await;
-    assert_eq!(error_kind(&file), pb::ErrorKind::ResourceExhausted, "{file:?}");
-    let size = std::fs::metadata(daemon.workspace_of(&session).join("big")).unwrap().len();
+    let file = run(
+        &mut daemon,
+        &session,
+        "dd if=/dev/zero of=big bs=1M 2>/dev/null",
+    )
+    .await;
+    assert_eq!(
+        error_kind(&file),
+        pb::ErrorKind::ResourceExhausted,
+        "{file:?}"
+    );
+    let size = std::fs::metadata(daemon.workspace_of(&session).join("big"))
+        .unwrap()
+        .len();
     assert!(size <= 16 << 20, "{size}");
     let tmp = run(
         &mut daemon,
@@ -368,7 +427,10 @@ async fn endless_writes_are_stopped_by_the_size_limits() {
 #[tokio::test]
 async fn timeouts_kill_the_process_group_and_teardown_kills_background_processes() {
     let mut daemon = TestDaemon::start_process(|_| {}).await;
-    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let session = daemon
+        .create_session_with(process_policy())
+        .await
+        .session_id;
     let started = std::time::Instant::now();
     let timed_out = exec_on(
         &mut daemon.client,
@@ -379,10 +441,19 @@ async fn timeouts_kill_the_process_group_and_teardown_kills_background_processes
     )
     .await;
     assert_eq!(error_kind(&timed_out), pb::ErrorKind::Timeout);
-    assert!(started.elapsed() < std::time::Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     let fds = run(&mut daemon, &session, "ls /proc/$$/fd | tr '\\n' ' '").await;
     assert_eq!(stdout(&fds), "0 1 2 ", "only stdio is inherited");
-    let background = run(&mut daemon, &session, "nohup sleep 600 >/dev/null 2>&1 & echo started").await;
+    let background = run(
+        &mut daemon,
+        &session,
+        "nohup sleep 600 >/dev/null 2>&1 & echo started",
+    )
+    .await;
     assert_eq!(stdout(&background), "started\n");
     let sandbox = daemon.daemon.sessions.get(&session).unwrap();
     let cgroup_dirs: Vec<std::path::PathBuf> = sandbox
@@ -395,7 +466,10 @@ async fn timeouts_kill_the_process_group_and_teardown_kills_background_processes
         .collect();
     let procs = std::fs::read_to_string(cgroup_dirs[0].join("cgroup.procs")).unwrap();
     let host_pids: Vec<i32> = procs.lines().map(|p| p.parse().unwrap()).collect();
-    assert!(host_pids.len() >= 2, "init and the background sleep: {host_pids:?}");
+    assert!(
+        host_pids.len() >= 2,
+        "init and the background sleep: {host_pids:?}"
+    );
     drop(sandbox);
     let report = daemon
         .client
@@ -423,9 +497,20 @@ async fn timeouts_kill_the_process_group_and_teardown_kills_background_processes
 #[tokio::test]
 async fn two_sessions_cannot_see_each_other() {
     let mut daemon = TestDaemon::start_process(|_| {}).await;
-    let first = daemon.create_session_with(process_policy()).await.session_id;
-    let second = daemon.create_session_with(process_policy()).await.session_id;
-    let _ = run(&mut daemon, &first, "echo secret > mine.txt; nohup sleep 600 >/dev/null 2>&1 &").await;
+    let first = daemon
+        .create_session_with(process_policy())
+        .await
+        .session_id;
+    let second = daemon
+        .create_session_with(process_policy())
+        .await
+        .session_id;
+    let _ = run(
+        &mut daemon,
+        &first,
+        "echo secret > mine.txt; nohup sleep 600 >/dev/null 2>&1 &",
+    )
+    .await;
     let first_workspace = daemon.workspace_of(&first);
     let peek = run(
         &mut daemon,
@@ -440,7 +525,11 @@ async fn two_sessions_cannot_see_each_other() {
     let out = stdout(&peek);
     assert!(!out.contains("secret"), "{out}");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[lines.len() - 1].trim(), "0", "the other session's sleep is visible: {out}");
+    assert_eq!(
+        lines[lines.len() - 1].trim(),
+        "0",
+        "the other session's sleep is visible: {out}"
+    );
     daemon.shutdown().await;
 }
 
@@ -449,7 +538,10 @@ async fn without_an_allowlist_there_is_no_network_at_all() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut daemon = TestDaemon::start_process(|_| {}).await;
-    let session = daemon.create_session_with(process_policy()).await.session_id;
+    let session = daemon
+        .create_session_with(process_policy())
+        .await
+        .session_id;
     let invoked = run(
         &mut daemon,
         &session,
@@ -462,8 +554,147 @@ async fn without_an_allowlist_there_is_no_network_at_all() {
     )
     .await;
     let out = stdout(&invoked);
-    assert!(!out.contains("REACHED") && !out.contains("RESOLVED"), "{out}");
+    assert!(
+        !out.contains("REACHED") && !out.contains("RESOLVED"),
+        "{out}"
+    );
     assert!(out.ends_with("done\n"), "{out}");
     drop(listener);
+    daemon.shutdown().await;
+}
+
+/// A loopback HTTP server answering every request with `hello`.
+async fn hello_server() -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut request = Vec::new();
+                let mut buffer = [0_u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+                    )
+                    .await;
+            });
+        }
+    });
+    (port, task)
+}
+
+fn allowlisted(allow: &[String], cidrs: &[&str]) -> pb::SessionPolicy {
+    pb::SessionPolicy {
+        network: Some(pb::NetworkPolicy {
+            allow: allow.to_vec(),
+            deny: Vec::new(),
+            allow_cidrs: cidrs.iter().map(|c| (*c).to_owned()).collect(),
+        }),
+        ..process_policy()
+    }
+}
+
+#[tokio::test]
+async fn an_allowlist_is_enforced_by_the_egress_proxy_and_there_is_no_way_around_it() {
+    let (port, server) = hello_server().await;
+    let (other_port, other_server) = hello_server().await;
+    let mut daemon = TestDaemon::start_process(|config| {
+        for name in ["api.allowed.test", "allowed.test", "evil-allowed.test"] {
+            config.static_hosts.insert(
+                name.to_owned(),
+                vec![std::net::IpAddr::from([127, 0, 0, 1])],
+            );
+        }
+        config.static_hosts.insert(
+            "metadata.allowed.test".to_owned(),
+            vec![std::net::IpAddr::from([169, 254, 169, 254])],
+        );
+    })
+    .await;
+    let rules = vec![format!("*.allowed.test:{port}")];
+    let session = daemon
+        .create_session_with(allowlisted(&rules, &["127.0.0.1/32"]))
+        .await
+        .session_id;
+    let curl = |url: String, tunnel: bool| {
+        format!(
+            "curl -sS -f --noproxy '' --max-time 5 {} {url} 2>/dev/null || echo REFUSED",
+            if tunnel { "-p" } else { "" }
+        )
+    };
+    for (url, tunnel, expected) in [
+        (format!("http://api.allowed.test:{port}/"), false, "hello"),
+        (format!("http://api.allowed.test:{port}/"), true, "hello"),
+        (format!("http://allowed.test:{port}/"), false, "REFUSED"),
+        (format!("http://evil-allowed.test:{port}/"), true, "REFUSED"),
+        (format!("http://127.0.0.1:{port}/"), false, "REFUSED"),
+        (
+            format!("http://api.allowed.test:{other_port}/"),
+            false,
+            "REFUSED",
+        ),
+        (
+            format!("http://metadata.allowed.test:{port}/"),
+            true,
+            "REFUSED",
+        ),
+    ] {
+        let invoked = run(&mut daemon, &session, &curl(url.clone(), tunnel)).await;
+        assert_eq!(
+            stdout(&invoked).trim(),
+            expected,
+            "{url} (tunnel: {tunnel})"
+        );
+    }
+    let around = run(
+        &mut daemon,
+        &session,
+        &format!(
+            "curl -sS --noproxy '*' --max-time 3 http://127.0.0.1:{port}/ 2>/dev/null || echo REFUSED; \
+             curl -sS --noproxy '*' --max-time 3 http://10.0.0.1/ 2>/dev/null || echo REFUSED"
+        ),
+    )
+    .await;
+    assert_eq!(
+        stdout(&around),
+        "REFUSED\nREFUSED\n",
+        "going around the proxy"
+    );
+    let log = daemon
+        .daemon
+        .sessions
+        .get(&session)
+        .unwrap()
+        .egress
+        .as_ref()
+        .unwrap()
+        .log
+        .records();
+    assert_eq!(log.iter().filter(|r| r.allowed).count(), 2, "{log:#?}");
+    assert!(log.iter().filter(|r| !r.allowed).count() >= 5, "{log:#?}");
+    // Without the CIDR grant, the allowed name's loopback answer is refused.
+    let strict = daemon
+        .create_session_with(allowlisted(&rules, &[]))
+        .await
+        .session_id;
+    let refused = run(
+        &mut daemon,
+        &strict,
+        &curl(format!("http://api.allowed.test:{port}/"), true),
+    )
+    .await;
+    assert_eq!(stdout(&refused).trim(), "REFUSED");
+    server.abort();
+    other_server.abort();
     daemon.shutdown().await;
 }

@@ -40,6 +40,12 @@ pub struct CgroupParentGuard(String);
 
 impl Drop for CgroupParentGuard {
     fn drop(&mut self) {
+        // Sessions a failed test never destroyed.
+        if let Ok(hierarchy) =
+            harness_sandboxd::process::cgroup::CgroupHierarchy::from_host(Some(&self.0))
+        {
+            let _ = hierarchy.sweep_leftovers();
+        }
         let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") else {
             return;
         };

@@ -8,4 +8,5 @@ mod support;
 mod confinement;
 mod crash;
 mod health;
+mod process;
 mod session;

@@ -24,7 +24,12 @@ pub struct Cluster {
     pub sandboxd_endpoint: String,
     /// `unix:` endpoint of the control plane.
     pub control_endpoint: String,
+    /// The cgroup (path from each hierarchy's root) under which this
+    /// cluster's sandboxd makes session cgroups; its own, because sandboxd
+    /// sweeps every session cgroup under its parent when it starts.
+    pub cgroup_parent: String,
     agents_dir: PathBuf,
+    tools_dir: PathBuf,
     sandboxd: Child,
     control_plane: Child,
 }
@@ -120,18 +125,15 @@ impl Cluster {
             }
         };
 
-        let sandboxd = spawn_logged(
-            Command::new(binary("sandboxd")?)
-                .arg("serve")
-                .arg("--listen")
-                .arg(&sandboxd_endpoint)
-                .arg("--state-dir")
-                .arg(dir.path().join("sandboxd-state"))
-                .arg("--tools-dir")
-                .arg(tools_dir),
-            &dir.path().join("sandboxd.log"),
+        let cgroup_parent = format!("/harness-e2e-{}", uuid::Uuid::new_v4().simple());
+        std::fs::write(
+            dir.path().join("sandboxd.toml"),
+            format!("[process]\ncgroup-parent = \"{cgroup_parent}\"\n"),
         )?;
+        let sandboxd = spawn_sandboxd(dir.path(), &sandboxd_endpoint, &tools_dir)?;
         let mut cluster = Self {
+            cgroup_parent,
+            tools_dir,
             control_plane: spawn_control_plane(
                 dir.path(),
                 &control_endpoint,
@@ -201,6 +203,42 @@ impl Cluster {
         self.wait_control_plane_healthy().await
     }
 
+    /// Kills sandboxd with SIGKILL (nothing cleaned up) and waits until it
+    /// is gone.
+    pub async fn kill_sandboxd(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.sandboxd
+            .start_kill()
+            .context("cannot SIGKILL sandboxd")?;
+        Ok(self.sandboxd.wait().await?)
+    }
+
+    /// Starts a new sandboxd on the same state, socket, tools and config,
+    /// and waits until it answers health checks.
+    pub async fn restart_sandboxd(&mut self) -> anyhow::Result<()> {
+        if matches!(self.sandboxd.try_wait(), Ok(None)) {
+            bail!("sandboxd is still running; kill it first");
+        }
+        self.sandboxd = spawn_sandboxd(self.dir.path(), &self.sandboxd_endpoint, &self.tools_dir)?;
+        wait_healthy(&self.sandboxd_endpoint, START_DEADLINE)
+            .await
+            .with_context(|| self.logs())
+    }
+
+    /// Directories of one sandbox session's cgroups, one per hierarchy
+    /// that has it.
+    pub fn session_cgroups(&self, sandbox_session_id: &str) -> Vec<PathBuf> {
+        cgroup_mounts()
+            .into_iter()
+            .map(|mount| {
+                mount
+                    .join(self.cgroup_parent.trim_start_matches('/'))
+                    .join("harness-sandboxd")
+                    .join(sandbox_session_id)
+            })
+            .filter(|dir| dir.exists())
+            .collect()
+    }
+
     /// A control-plane client.
     pub async fn control(&self) -> anyhow::Result<ControlServiceClient<Channel>> {
         Ok(ControlServiceClient::new(
@@ -241,8 +279,41 @@ impl Cluster {
     ) -> anyhow::Result<(std::process::ExitStatus, std::process::ExitStatus)> {
         let control = terminate(&mut self.control_plane).await?;
         let sandboxd = terminate(&mut self.sandboxd).await?;
+        remove_cgroup_parent(&self.cgroup_parent);
         Ok((control, sandboxd))
     }
+}
+
+/// The cgroup hierarchies' mount points (v1 controllers and v2).
+fn cgroup_mounts() -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Removes a cluster's (by now empty) cgroup parent in every hierarchy.
+fn remove_cgroup_parent(parent: &str) {
+    for mount in cgroup_mounts() {
+        let dir = mount.join(parent.trim_start_matches('/'));
+        let _ = std::fs::remove_dir(dir.join("harness-sandboxd"));
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
+fn spawn_sandboxd(dir: &Path, endpoint: &str, tools_dir: &Path) -> anyhow::Result<Child> {
+    spawn_logged(
+        Command::new(binary("sandboxd")?)
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join("sandboxd.toml"))
+            .arg("--listen")
+            .arg(endpoint)
+            .arg("--state-dir")
+            .arg(dir.join("sandboxd-state"))
+            .arg("--tools-dir")
+            .arg(tools_dir),
+        &dir.join("sandboxd.log"),
+    )
 }
 
 /// Starts a control plane whose database and log live in `dir`; the log is

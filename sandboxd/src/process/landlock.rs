@@ -255,9 +255,9 @@ fn missing_features(kernel_abi: u32) -> Option<String> {
 /// crate sets it again, harmlessly). The restriction is inherited by every
 /// child and kept across `execve`; it cannot be lifted. With `required`,
 /// anything less than full enforcement of the plan's rights is an error
-/// naming the missing kernel feature and the fix, and the thread is left
-/// unrestricted when the kernel is found lacking up front; without it, best
-/// effort.
+/// naming the missing kernel feature and the fix; without it, best effort.
+/// An error may leave the thread unrestricted, so the caller must not go on
+/// to run anything after one.
 pub fn apply(plan: &LandlockPlan, required: bool) -> Result<LandlockOutcome, LandlockError> {
     let kernel_abi =
         crate::sys::landlock_abi_version().map_err(|source| LandlockError::ProbeAbi { source })?;
@@ -280,17 +280,17 @@ pub fn apply(plan: &LandlockPlan, required: bool) -> Result<LandlockOutcome, Lan
         .create()
         .map_err(|source| LandlockError::CreateRuleset { source })?;
     for rule in plan.rules() {
-        let Some(directory) = open_rule_path(&rule.path)? else {
+        let Some(opened) = open_rule_path(&rule.path)? else {
             continue;
         };
         // The kernel rejects directory-only rights on a file rule.
-        let access = if is_directory(&directory, &rule.path)? {
+        let access = if is_directory(&opened, &rule.path)? {
             rule.access
         } else {
             rule.access & AccessFs::from_file(TARGET_ABI)
         };
         ruleset = ruleset
-            .add_rule(PathBeneath::new(directory, access))
+            .add_rule(PathBeneath::new(opened, access))
             .map_err(|source| LandlockError::AddRule {
                 path: rule.path.clone(),
                 source,

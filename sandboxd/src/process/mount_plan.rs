@@ -217,6 +217,10 @@ impl MountPlan {
     /// Builds the root for `spec`.
     pub fn build(spec: &RootSpec) -> Result<Self, MountPlanError> {
         let mut plan = Self::default();
+        // Listing `/` and walking the tree (`ls /`, `find /`) must work; the
+        // root holds only what this plan puts there, all of it readable
+        // anyway, and landlock's value here is in refusing writes.
+        plan.landlock.read_only.push("/".to_owned());
         plan.system(&spec.system);
         plan.etc(&spec.etc, spec.uid);
         plan.push_dir(WORKSPACE, 0o755);
@@ -531,6 +535,7 @@ mod tests {
             plan.landlock,
             LandlockPaths {
                 read_only: vec![
+                    "/".into(),
                     "/usr".into(),
                     "/etc".into(),
                     "/proc".into(),

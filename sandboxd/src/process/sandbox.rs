@@ -571,8 +571,10 @@ impl ProcessSandbox {
             .network
             .push(format!("network namespace of sandbox init {pid}"));
         teardown.mounts_removed = self.mount_count;
-        match self.cgroup.kill_and_remove() {
-            Ok(removed) => {
+        let cgroup = self.cgroup.clone();
+        let removed = tokio::task::spawn_blocking(move || cgroup.kill_and_remove()).await;
+        match removed {
+            Ok(Ok(removed)) => {
                 teardown.processes_killed = teardown.processes_killed.max(removed.processes_killed);
                 teardown.cgroups_removed = removed
                     .removed
@@ -580,9 +582,12 @@ impl ProcessSandbox {
                     .map(|p| p.display().to_string())
                     .collect();
             }
-            Err(error) => teardown
+            Ok(Err(error)) => teardown
                 .errors
                 .push(crate::wasi::registry::error_chain(&error)),
+            Err(error) => teardown
+                .errors
+                .push(format!("cgroup teardown task: {error}")),
         }
         teardown
     }
@@ -713,11 +718,12 @@ impl RunOutcome {
                 pb::ErrorKind::ResourceExhausted,
                 "the command was killed by the session's memory limit (cgroup OOM)".to_owned(),
             )),
-            Ok(exited) if exited.signal == Some(libc::SIGXFSZ)
-                || self.via_shell && exited.code == Some(128 + libc::SIGXFSZ) =>
+            Ok(exited)
+                if exited.signal == Some(libc::SIGXFSZ)
+                    || self.via_shell && exited.code == Some(128 + libc::SIGXFSZ) =>
             {
                 pb::invoke_result::Outcome::Error(tool_error(
-                pb::ErrorKind::ResourceExhausted,
+                    pb::ErrorKind::ResourceExhausted,
                     "the command exceeded the file size limit (SIGXFSZ)".to_owned(),
                 ))
             }

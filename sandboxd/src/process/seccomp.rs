@@ -30,7 +30,7 @@
 //! truncates with `lower_32_bits`). A 64-bit comparison would let a caller
 //! dodge a rule by setting upper bits the kernel ignores.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
@@ -418,7 +418,7 @@ pub fn sandbox_filter() -> Result<BpfProgram, SeccompError> {
     })?;
 
     let mut groups: BTreeMap<u32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for entry in DENIED {
         if !seen.insert(entry.number) {
             return Err(SeccompError::DuplicateSyscall {
@@ -589,7 +589,6 @@ fn continue_instead_of_allowing(part: &mut BpfProgram) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-    use std::collections::BTreeSet;
     use std::io::Read;
     use std::os::fd::OwnedFd;
 
