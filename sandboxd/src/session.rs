@@ -543,7 +543,12 @@ impl SessionManager {
                 session.egress.clone(),
             )
             .await?;
-        tracing::info!(session = %session.id, init = sandbox.init_pid(), landlock = sandbox.landlock(), "process sandbox ready");
+        tracing::info!(
+            session = %session.id,
+            init = sandbox.init_pid(),
+            landlock = sandbox.landlock(),
+            "process sandbox ready"
+        );
         if let Err(sandbox) = session.process.set(sandbox) {
             sandbox.destroy().await;
         }

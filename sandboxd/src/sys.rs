@@ -113,76 +113,137 @@ pub struct InitExec {
 /// The descriptor number the control socket has inside `sandbox-init`.
 pub const INIT_CONTROL_FD: std::os::fd::RawFd = 3;
 
+/// What a cloned, not yet executed `sandbox-init` child still reads from
+/// the parent's memory (it shares it, see [`clone_sandbox_init`]): keep it
+/// alive until the child has executed (it reported ready) or was reaped.
+#[derive(Debug)]
+pub struct InitChildMemory {
+    _stack: Vec<u8>,
+    _args: Box<InitChildArgs>,
+    _argv: Vec<*const libc::c_char>,
+    _envp: Box<[*const libc::c_char; 1]>,
+    _exec: InitExec,
+}
+
+// SAFETY: the raw pointers in here point into the other fields of the same
+// struct (heap allocations that move with it); nothing dereferences them but
+// the cloned child, so handing the struct to another thread is sound.
+unsafe impl Send for InitChildMemory {}
+
+#[derive(Debug)]
+struct InitChildArgs {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    control_fd: libc::c_int,
+}
+
+/// The cloned child: waits for the parent, takes root of its user
+/// namespace, executes `sandbox-init`.
+extern "C" fn init_child(data: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: this runs in a child that shares the parent's memory
+    // (CLONE_VM) until it executes; it only reads `InitChildArgs`, which
+    // the parent keeps alive in `InitChildMemory` until the child has
+    // executed or been reaped, and makes raw, async-signal-safe system calls
+    // (no allocation, no locks, no glibc wrappers that touch shared state
+    // beyond errno).
+    unsafe {
+        let args = &*(data as *const InitChildArgs);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        let mut go = [0_u8; 1];
+        if libc::read(args.control_fd, go.as_mut_ptr().cast(), 1) != 1 {
+            libc::_exit(1);
+        }
+        // Raw calls: glibc's wrappers would try to broadcast the change to
+        // threads that exist only in the parent.
+        if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+        {
+            libc::_exit(2);
+        }
+        // Changing credentials cleared the parent-death signal: set it
+        // again, then make sure the parent did not die in between.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        let mut hangup = libc::pollfd {
+            fd: args.control_fd,
+            events: 0,
+            revents: 0,
+        };
+        if libc::poll(&mut hangup, 1, 0) != 0 && hangup.revents & libc::POLLHUP != 0 {
+            libc::_exit(1);
+        }
+        let moved = if args.control_fd == INIT_CONTROL_FD {
+            libc::fcntl(args.control_fd, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(args.control_fd, INIT_CONTROL_FD)
+        };
+        if moved == -1 {
+            libc::_exit(2);
+        }
+        libc::execve(args.program, args.argv, args.envp);
+        libc::_exit(127)
+    }
+}
+
 /// Clones a child into new namespaces (`flags`) that waits for one byte on
 /// its control socket (the parent writes it after mapping the child's user
 /// namespace), becomes root of that namespace, and executes
 /// `sandbox-init`. Exits 1 if the parent went away first, 2 if it could not
 /// take the mapped ids, 127 if the exec failed.
 ///
+/// The child shares the daemon's memory until it executes (`CLONE_VM`, as
+/// `posix_spawn` does): copying the page tables of a large daemon would
+/// cost milliseconds per sandbox. The returned [`InitChildMemory`] must
+/// outlive that window.
+///
 /// The caller must run this on a thread that outlives the child, because
 /// the child's parent-death signal follows the cloning *thread*.
 pub fn clone_sandbox_init(
-    init: &InitExec,
+    init: InitExec,
     flags: nix::sched::CloneFlags,
-) -> io::Result<nix::unistd::Pid> {
-    let program = init.program.as_ptr();
+) -> io::Result<(nix::unistd::Pid, InitChildMemory)> {
     let mut argv: Vec<*const libc::c_char> = init.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    let control_fd = init.control_fd;
-    let argv_ptr = argv.as_ptr();
-    let envp_ptr = envp.as_ptr();
-    let child = Box::new(move || -> isize {
-        // SAFETY: this runs in the cloned child of a possibly multi-threaded
-        // process, so it only makes raw, async-signal-safe system calls on
-        // memory prepared by the parent before the clone (`program`, `argv`,
-        // `envp` stay alive in the parent's frame, and the child has its own
-        // copy of that memory); it never allocates and never returns
-        // normally from a successful exec.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            let mut go = [0_u8; 1];
-            if libc::read(control_fd, go.as_mut_ptr().cast(), 1) != 1 {
-                libc::_exit(1);
-            }
-            // Raw calls: glibc's wrappers would try to broadcast the change to
-            // threads that exist only in the parent.
-            if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
-                || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
-            {
-                libc::_exit(2);
-            }
-            // Changing credentials cleared the parent-death signal: set it
-            // again, then make sure the parent did not die in between.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            let mut hangup = libc::pollfd {
-                fd: control_fd,
-                events: 0,
-                revents: 0,
-            };
-            if libc::poll(&mut hangup, 1, 0) != 0 && hangup.revents & libc::POLLHUP != 0 {
-                libc::_exit(1);
-            }
-            let moved = if control_fd == INIT_CONTROL_FD {
-                libc::fcntl(control_fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(control_fd, INIT_CONTROL_FD)
-            };
-            if moved == -1 {
-                libc::_exit(2);
-            }
-            libc::execve(program, argv_ptr, envp_ptr);
-            libc::_exit(127)
-        }
+    let envp: Box<[*const libc::c_char; 1]> = Box::new([std::ptr::null()]);
+    let args = Box::new(InitChildArgs {
+        program: init.program.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        control_fd: init.control_fd,
     });
     let mut stack = vec![0_u8; 64 * 1024];
-    // SAFETY: the callback above is async-signal-safe (see its comment) and
-    // does not touch the parent's locks or allocator, which is what `clone`
-    // of a multi-threaded process requires; `stack` outlives the call (the
-    // child runs on its own copy since CLONE_VM is not set).
-    let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) };
-    drop(argv);
-    pid.map_err(io::Error::from)
+    // The stack grows down from its 16-byte aligned top.
+    let top = {
+        let end = stack.as_mut_ptr().wrapping_add(stack.len());
+        end.wrapping_sub(end as usize % 16)
+    };
+    let data = (&*args as *const InitChildArgs)
+        .cast_mut()
+        .cast::<libc::c_void>();
+    // SAFETY: `init_child` only reads `args` and makes async-signal-safe
+    // raw system calls (see its comment); `stack`, `args`, `argv`, `envp`
+    // and the strings they point to move into the returned
+    // `InitChildMemory`, whose heap allocations do not move, and the caller
+    // keeps it until the child has executed or been reaped.
+    let ret = unsafe {
+        libc::clone(
+            init_child,
+            top.cast(),
+            flags.bits() | libc::CLONE_VM | libc::SIGCHLD,
+            data,
+        )
+    };
+    let pid = check(libc::c_long::from(ret))?;
+    Ok((
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(-1)),
+        InitChildMemory {
+            _stack: stack,
+            _args: args,
+            _argv: argv,
+            _envp: envp,
+            _exec: init,
+        },
+    ))
 }
 
 /// Forks the calling process.

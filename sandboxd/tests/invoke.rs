@@ -148,7 +148,7 @@ async fn repeated_invocation_id_replays_the_recorded_result_without_running_agai
 }
 
 #[tokio::test]
-async fn process_invocations_are_unimplemented_with_a_reason() {
+async fn process_invocations_need_a_process_session() {
     let mut daemon = TestDaemon::start().await;
     let id = daemon.create_session().await.session_id;
     let status = daemon
@@ -164,9 +164,9 @@ async fn process_invocations_are_unimplemented_with_a_reason() {
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     assert!(
-        status.message().contains("process backend"),
+        status.message().contains("no process sandbox"),
         "{}",
         status.message()
     );

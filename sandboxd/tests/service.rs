@@ -137,7 +137,8 @@ async fn shutdown_destroys_remaining_sessions() {
 }
 
 #[tokio::test]
-async fn unenforceable_policy_is_refused_with_a_reason() {
+async fn process_sessions_fail_closed_naming_what_the_host_lacks() {
+    // This daemon is told its host has no user namespaces and no seccomp.
     let mut daemon = TestDaemon::start().await;
     let status = daemon
         .client
@@ -150,12 +151,15 @@ async fn unenforceable_policy_is_refused_with_a_reason() {
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(
-        status.message().contains("process backend"),
-        "{}",
-        status.message()
-    );
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    for missing in ["user namespaces are unavailable", "seccomp filters are unavailable"] {
+        assert!(
+            status.message().contains(missing),
+            "{}",
+            status.message()
+        );
+    }
+    assert!(daemon.daemon.sessions.is_empty());
     daemon.shutdown().await;
 }
 

@@ -751,7 +751,9 @@ impl SessionCgroup {
             all.extend(post_order(&dir.path)?);
         }
         let mut killed = BTreeSet::new();
-        if !all.is_empty() {
+        // Usually the sandbox's pid namespace is already gone (its init was
+        // killed and reaped), so there is nothing to freeze or signal.
+        if !all.is_empty() && !procs_of(&all)?.is_empty() {
             self.kill_all(&all, &mut killed)?;
         }
         let mut removed = Vec::new();

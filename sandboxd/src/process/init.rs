@@ -152,7 +152,13 @@ fn build_sandbox(spec: &InitSpec, sources: &[OwnedFd]) -> Result<String, SetupEr
     nix::sys::prctl::set_no_new_privs().map_err(failed("no-new-privs"))?;
     let landlock = apply_landlock(&spec.plan, spec.require_landlock)?;
     nix::sys::prctl::set_dumpable(false).map_err(failed("not-dumpable"))?;
-    let filter = super::seccomp::sandbox_filter().map_err(failed("seccomp"))?;
+    if spec.seccomp_filter.is_empty() {
+        return Err(SetupError {
+            step: "seccomp",
+            detail: "the spec carries no seccomp filter".to_owned(),
+        });
+    }
+    let filter = super::seccomp::from_instructions(&spec.seccomp_filter);
     super::seccomp::install(&filter).map_err(failed("seccomp"))?;
     Ok(landlock)
 }

@@ -85,6 +85,7 @@ pub struct ProcessBackend {
     host: Arc<HostProbe>,
     cgroups: Result<CgroupHierarchy, String>,
     init_program: Result<PathBuf, String>,
+    seccomp_filter: Result<Arc<Vec<seccomp::Instruction>>, String>,
     slots: Mutex<BTreeSet<u32>>,
 }
 
@@ -104,7 +105,16 @@ impl ProcessBackend {
     pub fn new(config: &SandboxdConfig, host: Arc<HostProbe>) -> Self {
         let cgroups = CgroupHierarchy::from_host(config.process.cgroup_parent.as_deref())
             .map_err(|e| crate::wasi::registry::error_chain(&e));
+        let seccomp_filter = seccomp::sandbox_filter()
+            .map(|program| Arc::new(seccomp::to_instructions(&program)))
+            .map_err(|e| {
+                format!(
+                    "the seccomp filter does not compile: {}",
+                    crate::wasi::registry::error_chain(&e)
+                )
+            });
         Self {
+            seccomp_filter,
             init_program: find_init_program(&config.process),
             config: config.process.clone(),
             max_sessions: config.max_sessions,
@@ -146,6 +156,9 @@ impl ProcessBackend {
             missing.push(format!("no usable cgroups: {error}"));
         }
         if let Err(error) = &self.init_program {
+            missing.push(error.clone());
+        }
+        if let Err(error) = &self.seccomp_filter {
             missing.push(error.clone());
         }
         if missing.is_empty() {
@@ -207,7 +220,9 @@ impl ProcessBackend {
     ) -> Result<ProcessSandbox, ProcessError> {
         self.check_host(policy.require_landlock)
             .map_err(ProcessError::HostLacks)?;
-        let (Ok(cgroups), Ok(init_program)) = (&self.cgroups, &self.init_program) else {
+        let (Ok(cgroups), Ok(init_program), Ok(seccomp_filter)) =
+            (&self.cgroups, &self.init_program, &self.seccomp_filter)
+        else {
             return Err(ProcessError::HostLacks(
                 "process backend unavailable".to_owned(),
             ));
@@ -235,6 +250,7 @@ impl ProcessBackend {
                 policy.max_file_bytes,
             ),
             require_landlock: policy.require_landlock,
+            seccomp_filter: Arc::clone(seccomp_filter),
             limits: CgroupLimits {
                 memory_bytes: Some(policy.memory_bytes),
                 pids: Some(policy.pids),

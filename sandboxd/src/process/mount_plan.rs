@@ -435,7 +435,7 @@ fn etc_files(uid: u32) -> Vec<(&'static str, String)> {
 fn check_bind_target(target: &str) -> Result<(), MountPlanError> {
     let path = Path::new(target);
     let normal = path.is_absolute()
-        && !target.ends_with('/')
+        && (target == "/" || !target.ends_with('/'))
         && !target.contains("//")
         && path
             .components()

@@ -37,6 +37,10 @@ pub struct InitSpec {
     pub rlimits: Vec<Rlimit>,
     /// Refuse to start unless landlock fully enforces the ruleset.
     pub require_landlock: bool,
+    /// The seccomp program to install, as `(code, jt, jf, k)` instructions:
+    /// compiled once by sandboxd from [`super::seccomp::DENIED`] rather
+    /// than by every init.
+    pub seccomp_filter: Vec<super::seccomp::Instruction>,
 }
 
 /// One resource limit.

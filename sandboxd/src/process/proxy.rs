@@ -262,35 +262,17 @@ pub fn proxy_environment(addr: SocketAddr) -> Vec<(String, String)> {
 }
 
 async fn serve(listener: TcpListener, policy: EgressPolicy, limits: ProxyLimits) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let busy_replies = Arc::new(Semaphore::new(MAX_BUSY_REPLIES));
-    let policy = Arc::new(policy);
+    let admission = Admission {
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        busy_replies: Arc::new(Semaphore::new(MAX_BUSY_REPLIES)),
+        policy: Arc::new(policy),
+        limits,
+    };
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    if let Ok(permit) = Arc::clone(&slots).try_acquire_owned() {
-                        let policy = Arc::clone(&policy);
-                        tasks.spawn(async move {
-                            let _permit = permit;
-                            handle(stream, peer, &policy, &limits).await;
-                        });
-                    } else if let Ok(permit) = Arc::clone(&busy_replies).try_acquire_owned() {
-                        tracing::warn!(%peer, max = limits.max_connections, "egress proxy at its connection cap");
-                        let reason = format!(
-                            "the proxy is already serving its maximum of {} connections",
-                            limits.max_connections
-                        );
-                        tasks.spawn(async move {
-                            let _permit = permit;
-                            let mut stream = stream;
-                            let _ = reply(&mut stream, StatusCode::SERVICE_UNAVAILABLE, &reason).await;
-                            close_gently(stream).await;
-                        });
-                    }
-                    // Otherwise the stream is dropped here, closing it.
-                }
+                Ok((stream, peer)) => admission.admit(&mut tasks, stream, peer),
                 Err(error) => {
                     tracing::warn!(%error, "egress proxy accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -301,11 +283,46 @@ async fn serve(listener: TcpListener, policy: EgressPolicy, limits: ProxyLimits)
     }
 }
 
+/// Decides what happens to an accepted connection: served while a slot is
+/// free, answered `503` beyond the cap, or just closed when even the busy
+/// replies are at their cap.
+struct Admission {
+    slots: Arc<Semaphore>,
+    busy_replies: Arc<Semaphore>,
+    policy: Arc<EgressPolicy>,
+    limits: ProxyLimits,
+}
+
+impl Admission {
+    fn admit(&self, tasks: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr) {
+        let limits = self.limits;
+        if let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() {
+            let policy = Arc::clone(&self.policy);
+            tasks.spawn(async move {
+                let _permit = permit;
+                handle(stream, peer, &policy, &limits).await;
+            });
+        } else if let Ok(permit) = Arc::clone(&self.busy_replies).try_acquire_owned() {
+            tracing::warn!(%peer, max = limits.max_connections, "egress proxy at its cap");
+            let reason = format!(
+                "the proxy is already serving its maximum of {} connections",
+                limits.max_connections
+            );
+            tasks.spawn(async move {
+                let _permit = permit;
+                reply_and_close(stream, StatusCode::SERVICE_UNAVAILABLE, &reason).await;
+            });
+        }
+        // Otherwise `stream` is dropped here, which closes it.
+    }
+}
+
 async fn handle(stream: TcpStream, peer: SocketAddr, policy: &EgressPolicy, limits: &ProxyLimits) {
     // Latency matters more than packet count here; failing to set it is harmless.
     let _ = stream.set_nodelay(true);
     if let Err(error) = serve_client(stream, policy, limits).await {
-        tracing::debug!(%peer, error = %chain(&error), "egress proxy connection ended with an error");
+        let error = chain(&error);
+        tracing::debug!(%peer, %error, "egress proxy connection ended with an error");
     }
 }
 

@@ -131,6 +131,8 @@ pub struct LaunchSpec {
     pub rlimits: Vec<Rlimit>,
     /// Refuse unless landlock is fully enforced.
     pub require_landlock: bool,
+    /// The compiled seccomp filter.
+    pub seccomp_filter: Arc<Vec<super::seccomp::Instruction>>,
     /// cgroup limits.
     pub limits: CgroupLimits,
     /// Base environment of every command (`NAME=value`), proxy variables
@@ -254,7 +256,7 @@ fn launcher() -> &'static Mutex<std_mpsc::Sender<LaunchJob>> {
             .name("sandbox-launcher".to_owned())
             .spawn(move || {
                 for job in receiver {
-                    let result = sys::clone_sandbox_init(&job.exec, job.flags);
+                    let result = sys::clone_sandbox_init(job.exec, job.flags);
                     let _ = job.reply.send(result);
                 }
             });
@@ -265,13 +267,15 @@ fn launcher() -> &'static Mutex<std_mpsc::Sender<LaunchJob>> {
     })
 }
 
+type Launched = std::io::Result<(Pid, sys::InitChildMemory)>;
+
 struct LaunchJob {
     exec: sys::InitExec,
     flags: CloneFlags,
-    reply: std_mpsc::Sender<std::io::Result<Pid>>,
+    reply: std_mpsc::Sender<Launched>,
 }
 
-fn clone_on_launcher(exec: sys::InitExec, flags: CloneFlags) -> std::io::Result<Pid> {
+fn clone_on_launcher(exec: sys::InitExec, flags: CloneFlags) -> Launched {
     let (reply, result) = std_mpsc::channel();
     lock(launcher())
         .send(LaunchJob { exec, flags, reply })
@@ -888,9 +892,11 @@ fn start_init(
         | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS;
-    let pid = clone_on_launcher(exec, flags).map_err(SandboxError::Clone)?;
+    let (pid, child_memory) = clone_on_launcher(exec, flags).map_err(SandboxError::Clone)?;
     drop(child);
     let started = prepare_child(pid, spec, cgroup, &parent, &sources);
+    // Ready or reaped: either way the child no longer reads this memory.
+    let release_child_memory = move || drop(child_memory);
     match started {
         Ok(landlock) => {
             nix::fcntl::fcntl(
@@ -898,11 +904,13 @@ fn start_init(
                 nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
             )
             .map_err(descriptor("a non-blocking control socket"))?;
+            release_child_memory();
             Ok((pid, parent, landlock))
         }
         Err(error) => {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(pid, None);
+            release_child_memory();
             Err(error)
         }
     }
@@ -933,6 +941,7 @@ fn prepare_child(
         sandbox_gid: SANDBOX_UID,
         rlimits: spec.rlimits.clone(),
         require_landlock: spec.require_landlock,
+        seccomp_filter: spec.seccomp_filter.as_ref().clone(),
     };
     protocol::send(control.as_fd(), &init_spec, &fds).map_err(SandboxError::Protocol)?;
     let timeout = nix::sys::time::TimeVal::new(

@@ -457,6 +457,22 @@ pub fn sandbox_filter() -> Result<BpfProgram, SeccompError> {
     Ok(program)
 }
 
+/// One BPF instruction as plain data: `(code, jt, jf, k)`.
+pub type Instruction = (u16, u8, u8, u32);
+
+/// The program as plain instructions, for sending to the sandbox init.
+pub fn to_instructions(program: &BpfProgram) -> Vec<Instruction> {
+    program.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
+}
+
+/// The inverse of [`to_instructions`].
+pub fn from_instructions(instructions: &[Instruction]) -> BpfProgram {
+    instructions
+        .iter()
+        .map(|&(code, jt, jf, k)| seccompiler::sock_filter { code, jt, jf, k })
+        .collect()
+}
+
 /// Installs `program` on every thread of the calling process (`TSYNC`; in
 /// the single-threaded sandbox init that is the calling thread, and a stray
 /// helper thread cannot stay unfiltered). Precondition: no_new_privs is
