@@ -152,12 +152,11 @@ async fn process_sessions_fail_closed_naming_what_the_host_lacks() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-    for missing in ["user namespaces are unavailable", "seccomp filters are unavailable"] {
-        assert!(
-            status.message().contains(missing),
-            "{}",
-            status.message()
-        );
+    for missing in [
+        "user namespaces are unavailable",
+        "seccomp filters are unavailable",
+    ] {
+        assert!(status.message().contains(missing), "{}", status.message());
     }
     assert!(daemon.daemon.sessions.is_empty());
     daemon.shutdown().await;
