@@ -15,7 +15,8 @@
 //!    counting what is left behind (processes, cgroups, workspaces, mounts).
 //!
 //! Knobs: `BENCH_INVOKES` (default 500), `BENCH_LIFECYCLES` (default 100),
-//! `BENCH_CONCURRENT` (default 200).
+//! `BENCH_CONCURRENT` (default 200), `BENCH_WARM_POOL` (`[process]
+//! warm-pool`, default as configured: 2).
 
 #![allow(
     clippy::unwrap_used,
@@ -240,6 +241,8 @@ async fn run() {
     let mut config = config;
     config.process.init_program = Some(PathBuf::from(env!("CARGO_BIN_EXE_sandbox-init")));
     config.process.cgroup_parent = Some(parent.clone());
+    config.process.warm_pool = knob("BENCH_WARM_POOL", config.process.warm_pool);
+    let warm_pool = config.process.warm_pool;
     let daemon: Arc<Sandboxd> =
         Sandboxd::start(config.clone(), harness_sandboxd::probe::probe_host())
             .await
@@ -334,7 +337,8 @@ async fn run() {
     }
     let concurrent_wall = started.elapsed();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let left_children = children_of(std::process::id());
+    // The warm pool's inits are this process's children by design.
+    let left_children = children_of(std::process::id()).saturating_sub(warm_pool);
     let left_cgroups = count_dirs("/sys/fs/cgroup", &parent);
     let left_workspaces = std::fs::read_dir(config.sessions_dir()).unwrap().count();
     let mountinfo_after = std::fs::read_to_string("/proc/self/mountinfo")
@@ -354,7 +358,7 @@ async fn run() {
         .map(|n| n.get())
         .unwrap_or(0);
     println!(
-        "process backend, {cpus} CPUs, {invokes} invokes, {lifecycles} lifecycles, {concurrent} concurrent\n"
+        "process backend, {cpus} CPUs, warm pool {warm_pool}, {invokes} invokes, {lifecycles} lifecycles, {concurrent} concurrent\n"
     );
     println!("| measure | sandboxd | bwrap (same run) | ratio | target |");
     println!("|---|---|---|---|---|");
@@ -399,7 +403,7 @@ async fn run() {
     println!(
         "\n{concurrent} concurrent sessions, each ran /bin/true, then all destroyed: {:.2} s; \
          at peak {peak_children} sandbox inits and {peak_cgroups} session cgroups; \
-         afterwards {left_children} child processes, {left_cgroups} session cgroups, \
+         afterwards {left_children} child processes besides the warm pool, {left_cgroups} session cgroups, \
          {left_workspaces} workspaces, {} host mounts added, {errors} teardown errors.",
         concurrent_wall.as_secs_f64(),
         mountinfo_after as i64 - mountinfo_before as i64,

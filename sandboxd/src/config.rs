@@ -130,6 +130,10 @@ pub struct ProcessConfig {
     /// background processes still write to its pipes. Default "50ms".
     #[serde(with = "humantime_serde")]
     pub output_grace: Duration,
+    /// Sandbox inits kept cloned into fresh namespaces ahead of
+    /// `CreateSession` (each holds one host id range and a few hundred KiB).
+    /// 0 builds every sandbox from scratch. Default 2.
+    pub warm_pool: usize,
 }
 
 impl Default for ProcessConfig {
@@ -143,6 +147,7 @@ impl Default for ProcessConfig {
             max_open_files: 1024,
             start_timeout: Duration::from_secs(10),
             output_grace: Duration::from_millis(50),
+            warm_pool: 2,
         }
     }
 }
@@ -245,6 +250,7 @@ mod tests {
                 max_open_files: 4096,
                 start_timeout: Duration::from_secs(5),
                 output_grace: Duration::from_millis(100),
+                warm_pool: 4,
             },
         };
         assert_eq!(parsed, expected);

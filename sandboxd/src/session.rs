@@ -521,8 +521,9 @@ impl SessionManager {
         let Some(policy) = &session.policy.process else {
             return Ok(());
         };
-        let (slot, host_uid) = self.process.reserve_ids()?;
-        *lock(&session.id_slot) = Some(slot);
+        let warm = self.process.acquire().await?;
+        let host_uid = warm.host_uid;
+        *lock(&session.id_slot) = Some(warm.slot);
         {
             let mut workspace = lock(&session.workspace);
             let workspace = workspace
@@ -536,7 +537,7 @@ impl SessionManager {
             .process
             .launch(
                 &session.id,
-                slot,
+                warm,
                 policy,
                 &session.workspace_root,
                 session.policy.environment.clone(),

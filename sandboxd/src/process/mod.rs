@@ -36,7 +36,9 @@ use crate::network::http_egress::EgressPolicy;
 use crate::probe::HostProbe;
 use cgroup::{CgroupHierarchy, CgroupLimits};
 use mount_plan::{ETC_PATHS, MountPlan, PolicyBind, RootSpec, SYSTEM_PATHS, probe_host_entries};
-use sandbox::{IDS_PER_SESSION, LaunchSpec, ProcessSandbox, SANDBOX_UID, standard_rlimits};
+use sandbox::{
+    IDS_PER_SESSION, LaunchSpec, ProcessSandbox, SANDBOX_UID, WarmInit, standard_rlimits,
+};
 
 /// Errors of the process backend.
 #[derive(Debug, thiserror::Error)]
@@ -81,12 +83,59 @@ pub struct ProcessPolicy {
 #[derive(Debug)]
 pub struct ProcessBackend {
     config: ProcessConfig,
-    max_sessions: u32,
     host: Arc<HostProbe>,
     cgroups: Result<CgroupHierarchy, String>,
     init_program: Result<PathBuf, String>,
     seccomp_filter: Result<Arc<Vec<seccomp::Instruction>>, String>,
-    slots: Mutex<BTreeSet<u32>>,
+    ids: Arc<IdRanges>,
+    pool: Arc<WarmPool>,
+}
+
+/// Host id ranges, one per live sandbox (and per warm init).
+#[derive(Debug)]
+struct IdRanges {
+    uid_base: u32,
+    slots: u32,
+    used: Mutex<BTreeSet<u32>>,
+}
+
+impl IdRanges {
+    fn reserve(&self) -> Result<u32, ProcessError> {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (0..self.slots)
+            .find(|s| !used.contains(s))
+            .ok_or(ProcessError::NoIdRange(self.slots))?;
+        used.insert(slot);
+        Ok(slot)
+    }
+
+    fn release(&self, slot: u32) {
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&slot);
+    }
+
+    fn base(&self, slot: u32) -> u32 {
+        self.uid_base
+            .saturating_add(slot.saturating_mul(IDS_PER_SESSION))
+    }
+
+    /// Reserves a range and starts a warm init on it (blocking).
+    fn start_warm(&self, init_program: &Path) -> Result<WarmInit, ProcessError> {
+        let slot = self.reserve()?;
+        WarmInit::start(init_program, self.base(slot), slot).map_err(|error| {
+            self.release(slot);
+            ProcessError::Launch(error)
+        })
+    }
+}
+
+/// Inits cloned ahead of `CreateSession` (see [`WarmInit`]).
+#[derive(Debug, Default)]
+struct WarmPool {
+    ready: Mutex<Vec<WarmInit>>,
+    refilling: std::sync::atomic::AtomicBool,
 }
 
 /// A launched sandbox and the id range it holds.
@@ -116,11 +165,17 @@ impl ProcessBackend {
         Self {
             seccomp_filter,
             init_program: find_init_program(&config.process),
+            ids: Arc::new(IdRanges {
+                uid_base: config.process.uid_base,
+                slots: config
+                    .max_sessions
+                    .saturating_add(u32::try_from(config.process.warm_pool).unwrap_or(u32::MAX)),
+                used: Mutex::new(BTreeSet::new()),
+            }),
+            pool: Arc::new(WarmPool::default()),
             config: config.process.clone(),
-            max_sessions: config.max_sessions,
             host,
             cgroups,
-            slots: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -182,37 +237,78 @@ impl ProcessBackend {
         }
     }
 
-    /// Reserves a host id range; returns its slot and the sandbox user's
-    /// host uid (= gid).
-    pub fn reserve_ids(&self) -> Result<(u32, u32), ProcessError> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = (0..self.max_sessions)
-            .find(|s| !slots.contains(s))
-            .ok_or(ProcessError::NoIdRange(self.max_sessions))?;
-        slots.insert(slot);
-        Ok((slot, self.host_id_base(slot) + SANDBOX_UID))
+    /// An init ready for a session's spec: one from the warm pool, or a
+    /// new one. Either way the pool is topped up in the background. Give its
+    /// slot back with [`Self::release`] when the sandbox is destroyed.
+    pub async fn acquire(&self) -> Result<WarmInit, ProcessError> {
+        self.check_host(false).map_err(ProcessError::HostLacks)?;
+        let Ok(init_program) = self.init_program.clone() else {
+            return Err(ProcessError::HostLacks(
+                "sandbox-init is missing".to_owned(),
+            ));
+        };
+        let pooled = self
+            .pool
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let warm = match pooled {
+            Some(warm) => warm,
+            None => {
+                let ids = Arc::clone(&self.ids);
+                let program = init_program.clone();
+                tokio::task::spawn_blocking(move || ids.start_warm(&program))
+                    .await
+                    .map_err(|e| ProcessError::HostLacks(format!("launcher task failed: {e}")))??
+            }
+        };
+        self.refill(init_program);
+        Ok(warm)
+    }
+
+    /// Tops the warm pool up to `[process] warm-pool` inits, off the
+    /// caller's path.
+    fn refill(&self, init_program: PathBuf) {
+        use std::sync::atomic::Ordering;
+        let target = self.config.warm_pool;
+        if target == 0 || self.pool.refilling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (pool, ids) = (Arc::clone(&self.pool), Arc::clone(&self.ids));
+        tokio::task::spawn_blocking(move || {
+            loop {
+                let len = pool.ready.lock().unwrap_or_else(|p| p.into_inner()).len();
+                if len >= target {
+                    break;
+                }
+                match ids.start_warm(&init_program) {
+                    Ok(warm) => pool
+                        .ready
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(warm),
+                    Err(error) => {
+                        tracing::warn!(error = %crate::wasi::registry::error_chain(&error), "cannot warm a sandbox init");
+                        break;
+                    }
+                }
+            }
+            pool.refilling.store(false, Ordering::SeqCst);
+        });
     }
 
     /// Gives an id range back.
     pub fn release(&self, slot: u32) {
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&slot);
+        self.ids.release(slot);
     }
 
-    fn host_id_base(&self, slot: u32) -> u32 {
-        self.config
-            .uid_base
-            .saturating_add(slot.saturating_mul(IDS_PER_SESSION))
-    }
-
-    /// Launches a sandbox for `session_id` in id range `slot` (reserved
-    /// with [`Self::reserve_ids`]) over `workspace`.
+    /// Launches a sandbox for `session_id` from `warm` (see
+    /// [`Self::acquire`]) over `workspace`.
     pub async fn launch(
         &self,
         session_id: &str,
-        slot: u32,
+        warm: WarmInit,
         policy: &ProcessPolicy,
         workspace: &Path,
         environment: Vec<(String, String)>,
@@ -220,9 +316,7 @@ impl ProcessBackend {
     ) -> Result<ProcessSandbox, ProcessError> {
         self.check_host(policy.require_landlock)
             .map_err(ProcessError::HostLacks)?;
-        let (Ok(cgroups), Ok(init_program), Ok(seccomp_filter)) =
-            (&self.cgroups, &self.init_program, &self.seccomp_filter)
-        else {
+        let (Ok(cgroups), Ok(seccomp_filter)) = (&self.cgroups, &self.seccomp_filter) else {
             return Err(ProcessError::HostLacks(
                 "process backend unavailable".to_owned(),
             ));
@@ -239,8 +333,6 @@ impl ProcessBackend {
         .map_err(ProcessError::Plan)?;
         let spec = LaunchSpec {
             session_id: session_id.to_owned(),
-            init_program: init_program.clone(),
-            host_id_base: self.host_id_base(slot),
             workspace: workspace.to_owned(),
             bind_sources,
             plan,
@@ -261,7 +353,7 @@ impl ProcessBackend {
             start_timeout: self.config.start_timeout,
             output_grace: self.config.output_grace,
         };
-        ProcessSandbox::launch(spec, cgroups)
+        ProcessSandbox::launch(spec, cgroups, warm)
             .await
             .map_err(ProcessError::Launch)
     }

@@ -1,19 +1,26 @@
 //! One session's process sandbox, seen from sandboxd: launching its
 //! `sandbox-init`, talking to it, running commands in it, tearing it down.
 //!
-//! Launch order (the init's own steps are in [`super::init`]):
-//! 1. a `SOCK_SEQPACKET` pair; detached mount trees (`open_tree`) of the
-//!    workspace and of each policy bind, made here so the init never
-//!    resolves host paths that its unprivileged ids could not reach (or
-//!    should not);
-//! 2. `clone` into new user, mount, pid, net, ipc and uts namespaces, on
-//!    the launcher thread (the child's parent-death signal follows it);
-//! 3. write the child's uid and gid maps (sandbox ids 0–65535 onto the
-//!    session's host range) and move it into the session cgroup;
-//! 4. release it (one byte): it takes root of its namespace and executes
-//!    `sandbox-init`, which receives the spec and builds the sandbox;
-//! 5. wait for `Ready`, within the start timeout;
-//! 6. with a network allowlist, open 127.0.0.1:3128 *inside* the sandbox's
+//! Launch order (the init's own steps are in [`super::init`]). Steps 1–3
+//! make a [`WarmInit`] and do not depend on the session, so the backend keeps
+//! a few ready ahead of `CreateSession` (`[process] warm-pool`):
+//! 1. a `SOCK_SEQPACKET` pair; `clone` into new user, mount, pid, net, ipc
+//!    and uts namespaces, on the launcher thread (the child's parent-death
+//!    signal follows it), sharing memory until the child executes;
+//! 2. write the child's uid and gid maps (sandbox ids 0–65535 onto its host
+//!    id range);
+//! 3. release it (one byte): it takes root of its namespace and executes
+//!    `sandbox-init`, which waits for its spec.
+//!
+//! Then, for a session:
+//! 4. detached mount trees (`open_tree`) of the workspace and of each policy
+//!    bind, made here so the init never resolves host paths that its
+//!    unprivileged ids could not reach (or should not);
+//! 5. move the init into the session cgroup; send the spec and the trees;
+//!    the init builds the sandbox (it unshares its cgroup namespace only now,
+//!    so the session cgroup is its root);
+//! 6. wait for `Ready`, within the start timeout;
+//! 7. with a network allowlist, open 127.0.0.1:3128 *inside* the sandbox's
 //!    network namespace and serve the egress proxy on it from here.
 
 use std::collections::HashMap;
@@ -117,10 +124,6 @@ pub enum SandboxError {
 pub struct LaunchSpec {
     /// Session id (names the cgroup).
     pub session_id: String,
-    /// `sandbox-init`.
-    pub init_program: PathBuf,
-    /// First host id of this session's range.
-    pub host_id_base: u32,
     /// Workspace host path.
     pub workspace: PathBuf,
     /// Policy binds' host paths, in plan order.
@@ -302,14 +305,18 @@ fn open_path(path: &Path) -> Result<OwnedFd, SandboxError> {
 impl ProcessSandbox {
     /// Launches a sandbox (see the module docs for the order). Blocking
     /// parts run on the blocking pool; must be called within tokio.
-    pub async fn launch(spec: LaunchSpec, cgroups: &CgroupHierarchy) -> Result<Self, SandboxError> {
+    pub async fn launch(
+        spec: LaunchSpec,
+        cgroups: &CgroupHierarchy,
+        warm: WarmInit,
+    ) -> Result<Self, SandboxError> {
         let cgroup = cgroups
             .create(&spec.session_id, &spec.limits)
             .map_err(SandboxError::Cgroup)?;
         let launched = tokio::task::spawn_blocking({
             let spec = spec.clone();
             let cgroup = cgroup.clone();
-            move || start_init(&spec, &cgroup)
+            move || activate_init(&spec, &cgroup, warm)
         })
         .await
         .map_err(|e| SandboxError::Unexpected(e.to_string()));
@@ -863,76 +870,138 @@ async fn finish_pump(task: tokio::task::JoinHandle<Pumped>, grace: Duration) -> 
     }
 }
 
-/// Steps 1–5 of the module docs, blocking.
-fn start_init(
-    spec: &LaunchSpec,
-    cgroup: &SessionCgroup,
-) -> Result<(Pid, OwnedFd, String), SandboxError> {
-    let (parent, child) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(descriptor("the control socket pair"))?;
-    let mut sources = vec![open_path(&spec.workspace)?];
-    for path in &spec.bind_sources {
-        sources.push(open_path(path)?);
-    }
-    let program = CString::new(spec.init_program.as_os_str().as_encoded_bytes())
-        .map_err(|_| SandboxError::Unexpected("NUL in the init program path".to_owned()))?;
-    let exec = sys::InitExec {
-        argv: vec![program.clone()],
-        program,
-        control_fd: child.as_raw_fd(),
-    };
-    let flags = CloneFlags::CLONE_NEWUSER
-        | CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWNET
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS;
-    let (pid, child_memory) = clone_on_launcher(exec, flags).map_err(SandboxError::Clone)?;
-    drop(child);
-    let started = prepare_child(pid, spec, cgroup, &parent, &sources);
-    // Ready or reaped: either way the child no longer reads this memory.
-    let release_child_memory = move || drop(child_memory);
-    match started {
-        Ok(landlock) => {
-            nix::fcntl::fcntl(
-                &parent,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .map_err(descriptor("a non-blocking control socket"))?;
-            release_child_memory();
-            Ok((pid, parent, landlock))
-        }
-        Err(error) => {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
-            release_child_memory();
-            Err(error)
+/// A sandbox init that is cloned into its namespaces, mapped onto a host
+/// id range and executing, but waiting for its spec: everything of a launch
+/// that does not depend on the session (steps 2–5 of the module docs minus
+/// the cgroup and the spec). Kept in a small pool so `CreateSession` only
+/// pays for the rest. Dropping an unused one kills and reaps it.
+#[derive(Debug)]
+pub struct WarmInit {
+    pid: Pid,
+    control: Option<OwnedFd>,
+    memory: Option<sys::InitChildMemory>,
+    /// The host id range's slot it was mapped onto.
+    pub slot: u32,
+    /// The sandbox user's host uid (= gid) in that range.
+    pub host_uid: u32,
+}
+
+impl Drop for WarmInit {
+    fn drop(&mut self) {
+        if self.control.is_some() {
+            let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(self.pid, None);
         }
     }
 }
 
-fn prepare_child(
+impl WarmInit {
+    /// Clones and maps a new init onto id range `slot` (blocking).
+    pub fn start(init_program: &Path, host_id_base: u32, slot: u32) -> Result<Self, SandboxError> {
+        let (parent, child) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(descriptor("the control socket pair"))?;
+        let program = CString::new(init_program.as_os_str().as_encoded_bytes())
+            .map_err(|_| SandboxError::Unexpected("NUL in the init program path".to_owned()))?;
+        let exec = sys::InitExec {
+            argv: vec![program.clone()],
+            program,
+            control_fd: child.as_raw_fd(),
+        };
+        let flags = CloneFlags::CLONE_NEWUSER
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS;
+        let (pid, memory) = clone_on_launcher(exec, flags).map_err(SandboxError::Clone)?;
+        drop(child);
+        // From here on, dropping `warm` kills and reaps the child, and only
+        // then releases the memory it may still read.
+        let warm = Self {
+            pid,
+            control: Some(parent),
+            memory: Some(memory),
+            slot,
+            host_uid: host_id_base + SANDBOX_UID,
+        };
+        let map = format!("0 {host_id_base} {IDS_PER_SESSION}\n");
+        for file in ["uid_map", "gid_map"] {
+            let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+            std::fs::write(&path, &map)
+                .map_err(|source| SandboxError::IdMap { file: path, source })?;
+        }
+        if let Some(control) = &warm.control {
+            nix::unistd::write(control, &[1_u8])
+                .map_err(|e| SandboxError::Protocol(ProtocolError::Send(e.into())))?;
+        }
+        Ok(warm)
+    }
+
+    /// Hands over the pid and control socket; the caller now owns the
+    /// child (and must kill and reap it on failure).
+    fn take(mut self) -> (Pid, OwnedFd, Option<sys::InitChildMemory>) {
+        let control = self.control.take();
+        let memory = self.memory.take();
+        match control {
+            Some(control) => (self.pid, control, memory),
+            // `take` is only called once, on a fresh value.
+            None => unreachable_control(),
+        }
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_control() -> ! {
+    panic!("a WarmInit's control socket was taken twice")
+}
+
+/// Activates a warm init for a session (blocking): joins the session cgroup,
+/// receives the spec and mount trees, builds the sandbox, reports ready.
+fn activate_init(
+    spec: &LaunchSpec,
+    cgroup: &SessionCgroup,
+    warm: WarmInit,
+) -> Result<(Pid, OwnedFd, String), SandboxError> {
+    let mut sources = vec![open_path(&spec.workspace)?];
+    for path in &spec.bind_sources {
+        sources.push(open_path(path)?);
+    }
+    let (pid, control, memory) = warm.take();
+    let activated = send_spec(pid, spec, cgroup, &control, &sources);
+    let result = match activated {
+        Ok(landlock) => nix::fcntl::fcntl(
+            &control,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map(|_| landlock)
+        .map_err(descriptor("a non-blocking control socket")),
+        Err(error) => Err(error),
+    };
+    if result.is_err() {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+    }
+    // Ready (it executed) or reaped: either way the child no longer reads
+    // this memory.
+    drop(memory);
+    result.map(|landlock| (pid, control, landlock))
+}
+
+fn send_spec(
     pid: Pid,
     spec: &LaunchSpec,
     cgroup: &SessionCgroup,
     control: &OwnedFd,
     sources: &[OwnedFd],
 ) -> Result<String, SandboxError> {
-    let map = format!("0 {} {IDS_PER_SESSION}\n", spec.host_id_base);
-    for file in ["uid_map", "gid_map"] {
-        let path = PathBuf::from(format!("/proc/{pid}/{file}"));
-        std::fs::write(&path, &map).map_err(|source| SandboxError::IdMap { file: path, source })?;
-    }
     cgroup
         .add_process(pid.as_raw())
         .map_err(SandboxError::Cgroup)?;
-    nix::unistd::write(control, &[1_u8])
-        .map_err(|e| SandboxError::Protocol(ProtocolError::Send(e.into())))?;
     let fds: Vec<i32> = sources.iter().map(|fd| fd.as_raw_fd()).collect();
     let init_spec = InitSpec {
         plan: spec.plan.clone(),
