@@ -712,3 +712,212 @@ async fn an_allowlist_is_enforced_by_the_egress_proxy_and_there_is_no_way_around
     other_server.abort();
     daemon.shutdown().await;
 }
+
+#[tokio::test]
+async fn commands_get_stdin_stream_output_and_report_signals_and_usage() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let session = daemon
+        .create_session_with(process_policy())
+        .await
+        .session_id;
+    // The exec tool is listed and callable by name, as models call it.
+    let tools = daemon
+        .client
+        .list_tools(pb::ListToolsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tools;
+    let exec = tools.iter().find(|t| t.name == "exec").unwrap();
+    assert_eq!(exec.backend, pb::Backend::Process as i32);
+    let by_name = crate::support::invoke_on(
+        &mut daemon.client,
+        &session,
+        "by-name",
+        "exec",
+        serde_json::json!({"argv": ["tr", "a-z", "A-Z"], "stdin": "shout"}),
+    )
+    .await;
+    let output = by_name.ok_json();
+    assert_eq!(
+        output,
+        serde_json::json!({"exit_code": 0, "signal": null, "stdout": "SHOUT", "stderr": ""})
+    );
+    let invalid = crate::support::invoke_on(
+        &mut daemon.client,
+        &session,
+        "invalid",
+        "exec",
+        serde_json::json!({"argv": []}),
+    )
+    .await;
+    assert_eq!(invalid.error_kind(), pb::ErrorKind::InvalidInput);
+    let missing = exec_on(
+        &mut daemon.client,
+        &session,
+        "missing",
+        pb::ProcessCall {
+            argv: vec!["no-such-program".into()],
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    assert_eq!(missing.error_kind(), pb::ErrorKind::NotFound);
+    let killed = run(&mut daemon, &session, "kill -9 $$").await;
+    let status = match killed.result.unwrap().outcome.unwrap() {
+        pb::invoke_result::Outcome::Ok(ok) => ok.exit_status.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((status.code, status.signal), (None, Some(9)));
+    let busy = run(
+        &mut daemon,
+        &session,
+        "python3 -c 'b = bytearray(32 << 20); x = sum(range(3_000_000))'",
+    )
+    .await;
+    let usage = busy.result.unwrap().usage.unwrap();
+    let cpu = harness_proto::duration_from_proto(&usage.cpu_time.unwrap());
+    assert!(cpu > std::time::Duration::from_millis(10), "{usage:?}");
+    assert!(usage.peak_memory_bytes > 32 << 20, "{usage:?}");
+    assert!(usage.wall_time.is_some());
+    // Output arrives while the command still runs.
+    let mut stream = daemon
+        .client
+        .invoke(pb::InvokeRequest {
+            session_id: session.clone(),
+            invocation_id: "stream".to_owned(),
+            target: Some(pb::invoke_request::Target::Process(sh(
+                "echo first; sleep 1; echo second",
+            ))),
+            timeout: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let started = std::time::Instant::now();
+    let first_output = loop {
+        let event = stream.message().await.unwrap().unwrap();
+        if let Some(pb::invoke_event::Event::Output(chunk)) = event.event {
+            break (chunk.data, started.elapsed());
+        }
+    };
+    assert_eq!(first_output.0, b"first\n");
+    assert!(
+        first_output.1 < std::time::Duration::from_millis(800),
+        "{:?}",
+        first_output.1
+    );
+    while stream.message().await.unwrap().is_some() {}
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn policy_binds_are_read_only_or_writable_as_asked() {
+    let host = tempfile::tempdir().unwrap();
+    let readable = host.path().join("readable");
+    let writable = host.path().join("writable");
+    for dir in [&readable, &writable] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    std::fs::write(readable.join("data.txt"), "host data").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let policy = pb::SessionPolicy {
+        filesystem: Some(pb::FilesystemPolicy {
+            binds: vec![
+                pb::BindMount {
+                    host_path: readable.display().to_string(),
+                    sandbox_path: "/opt/data".to_owned(),
+                    writable: false,
+                },
+                pb::BindMount {
+                    host_path: writable.display().to_string(),
+                    sandbox_path: "/srv/out".to_owned(),
+                    writable: true,
+                },
+            ],
+        }),
+        ..process_policy()
+    };
+    let session = daemon.create_session_with(policy).await.session_id;
+    let invoked = run(
+        &mut daemon,
+        &session,
+        "cat /opt/data/data.txt; echo; \
+         touch /opt/data/new 2>/dev/null && echo WROTE-READ-ONLY; \
+         echo result > /srv/out/result.txt && echo wrote",
+    )
+    .await;
+    assert_eq!(stdout(&invoked), "host data\nwrote\n");
+    assert_eq!(
+        std::fs::read_to_string(writable.join("result.txt")).unwrap(),
+        "result\n"
+    );
+    assert!(!readable.join("new").exists());
+    // Targets that would cover the sandbox's own layout are refused.
+    let bad = daemon
+        .client
+        .create_session(pb::CreateSessionRequest {
+            policy: Some(pb::SessionPolicy {
+                filesystem: Some(pb::FilesystemPolicy {
+                    binds: vec![pb::BindMount {
+                        host_path: readable.display().to_string(),
+                        sandbox_path: "/etc".to_owned(),
+                        writable: false,
+                    }],
+                }),
+                ..process_policy()
+            }),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_sessions_are_torn_down_completely() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let policy = pb::SessionPolicy {
+        idle_timeout: Some(harness_proto::duration_to_proto(
+            std::time::Duration::from_millis(300),
+        )),
+        ..process_policy()
+    };
+    let session = daemon.create_session_with(policy).await.session_id;
+    let _ = run(&mut daemon, &session, "nohup sleep 600 >/dev/null 2>&1 &").await;
+    let (init_pid, cgroups) = {
+        let held = daemon.daemon.sessions.get(&session).unwrap();
+        let sandbox = held.process().unwrap();
+        let dirs: Vec<_> = sandbox
+            .cgroup()
+            .dirs()
+            .iter()
+            .map(|d| d.path.clone())
+            .collect();
+        (sandbox.init_pid(), dirs)
+    };
+    let workspace = daemon.workspace_of(&session);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemon.daemon.sessions.get(&session).is_ok() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(daemon.daemon.sessions.get(&session).is_err(), "not reaped");
+    // Reaping destroys asynchronously; give it a moment to finish.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let stat = std::fs::read_to_string(format!("/proc/{init_pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "init survived: {stat}"
+    );
+    for dir in cgroups {
+        assert!(!dir.exists(), "{}", dir.display());
+    }
+    assert!(!workspace.exists());
+    daemon.shutdown().await;
+}
