@@ -155,8 +155,12 @@ async fn run() {
             )
             .await;
     }
-    let mut in_process = Vec::with_capacity(5000);
-    for _ in 0..5000 {
+    let iterations: usize = std::env::var("BENCH_IN_PROCESS_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let mut in_process = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
         let started = Instant::now();
         let done = daemon
             .wasi
@@ -175,6 +179,14 @@ async fn run() {
         ));
     }
     let (in_median, in_p99) = summary(in_process);
+    if std::env::var_os("BENCH_IN_PROCESS_ONLY").is_some() {
+        println!(
+            "in process: median {}, p99 {}",
+            micros(in_median),
+            micros(in_p99)
+        );
+        return;
+    }
 
     // 2. Over gRPC on a Unix socket, one caller.
     let listener = Listener::bind(&config.listen).await.unwrap();
