@@ -54,17 +54,7 @@ async fn a_command_runs_in_the_session_sandbox_and_teardown_removes_everything()
         .process()
         .unwrap()
         .init_pid();
-    let report = daemon
-        .client
-        .destroy_session(pb::DestroySessionRequest {
-            session_id: id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .report
-        .unwrap();
+    let report = destroy(&mut daemon, &id).await;
     assert!(report.errors.is_empty(), "{report:?}");
     assert!(report.workspace_removed);
     assert!(!report.cgroups_removed.is_empty(), "{report:?}");
@@ -313,16 +303,49 @@ fn limited(limits: pb::ResourceLimits) -> pb::SessionPolicy {
     }
 }
 
+/// A process session with `limits`; returns its id.
+async fn limited_session(daemon: &mut TestDaemon, limits: pb::ResourceLimits) -> String {
+    daemon.create_session_with(limited(limits)).await.session_id
+}
+
+/// Destroys a session through the API and returns its teardown report.
+async fn destroy(daemon: &mut TestDaemon, session: &str) -> pb::TeardownReport {
+    daemon
+        .client
+        .destroy_session(pb::DestroySessionRequest {
+            session_id: session.to_owned(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap()
+}
+
+/// The session's cgroup directories, one per hierarchy.
+fn cgroup_dirs(daemon: &TestDaemon, session: &str) -> Vec<std::path::PathBuf> {
+    let held = daemon.daemon.sessions.get(session).unwrap();
+    let sandbox = held.process().unwrap();
+    sandbox
+        .cgroup()
+        .dirs()
+        .iter()
+        .map(|d| d.path.clone())
+        .collect()
+}
+
 #[tokio::test]
 async fn a_fork_bomb_is_capped_by_the_pids_limit_and_others_are_unaffected() {
     let mut daemon = TestDaemon::start_process(|_| {}).await;
-    let bombed = daemon
-        .create_session_with(limited(pb::ResourceLimits {
+    let bombed = limited_session(
+        &mut daemon,
+        pb::ResourceLimits {
             pids: 32,
             ..Default::default()
-        }))
-        .await
-        .session_id;
+        },
+    )
+    .await;
     let bystander = daemon
         .create_session_with(process_policy())
         .await
@@ -373,13 +396,14 @@ async fn a_fork_bomb_is_capped_by_the_pids_limit_and_others_are_unaffected() {
 #[tokio::test]
 async fn a_memory_bomb_is_killed_by_the_cgroup_and_reported_as_resource_exhausted() {
     let mut daemon = TestDaemon::start_process(|_| {}).await;
-    let session = daemon
-        .create_session_with(limited(pb::ResourceLimits {
+    let session = limited_session(
+        &mut daemon,
+        pb::ResourceLimits {
             memory_bytes: 64 << 20,
             ..Default::default()
-        }))
-        .await
-        .session_id;
+        },
+    )
+    .await;
     let invoked = run(
         &mut daemon,
         &session,
@@ -402,13 +426,14 @@ async fn endless_writes_are_stopped_by_the_size_limits() {
         config.process.tmp_bytes = 8 << 20;
     })
     .await;
-    let session = daemon
-        .create_session_with(limited(pb::ResourceLimits {
+    let session = limited_session(
+        &mut daemon,
+        pb::ResourceLimits {
             disk_bytes: 16 << 20,
             ..Default::default()
-        }))
-        .await
-        .session_id;
+        },
+    )
+    .await;
     let file = run(
         &mut daemon,
         &session,
@@ -469,33 +494,14 @@ async fn timeouts_kill_the_process_group_and_teardown_kills_background_processes
     )
     .await;
     assert_eq!(stdout(&background), "started\n");
-    let sandbox = daemon.daemon.sessions.get(&session).unwrap();
-    let cgroup_dirs: Vec<std::path::PathBuf> = sandbox
-        .process()
-        .unwrap()
-        .cgroup()
-        .dirs()
-        .iter()
-        .map(|d| d.path.clone())
-        .collect();
+    let cgroup_dirs = cgroup_dirs(&daemon, &session);
     let procs = std::fs::read_to_string(cgroup_dirs[0].join("cgroup.procs")).unwrap();
     let host_pids: Vec<i32> = procs.lines().map(|p| p.parse().unwrap()).collect();
     assert!(
         host_pids.len() >= 2,
         "init and the background sleep: {host_pids:?}"
     );
-    drop(sandbox);
-    let report = daemon
-        .client
-        .destroy_session(pb::DestroySessionRequest {
-            session_id: session.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .report
-        .unwrap();
+    let report = destroy(&mut daemon, &session).await;
     assert!(report.processes_killed >= 2, "{report:?}");
     for pid in host_pids {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -891,17 +897,15 @@ async fn idle_sessions_are_torn_down_completely() {
     };
     let session = daemon.create_session_with(policy).await.session_id;
     let _ = run(&mut daemon, &session, "nohup sleep 600 >/dev/null 2>&1 &").await;
-    let (init_pid, cgroups) = {
-        let held = daemon.daemon.sessions.get(&session).unwrap();
-        let sandbox = held.process().unwrap();
-        let dirs: Vec<_> = sandbox
-            .cgroup()
-            .dirs()
-            .iter()
-            .map(|d| d.path.clone())
-            .collect();
-        (sandbox.init_pid(), dirs)
-    };
+    let cgroups = cgroup_dirs(&daemon, &session);
+    let init_pid = daemon
+        .daemon
+        .sessions
+        .get(&session)
+        .unwrap()
+        .process()
+        .unwrap()
+        .init_pid();
     let workspace = daemon.workspace_of(&session);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while daemon.daemon.sessions.get(&session).is_ok() && std::time::Instant::now() < deadline {
