@@ -54,7 +54,7 @@ async fn a_command_runs_in_the_session_sandbox_and_teardown_removes_everything()
         .process()
         .unwrap()
         .init_pid();
-    let report = destroy(&mut daemon, &id).await;
+    let report = destroy(&mut daemon, id).await;
     assert!(report.errors.is_empty(), "{report:?}");
     assert!(report.workspace_removed);
     assert!(!report.cgroups_removed.is_empty(), "{report:?}");
