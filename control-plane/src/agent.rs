@@ -91,17 +91,26 @@ pub struct SandboxSettings {
     /// Default and maximum deadline of one tool invocation, e.g. `"30s"`.
     #[serde(default, with = "humantime_serde")]
     pub invocation_timeout: Option<Duration>,
-    /// Memory limit of one invocation in bytes; 0 means sandboxd's default.
+    /// Memory limit of one invocation in bytes (of the whole process
+    /// sandbox, with `process = true`); 0 means sandboxd's default.
     #[serde(default)]
     pub memory_bytes: u64,
+    /// Also give each session a namespaced Linux process sandbox, so the
+    /// agent can list the `exec` tool. Default false (WASI tools only).
+    #[serde(default)]
+    pub process: bool,
 }
 
 impl SandboxSettings {
-    /// The sandboxd policy for a session of this agent: WASI tools only, no
-    /// network, the limits above.
+    /// The sandboxd policy for a session of this agent: WASI tools (and a
+    /// process sandbox with `process = true`), no network, the limits above.
     pub fn session_policy(&self) -> sandbox::SessionPolicy {
+        let mut backends = vec![sandbox::Backend::Wasi.into()];
+        if self.process {
+            backends.push(sandbox::Backend::Process.into());
+        }
         sandbox::SessionPolicy {
-            backends: vec![sandbox::Backend::Wasi.into()],
+            backends,
             workspace: Some(sandbox::WorkspacePolicy {
                 size_limit_bytes: self.workspace_size_limit_bytes,
                 ..Default::default()
@@ -597,6 +606,7 @@ mod tests {
                     workspace_size_limit_bytes: 16 * 1024 * 1024,
                     invocation_timeout: Some(Duration::from_secs(30)),
                     memory_bytes: 64 * 1024 * 1024,
+                    process: false,
                 },
                 source: dir.join("demo.toml"),
             }
@@ -800,10 +810,11 @@ mod tests {
 
     #[test]
     fn sandbox_settings_map_to_a_wasi_session_policy() {
-        let settings = SandboxSettings {
+        let mut settings = SandboxSettings {
             workspace_size_limit_bytes: 1024,
             invocation_timeout: Some(Duration::from_secs(5)),
             memory_bytes: 2048,
+            process: false,
         };
         assert_eq!(
             settings.session_policy(),
@@ -823,6 +834,14 @@ mod tests {
                 }),
                 ..Default::default()
             }
+        );
+        settings.process = true;
+        assert_eq!(
+            settings.session_policy().backends,
+            vec![
+                i32::from(sandbox::Backend::Wasi),
+                i32::from(sandbox::Backend::Process)
+            ]
         );
     }
 }

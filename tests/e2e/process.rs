@@ -80,3 +80,44 @@ async fn a_sandboxd_crash_and_restart_leave_nothing_behind() {
     assert!(!workspace.exists(), "the workspace outlived the restart");
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_agent_runs_commands_with_the_exec_tool() {
+    let agents = tempfile::tempdir().unwrap();
+    std::fs::write(
+        agents.path().join("shell.toml"),
+        "name = \"shell\"\nprovider = \"scripted\"\nmodel = \"scripted-test\"\n\
+         script = \"shell.script.toml\"\ntools = [\"exec\", \"read_file\"]\nmax-turns = 5\n\
+         [sandbox]\nprocess = true\n",
+    )
+    .unwrap();
+    std::fs::write(
+        agents.path().join("shell.script.toml"),
+        "[[turn]]\ntext = \"running it\"\n[[turn.tool-calls]]\ntool = \"exec\"\n\
+         arguments = { command = \"echo built by $(id -un) > out.txt; cat out.txt\" }\n\n\
+         [[turn]]\ntext = \"reading it back\"\n[[turn.tool-calls]]\ntool = \"read_file\"\n\
+         arguments = { path = \"out.txt\" }\n\n[[turn]]\ntext = \"done\"\n",
+    )
+    .unwrap();
+    let cluster = Cluster::start(agents.path()).await.unwrap();
+    let id = crate::support::start(&cluster, "shell", "run a command").await;
+    let events = crate::support::events(&cluster, &id, 0).await;
+    let calls = crate::support::finished_calls(&events);
+    assert_eq!(calls.len(), 2, "{}", cluster.logs());
+    let outputs: Vec<serde_json::Value> = calls
+        .iter()
+        .map(|call| match &call.outcome {
+            Some(harness_proto::control::v1::tool_finished::Outcome::OutputJson(json)) => {
+                serde_json::from_str(json).unwrap()
+            }
+            other => panic!("{} failed: {other:?}\n{}", call.tool, cluster.logs()),
+        })
+        .collect();
+    assert_eq!(outputs[0]["exit_code"], 0, "{outputs:?}");
+    assert_eq!(outputs[0]["stdout"], "built by sandbox\n", "{outputs:?}");
+    assert!(
+        outputs[1].to_string().contains("built by sandbox"),
+        "the WASI tool reads what the process wrote: {outputs:?}"
+    );
+    cluster.stop().await.unwrap();
+}
