@@ -925,3 +925,74 @@ async fn idle_sessions_are_torn_down_completely() {
     assert!(!workspace.exists());
     daemon.shutdown().await;
 }
+
+#[tokio::test]
+async fn commands_see_only_granted_environment_and_run_where_asked() {
+    // The daemon runs inside cargo's test process, whose environment
+    // (CARGO_*, RUST_*) must not reach the sandbox.
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let policy = pb::SessionPolicy {
+        environment: [("GRANTED".to_owned(), "yes".to_owned())].into(),
+        secrets: vec![pb::Secret {
+            env_var: "API_TOKEN".to_owned(),
+            value: "s3cret".to_owned(),
+        }],
+        ..process_policy()
+    };
+    let session = daemon.create_session_with(policy).await.session_id;
+    let invoked = exec_on(
+        &mut daemon.client,
+        &session,
+        "env",
+        pb::ProcessCall {
+            shell:
+                "pwd; echo $GRANTED $API_TOKEN $CALL_ONLY; env | cut -d= -f1 | sort | tr '\\n' ' '"
+                    .to_owned(),
+            cwd: "/tmp".to_owned(),
+            environment: [("CALL_ONLY".to_owned(), "here".to_owned())].into(),
+            ..Default::default()
+        },
+        None,
+    )
+    .await;
+    let out = stdout(&invoked);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "/tmp");
+    assert_eq!(lines[1], "yes s3cret here");
+    let names: Vec<&str> = lines[2].split_whitespace().collect();
+    for leaked in ["CARGO", "CARGO_PKG_NAME", "RUST_BACKTRACE", "SSH_AUTH_SOCK"] {
+        assert!(!names.contains(&leaked), "{leaked} leaked: {names:?}");
+    }
+    assert!(
+        names.contains(&"PATH") && names.contains(&"HOME"),
+        "{names:?}"
+    );
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_cpu_limit_throttles_a_busy_loop() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let session = limited_session(
+        &mut daemon,
+        pb::ResourceLimits {
+            cpu_millis: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    let invoked = run(
+        &mut daemon,
+        &session,
+        "python3 -c 'import time\nt = time.time()\nwhile time.time() - t < 1: pass'",
+    )
+    .await;
+    let usage = invoked.result.unwrap().usage.unwrap();
+    let cpu = harness_proto::duration_from_proto(&usage.cpu_time.unwrap());
+    let wall = harness_proto::duration_from_proto(&usage.wall_time.unwrap());
+    assert!(wall >= std::time::Duration::from_secs(1), "{usage:?}");
+    // 10% of one CPU over about a second, with slack for the interpreter's
+    // start before the quota period kicks in.
+    assert!(cpu < std::time::Duration::from_millis(400), "{usage:?}");
+    daemon.shutdown().await;
+}
