@@ -134,24 +134,38 @@ impl Workspace {
         Ok(())
     }
 
-    /// Gives `rel` and the directories leading to it to the owner, opening
-    /// each beneath the root (never following a link out).
+    /// Gives `rel` and the directories leading to it to the owner: each
+    /// entry is changed through its parent directory, opened beneath the
+    /// root, without following a final symlink (a planted link is changed
+    /// itself, never its target).
     fn chown_written(&self, dir: &Dir, path: &str, rel: &Path) -> Result<(), WorkspaceError> {
         let Some((uid, gid)) = self.owner else {
             return Ok(());
         };
-        let mut prefix = PathBuf::new();
+        let owner = (
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        );
+        let mut parent = PathBuf::new();
         for component in rel.components() {
-            prefix.push(component);
-            let entry = if prefix == rel {
-                dir.open(&prefix).map(cap_std::fs::File::into_std)
+            let opened;
+            let parent_dir = if parent.as_os_str().is_empty() {
+                dir
             } else {
-                dir.open_dir(&prefix)
-                    .map(|d| std::fs::File::from(std::os::fd::OwnedFd::from(d.into_std_file())))
-            }
-            .map_err(|e| classify(path, "open for chown", e))?;
-            std::os::unix::fs::fchown(&entry, Some(uid), Some(gid))
-                .map_err(|e| classify(path, "chown", e))?;
+                opened = dir
+                    .open_dir(&parent)
+                    .map_err(|e| classify(path, "open for chown", e))?;
+                &opened
+            };
+            nix::unistd::fchownat(
+                parent_dir,
+                component.as_os_str(),
+                owner.0,
+                owner.1,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| classify(path, "chown", e.into()))?;
+            parent.push(component);
         }
         Ok(())
     }

@@ -996,3 +996,41 @@ async fn the_cpu_limit_throttles_a_busy_loop() {
     assert!(cpu < std::time::Duration::from_millis(400), "{usage:?}");
     daemon.shutdown().await;
 }
+
+#[tokio::test]
+async fn files_written_by_the_daemon_belong_to_the_sandbox_user() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let policy = pb::SessionPolicy {
+        workspace: Some(pb::WorkspacePolicy {
+            initial_files: vec![pb::FileWrite {
+                path: "seed/initial.txt".to_owned(),
+                content: b"initial\n".to_vec(),
+                mode: 0,
+            }],
+            ..Default::default()
+        }),
+        ..process_policy()
+    };
+    let session = daemon.create_session_with(policy).await.session_id;
+    daemon
+        .client
+        .write_files(pb::WriteFilesRequest {
+            session_id: session.clone(),
+            files: vec![pb::FileWrite {
+                path: "later/written.txt".to_owned(),
+                content: b"written\n".to_vec(),
+                mode: 0,
+            }],
+        })
+        .await
+        .unwrap();
+    let invoked = run(
+        &mut daemon,
+        &session,
+        "echo more >> seed/initial.txt && echo more >> later/written.txt && \
+         touch seed/new later/new && stat -c '%U' seed/initial.txt later/written.txt later | tr '\\n' ' '",
+    )
+    .await;
+    assert_eq!(stdout(&invoked), "sandbox sandbox sandbox ", "{invoked:?}");
+    daemon.shutdown().await;
+}
