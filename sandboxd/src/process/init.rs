@@ -71,6 +71,11 @@ pub fn main() -> i32 {
     let Ok(control) = sys::take_init_control_fd() else {
         return 1;
     };
+    // Descriptors 0–2 were inherited from sandboxd (its terminal or log);
+    // the init has nothing to say there and must not hold them.
+    if detach_stdio().is_err() {
+        return 1;
+    }
     let mut buffer = Vec::new();
     let (spec, sources): (InitSpec, Vec<OwnedFd>) =
         match protocol::receive(control.as_fd(), &mut buffer) {
@@ -107,6 +112,17 @@ pub fn main() -> i32 {
             1
         }
     }
+}
+
+fn detach_stdio() -> std::io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for target in 0..3 {
+        sys::duplicate_onto(null.as_fd(), target)?;
+    }
+    Ok(())
 }
 
 /// Steps 2–14 of the module docs. Returns what landlock enforced.
