@@ -465,3 +465,50 @@ pub fn attach_mount_tree(
     };
     check(ret).map(drop)
 }
+
+/// Takes ownership of a descriptor this process just received through
+/// `SCM_RIGHTS`.
+pub fn own_received_fd(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the kernel installed this descriptor in our table while
+    // receiving the message; nothing else in the process knows or owns it.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// Test support: runs `checks` in a forked child and returns the failures it
+/// reported through a pipe. A panic in the child is reported, never unwound
+/// into the test harness's copy of the process.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub fn in_forked_child(checks: impl FnOnce() -> Vec<String>) -> Vec<String> {
+    use std::io::Read;
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    // SAFETY: the test binary is multi-threaded; the child only runs
+    // `checks` (allocation, plain syscalls and posix_spawn, which glibc
+    // supports after fork), then `_exit`s without returning to the harness.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            drop(reader);
+            let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(checks))
+                .unwrap_or_else(|_| vec!["the child panicked".to_owned()]);
+            let _ = nix::unistd::write(&writer, report.join("\n").as_bytes());
+            // SAFETY: `_exit` ends the child at once, without running the
+            // harness's atexit handlers or destructors that belong to the
+            // parent's copy of the process (temporary directories).
+            unsafe { libc::_exit(i32::from(!report.is_empty())) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(writer);
+            let mut report = String::new();
+            std::fs::File::from(reader)
+                .read_to_string(&mut report)
+                .unwrap();
+            let status = nix::sys::wait::waitpid(child, None).unwrap();
+            assert!(
+                matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0 | 1)),
+                "child ended with {status:?}; report: {report}"
+            );
+            report.lines().map(str::to_owned).collect()
+        }
+    }
+}

@@ -340,11 +340,7 @@ fn is_directory(fd: &PathFd, path: &Path) -> Result<bool, LandlockError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-    use std::io::{ErrorKind, Read};
-    use std::os::fd::OwnedFd;
-
-    use nix::sys::wait::{WaitStatus, waitpid};
-    use nix::unistd::{ForkResult, fork};
+    use std::io::ErrorKind;
 
     use super::*;
 
@@ -413,45 +409,7 @@ mod tests {
         assert!(message.contains("Linux 6.10 or later"), "{message}");
     }
 
-    /// Runs `checks` in a forked child and returns the failures it reported
-    /// through a pipe. A panic in the child is reported, never unwound into
-    /// the test harness's copy.
-    fn in_forked_child(checks: impl FnOnce() -> Vec<String>) -> Vec<String> {
-        let (reader, writer) = nix::unistd::pipe().unwrap();
-        // SAFETY: the test binary is multi-threaded; the child only runs
-        // `checks` (allocation and plain syscalls, which glibc supports after
-        // fork), then `_exit`s without returning to the harness.
-        match unsafe { fork() }.unwrap() {
-            ForkResult::Child => {
-                drop(reader);
-                let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(checks))
-                    .unwrap_or_else(|_| vec!["the child panicked".to_owned()]);
-                let _ = nix::unistd::write(&writer, report.join("\n").as_bytes());
-                // SAFETY: `_exit` ends the child at once, without running the
-                // harness's atexit handlers or destructors that belong to the
-                // parent's copy of the process (the temporary directories).
-                unsafe { libc::_exit(i32::from(!report.is_empty())) }
-            }
-            ForkResult::Parent { child } => {
-                drop(writer);
-                let report = read_all(reader);
-                let status = waitpid(child, None).unwrap();
-                assert!(
-                    matches!(status, WaitStatus::Exited(_, 0 | 1)),
-                    "child ended with {status:?}; report: {report}"
-                );
-                report.lines().map(str::to_owned).collect()
-            }
-        }
-    }
-
-    fn read_all(reader: OwnedFd) -> String {
-        let mut text = String::new();
-        std::fs::File::from(reader)
-            .read_to_string(&mut text)
-            .unwrap();
-        text
-    }
+    use crate::sys::in_forked_child;
 
     fn expect_denied<T: std::fmt::Debug>(
         failures: &mut Vec<String>,

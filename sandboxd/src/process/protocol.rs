@@ -7,7 +7,7 @@
 //! untrusted input: sizes are capped and unknown ids are ignored.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
@@ -202,12 +202,7 @@ pub fn receive<T: for<'de> Deserialize<'de>>(
         let mut fds = Vec::new();
         for cmsg in msg.cmsgs().map_err(|e| ProtocolError::Receive(e.into()))? {
             if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                // SAFETY: SCM_RIGHTS hands this process new descriptors that
-                // nothing else owns yet.
-                fds.extend(
-                    raw.into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
+                fds.extend(raw.into_iter().map(crate::sys::own_received_fd));
             }
         }
         (
