@@ -1034,3 +1034,73 @@ async fn files_written_by_the_daemon_belong_to_the_sandbox_user() {
     assert_eq!(stdout(&invoked), "sandbox sandbox sandbox ", "{invoked:?}");
     daemon.shutdown().await;
 }
+
+#[tokio::test]
+async fn two_hundred_concurrent_sessions_leave_nothing_behind() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let channel = daemon.channel.clone();
+    let mut tasks = Vec::new();
+    for n in 0..200 {
+        let mut client =
+            harness_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient::new(
+                channel.clone(),
+            );
+        tasks.push(tokio::spawn(async move {
+            let session = client
+                .create_session(pb::CreateSessionRequest {
+                    policy: Some(process_policy()),
+                    labels: Default::default(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .session
+                .unwrap()
+                .session_id;
+            let invoked = exec_on(&mut client, &session, "n", sh(&format!("echo {n}")), None).await;
+            assert_eq!(String::from_utf8_lossy(&invoked.stdout), format!("{n}\n"));
+            session
+        }));
+    }
+    let mut sessions = Vec::new();
+    for task in tasks {
+        sessions.push(task.await.unwrap());
+    }
+    let mut inits = Vec::new();
+    let mut cgroups = Vec::new();
+    for session in &sessions {
+        inits.push(
+            daemon
+                .daemon
+                .sessions
+                .get(session)
+                .unwrap()
+                .process()
+                .unwrap()
+                .init_pid(),
+        );
+        cgroups.extend(cgroup_dirs(&daemon, session));
+    }
+    for session in &sessions {
+        let report = destroy(&mut daemon, session).await;
+        assert!(report.errors.is_empty(), "{report:?}");
+    }
+    let alive: Vec<i32> = inits
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+        })
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "sandbox inits alive after teardown: {alive:?}"
+    );
+    let left: Vec<_> = cgroups.iter().filter(|dir| dir.exists()).collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    let workspaces = std::fs::read_dir(daemon.daemon.config.sessions_dir())
+        .unwrap()
+        .count();
+    assert_eq!(workspaces, 0);
+    daemon.shutdown().await;
+}
