@@ -40,6 +40,10 @@ use sandbox::{
     IDS_PER_SESSION, LaunchSpec, ProcessSandbox, SANDBOX_UID, WarmInit, standard_rlimits,
 };
 
+/// The landlock ABI whose filesystem rights the sandbox's ruleset handles
+/// ([`landlock::TARGET_ABI`]); `require_landlock` needs at least this.
+pub const REQUIRED_LANDLOCK_ABI: u32 = landlock::TARGET_ABI as u32;
+
 /// Errors of the process backend.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -200,12 +204,13 @@ impl ProcessBackend {
                     .to_owned(),
             );
         }
-        if require_landlock && self.host.landlock_abi == 0 {
-            missing.push(
-                "the policy requires landlock, which this kernel lacks: boot a kernel ≥ 5.13 with \
-                 landlock in `lsm=`, or drop require_landlock"
-                    .to_owned(),
-            );
+        if require_landlock && self.host.landlock_abi < REQUIRED_LANDLOCK_ABI {
+            missing.push(format!(
+                "the policy requires landlock ABI {REQUIRED_LANDLOCK_ABI} and this kernel offers {}: \
+                 boot Linux {} or later with landlock in `lsm=`, or drop require_landlock",
+                self.host.landlock_abi,
+                landlock::LINUX_FOR_TARGET_ABI
+            ));
         }
         if let Err(error) = &self.cgroups {
             missing.push(format!("no usable cgroups: {error}"));
