@@ -26,7 +26,9 @@
 //! (b, default 1000), `BENCH_SESSION_STEPS` (b, default 10),
 //! `BENCH_STAGGER_MS` (b: session starts spread over this, default 50 — one
 //! model latency, as independent callers would; 0 starts all at once, which
-//! makes every model answer arrive in the same millisecond).
+//! makes every model answer arrive in the same millisecond),
+//! `BENCH_SYNCHRONOUS` (b: `normal` or `full` runs only that one; default
+//! both).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -452,8 +454,14 @@ fn percentile(sorted: &[Duration], percent: f64) -> Duration {
 
 async fn concurrent_sessions(sessions: usize, steps: usize) {
     let stagger = Duration::from_millis(u64::try_from(env_number("BENCH_STAGGER_MS", 50)).unwrap());
-    for synchronous in [SqliteSynchronous::Normal, SqliteSynchronous::Full] {
-        concurrent_run(sessions, steps, synchronous, stagger).await;
+    let only = std::env::var("BENCH_SYNCHRONOUS").unwrap_or_default();
+    for (name, synchronous) in [
+        ("normal", SqliteSynchronous::Normal),
+        ("full", SqliteSynchronous::Full),
+    ] {
+        if only.is_empty() || only.eq_ignore_ascii_case(name) {
+            concurrent_run(sessions, steps, synchronous, stagger).await;
+        }
     }
 }
 
@@ -465,7 +473,8 @@ async fn concurrent_run(
 ) {
     println!(
         "\n(b) {sessions} concurrent sessions x {steps} steps, fake model 50 ms, instant fake \
-         sandbox, SQLite {synchronous:?}, starts spread over {stagger:?}"
+         sandbox, SQLite {synchronous:?}, starts spread over {stagger:?}; load average before: {}",
+        load_average()
     );
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(
@@ -552,4 +561,25 @@ async fn concurrent_run(
         ms(percentile(&overheads, 99.0)),
         ms(percentile(&overheads, 100.0)),
     );
+    let size = |name: &str| {
+        std::fs::metadata(dir.path().join(name)).map_or(0.0, |meta| meta.len() as f64 / 1048576.0)
+    };
+    println!(
+        "  database {:.1} MiB, WAL {:.1} MiB; load average after: {}",
+        size("cp.db"),
+        size("cp.db-wal"),
+        load_average()
+    );
+}
+
+/// The first three fields of `/proc/loadavg` (empty where there is none).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
 }

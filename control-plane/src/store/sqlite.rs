@@ -9,11 +9,16 @@
 //! checks everything before it writes anything, so the rest of its group
 //! commits without it; a write that fails while writing fails its group.
 //!
-//! The schema keeps a commit's pages few, which is what a commit costs: events
-//! are appended in insertion order (the rowid) with a narrow `(session, seq)`
-//! index, step records ride in a column of the last event of their batch
-//! (no table, no index of their own), and the part of a session that changes
-//! with every append (last seq, usage) lives in a narrow table of its own.
+//! The schema keeps a commit's pages few, which is what a commit costs: each
+//! append is one row (`event_batches`, in insertion order, so a commit group
+//! fills pages at the end of the table) carrying the batch's events, its step
+//! records and the session's usage after it. Nothing ordered by session is
+//! written per append — such an index puts every append of a group on a page
+//! of its own — except a session's newest batch in a narrow table
+//! (`session_heads`, a few pages for all sessions). A batch points back at
+//! its session's previous one; the batches that cross a multiple of
+//! [`ANCHOR_EVERY`] events are indexed (`batch_anchors`), so a read walks
+//! back at most that many batches from an anchor or the head.
 //!
 //! Reads run on tokio's blocking pool on a small pool of read connections;
 //! WAL lets them proceed while the writer writes. Async workers never wait
@@ -142,7 +147,42 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (session_key, call_id)
     ) WITHOUT ROWID;
 ",
+    // Version 3: no index entry per batch. An index ordered by session puts
+    // every append of a commit group on a page of its own (one WAL frame per
+    // append); instead each batch points back at the session's previous one
+    // (`prev_batch`), a narrow table holds each session's newest batch, and
+    // only batches that cross a multiple of `ANCHOR_EVERY` events are
+    // indexed (`batch_anchors`), so a read walks at most that many batches
+    // back from an anchor. Every batch from before becomes an anchor.
+    r"
+    ALTER TABLE event_batches ADD COLUMN prev_batch INTEGER;
+    UPDATE event_batches SET prev_batch = (
+        SELECT x.batch_id FROM event_batches x
+        WHERE x.session_key = event_batches.session_key AND x.last_seq < event_batches.last_seq
+        ORDER BY x.last_seq DESC LIMIT 1);
+    CREATE TABLE session_heads (
+        session_key INTEGER PRIMARY KEY,
+        batch_id    INTEGER NOT NULL
+    );
+    INSERT INTO session_heads (session_key, batch_id)
+        SELECT b.session_key, b.batch_id FROM event_batches b
+        WHERE b.last_seq = (SELECT MAX(x.last_seq) FROM event_batches x
+                            WHERE x.session_key = b.session_key);
+    CREATE TABLE batch_anchors (
+        session_key INTEGER NOT NULL,
+        last_seq    INTEGER NOT NULL,
+        batch_id    INTEGER NOT NULL,
+        PRIMARY KEY (session_key, last_seq)
+    ) WITHOUT ROWID;
+    INSERT INTO batch_anchors (session_key, last_seq, batch_id)
+        SELECT session_key, last_seq, batch_id FROM event_batches;
+    DROP INDEX event_batches_by_session;
+",
 ];
+
+/// A batch that holds an event whose seq is a multiple of this is indexed
+/// in `batch_anchors`; a read walks back at most this many batches.
+const ANCHOR_EVERY: u64 = 256;
 
 const SESSION_COLUMNS: &str = "s.session_id, s.tenant, s.agent, s.input, s.status, \
      s.stop_reason, s.metadata_json, s.budget, b.usage, s.idempotency_key, s.created_at, \
@@ -150,9 +190,8 @@ const SESSION_COLUMNS: &str = "s.session_id, s.tenant, s.agent, s.input, s.statu
      s.sandbox_session_id, s.cancel_reason";
 
 /// A session with its last batch of events (none before the first).
-const SESSION_FROM: &str = "sessions s LEFT JOIN event_batches b \
-     ON b.session_key = s.session_key AND b.last_seq = \
-     (SELECT MAX(x.last_seq) FROM event_batches x WHERE x.session_key = s.session_key)";
+const SESSION_FROM: &str = "sessions s LEFT JOIN session_heads h ON h.session_key = s.session_key \
+     LEFT JOIN event_batches b ON b.batch_id = h.batch_id";
 
 /// [`EventStore`] on an embedded SQLite database; see the module docs.
 #[derive(Debug, Clone)]
@@ -163,7 +202,7 @@ pub struct SqliteStore {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
-    writes: Mutex<mpsc::Sender<Box<dyn WriteJob>>>,
+    writes: mpsc::Sender<Box<dyn WriteJob>>,
     readers: Mutex<Vec<Connection>>,
     /// Dropped with the store: ends the checkpoint thread.
     _stop_checkpoints: Mutex<mpsc::Sender<()>>,
@@ -343,7 +382,7 @@ impl SqliteStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
-                writes: Mutex::new(writes),
+                writes,
                 readers: Mutex::new(Vec::new()),
                 _stop_checkpoints: Mutex::new(stop_checkpoints),
             }),
@@ -358,12 +397,7 @@ impl SqliteStore {
     {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn WriteJob> = Box::new(Pending { work, reply });
-        let sent = self
-            .inner
-            .writes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .send(job);
+        let sent = self.inner.writes.send(job);
         Box::pin(async move {
             if sent.is_err() {
                 return Err(StoreError::WriterGone);
@@ -703,6 +737,8 @@ fn create_session(connection: &Connection, new: &NewSession) -> WriteResult<Crea
 #[derive(Clone)]
 struct AppendState {
     key: i64,
+    /// The session's newest batch (none before the first).
+    head: Option<i64>,
     last_seq: u64,
     status: SessionStatus,
     stop_reason: StopReason,
@@ -714,9 +750,9 @@ fn read_append_state(connection: &Connection, session_id: &str) -> Result<Append
     let row = connection
         .prepare_cached(
             "SELECT s.session_key, COALESCE(b.last_seq, 0), s.status, s.stop_reason, \
-             s.final_output, b.usage FROM sessions s LEFT JOIN event_batches b \
-             ON b.session_key = s.session_key AND b.last_seq = \
-             (SELECT MAX(x.last_seq) FROM event_batches x WHERE x.session_key = s.session_key) \
+             s.final_output, b.usage, b.batch_id FROM sessions s \
+             LEFT JOIN session_heads h ON h.session_key = s.session_key \
+             LEFT JOIN event_batches b ON b.batch_id = h.batch_id \
              WHERE s.session_id = ?1",
         )
         .and_then(|mut statement| {
@@ -729,6 +765,7 @@ fn read_append_state(connection: &Connection, session_id: &str) -> Result<Append
                         row.get::<_, String>(3)?,
                         row.get::<_, String>(4)?,
                         row.get::<_, Option<Vec<u8>>>(5)?,
+                        row.get::<_, Option<i64>>(6)?,
                     ))
                 })
                 .optional()
@@ -738,6 +775,7 @@ fn read_append_state(connection: &Connection, session_id: &str) -> Result<Append
     let corrupt = |what: String| StoreError::Corrupt(format!("session {session_id}: {what}"));
     Ok(AppendState {
         key: row.0,
+        head: row.6,
         last_seq: u64::try_from(row.1).unwrap_or(0),
         status: SessionStatus::from_str_name(&row.2)
             .ok_or_else(|| corrupt(format!("unknown status {:?}", row.2)))?,
@@ -887,25 +925,20 @@ fn append_events(
     let first_seq = stored.first().map_or(state.last_seq, |event| event.seq);
     let batch = StoredBatch { events: stored };
     if !batch.events.is_empty() {
-        write_step(
-            connection
-                .prepare_cached(
-                    "INSERT INTO event_batches (session_key, first_seq, last_seq, created_at, \
-                     events, steps, usage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .and_then(|mut statement| {
-                    statement.execute(params![
-                        key,
-                        seq_to_sql(first_seq),
-                        seq_to_sql(state.last_seq),
-                        now_micros,
-                        batch.encode_to_vec(),
-                        encode_steps(steps),
-                        state.usage.encode_to_vec()
-                    ])
-                })
-                .map_err(query_error("append events")),
-        )?;
+        let batch_id = write_step(insert_batch(
+            connection,
+            &BatchInsert {
+                key,
+                prev: state.head,
+                first_seq,
+                last_seq: state.last_seq,
+                created_at: now_micros,
+                events: &batch.encode_to_vec(),
+                steps: encode_steps(steps).as_deref(),
+                usage: &state.usage.encode_to_vec(),
+            },
+        ))?;
+        state.head = Some(batch_id);
     }
     let mut stored = batch.events;
     let time = harness_proto::timestamp_to_proto(now);
@@ -943,10 +976,77 @@ fn append_events(
     }
     if finished {
         memory.sessions.remove(session_id);
+    } else if let Some(remembered) = memory.sessions.get_mut(session_id) {
+        *remembered = state;
     } else {
         memory.sessions.insert(session_id.to_owned(), state);
     }
     Ok(stored)
+}
+
+/// One batch row to insert.
+struct BatchInsert<'a> {
+    key: i64,
+    prev: Option<i64>,
+    first_seq: u64,
+    last_seq: u64,
+    created_at: i64,
+    events: &'a [u8],
+    steps: Option<&'a [u8]>,
+    usage: &'a [u8],
+}
+
+/// Inserts a batch, makes it its session's head (and an anchor if it holds
+/// a multiple of [`ANCHOR_EVERY`]); returns its id.
+fn insert_batch(connection: &Connection, batch: &BatchInsert<'_>) -> Result<i64, StoreError> {
+    let error = query_error("append events");
+    connection
+        .prepare_cached(
+            "INSERT INTO event_batches (session_key, prev_batch, first_seq, last_seq, \
+             created_at, events, steps, usage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .and_then(|mut statement| {
+            statement.execute(params![
+                batch.key,
+                batch.prev,
+                seq_to_sql(batch.first_seq),
+                seq_to_sql(batch.last_seq),
+                batch.created_at,
+                batch.events,
+                batch.steps,
+                batch.usage,
+            ])
+        })
+        .map_err(error)?;
+    let batch_id = connection.last_insert_rowid();
+    // A session with batches has a head row: update it in place.
+    let moved = match batch.prev {
+        Some(_) => connection
+            .prepare_cached("UPDATE session_heads SET batch_id = ?2 WHERE session_key = ?1")
+            .and_then(|mut statement| statement.execute(params![batch.key, batch_id]))
+            .map_err(query_error("append events"))?,
+        None => 0,
+    };
+    if moved == 0 {
+        connection
+            .prepare_cached(
+                "INSERT INTO session_heads (session_key, batch_id) VALUES (?1, ?2) \
+                 ON CONFLICT (session_key) DO UPDATE SET batch_id = excluded.batch_id",
+            )
+            .and_then(|mut statement| statement.execute(params![batch.key, batch_id]))
+            .map_err(query_error("append events"))?;
+    }
+    if (batch.first_seq - 1) / ANCHOR_EVERY != batch.last_seq / ANCHOR_EVERY {
+        connection
+            .prepare_cached(
+                "INSERT INTO batch_anchors (session_key, last_seq, batch_id) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![batch.key, seq_to_sql(batch.last_seq), batch_id])
+            })
+            .map_err(query_error("append events"))?;
+    }
+    Ok(batch_id)
 }
 
 fn write_approvals(
@@ -982,6 +1082,114 @@ fn write_approvals(
     Ok(())
 }
 
+/// A stored batch as reads see it.
+struct BatchRow {
+    first_seq: i64,
+    last_seq: i64,
+    created_at: i64,
+    events: Vec<u8>,
+    steps: Option<Vec<u8>>,
+}
+
+/// The batch `batch_id` and the one before it in its session.
+fn read_batch(
+    connection: &Connection,
+    batch_id: i64,
+) -> Result<Option<(BatchRow, Option<i64>)>, StoreError> {
+    connection
+        .prepare_cached(
+            "SELECT first_seq, last_seq, created_at, events, steps, prev_batch \
+             FROM event_batches WHERE batch_id = ?1",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row([batch_id], |row| {
+                    Ok((
+                        BatchRow {
+                            first_seq: row.get(0)?,
+                            last_seq: row.get(1)?,
+                            created_at: row.get(2)?,
+                            events: row.get(3)?,
+                            steps: row.get(4)?,
+                        },
+                        row.get(5)?,
+                    ))
+                })
+                .optional()
+        })
+        .map_err(query_error("read events"))
+}
+
+/// The batches from `batch_id` back to (not including) the first with
+/// `last_seq <= lower`, oldest first.
+fn batches_back_to(
+    connection: &Connection,
+    batch_id: i64,
+    lower: i64,
+) -> Result<Vec<BatchRow>, StoreError> {
+    let mut batches = Vec::new();
+    let mut next = Some(batch_id);
+    while let Some(id) = next {
+        let Some((batch, prev)) = read_batch(connection, id)? else {
+            return Err(StoreError::Corrupt(format!("event batch {id} is missing")));
+        };
+        if batch.last_seq <= lower {
+            break;
+        }
+        batches.push(batch);
+        next = prev;
+    }
+    batches.reverse();
+    Ok(batches)
+}
+
+/// Visits the session's batches holding events after `after_seq`, in
+/// order, until `visit` returns false. Runs in one read transaction: the
+/// anchors lead to the batches between them (a walk back of at most
+/// [`ANCHOR_EVERY`] batches each), the head to those after the last anchor.
+fn visit_batches(
+    connection: &Connection,
+    key: i64,
+    after_seq: u64,
+    mut visit: impl FnMut(BatchRow) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let transaction = connection
+        .unchecked_transaction()
+        .map_err(query_error("read events"))?;
+    let mut lower = seq_to_sql(after_seq);
+    let mut anchors = transaction
+        .prepare_cached(
+            "SELECT last_seq, batch_id FROM batch_anchors \
+             WHERE session_key = ?1 AND last_seq > ?2 ORDER BY last_seq",
+        )
+        .map_err(query_error("read events"))?;
+    let mut rows = anchors
+        .query(params![key, lower])
+        .map_err(query_error("read events"))?;
+    while let Some(row) = rows.next().map_err(query_error("read events"))? {
+        let last_seq: i64 = row.get(0).map_err(query_error("read events"))?;
+        let batch_id: i64 = row.get(1).map_err(query_error("read events"))?;
+        for batch in batches_back_to(&transaction, batch_id, lower)? {
+            if !visit(batch)? {
+                return Ok(());
+            }
+        }
+        lower = last_seq;
+    }
+    let head: Option<i64> = transaction
+        .prepare_cached("SELECT batch_id FROM session_heads WHERE session_key = ?1")
+        .and_then(|mut statement| statement.query_row([key], |row| row.get(0)).optional())
+        .map_err(query_error("read events"))?;
+    if let Some(head) = head {
+        for batch in batches_back_to(&transaction, head, lower)? {
+            if !visit(batch)? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read_events(
     connection: &Connection,
     session_id: &str,
@@ -991,24 +1199,15 @@ fn read_events(
     let Some(key) = session_key(connection, session_id)? else {
         return Ok(Vec::new());
     };
-    let mut statement = connection
-        .prepare_cached(
-            "SELECT first_seq, last_seq, events, created_at FROM event_batches \
-             WHERE session_key = ?1 AND last_seq > ?2 ORDER BY last_seq",
-        )
-        .map_err(query_error("read events"))?;
-    let mut rows = statement
-        .query(params![key, seq_to_sql(after_seq)])
-        .map_err(query_error("read events"))?;
     let mut events = Vec::new();
-    while events.len() < limit {
-        let Some(row) = rows.next().map_err(query_error("read events"))? else {
-            break;
-        };
-        let first_seq: i64 = row.get(0).map_err(query_error("read events"))?;
-        let last_seq: i64 = row.get(1).map_err(query_error("read events"))?;
-        let encoded: Vec<u8> = row.get(2).map_err(query_error("read events"))?;
-        let created_at: i64 = row.get(3).map_err(query_error("read events"))?;
+    visit_batches(connection, key, after_seq, |row| {
+        let BatchRow {
+            first_seq,
+            last_seq,
+            created_at,
+            events: encoded,
+            ..
+        } = row;
         let corrupt = |error: prost::DecodeError| {
             StoreError::Corrupt(format!(
                 "events up to {last_seq} of session {session_id}: {error}"
@@ -1031,8 +1230,33 @@ fn read_events(
             event.time = Some(time);
             events.push(event);
         }
-    }
+        Ok(events.len() < limit)
+    })?;
     Ok(events)
+}
+
+fn read_steps(connection: &Connection, session_id: &str) -> Result<Vec<StepRecord>, StoreError> {
+    let Some(key) = session_key(connection, session_id)? else {
+        return Ok(Vec::new());
+    };
+    let mut steps = Vec::new();
+    visit_batches(connection, key, 0, |row| {
+        let Some(encoded) = row.steps else {
+            return Ok(true);
+        };
+        let stored = StoredSteps::decode(encoded.as_slice()).map_err(|error| {
+            StoreError::Corrupt(format!(
+                "steps of event {} of session {session_id}: {error}",
+                row.last_seq
+            ))
+        })?;
+        steps.extend(stored.steps.into_iter().map(|step| StepRecord {
+            step: step.step,
+            payload: step.payload,
+        }));
+        Ok(true)
+    })?;
+    Ok(steps)
 }
 
 fn list_sessions(connection: &Connection, query: &SessionQuery) -> Result<SessionPage, StoreError> {
@@ -1194,36 +1418,7 @@ impl EventStore for SqliteStore {
     }
 
     fn read_steps(&self, session_id: String) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>> {
-        self.read(move |connection| {
-            let Some(key) = session_key(connection, &session_id)? else {
-                return Ok(Vec::new());
-            };
-            let mut statement = connection
-                .prepare_cached(
-                    "SELECT last_seq, steps FROM event_batches \
-                     WHERE session_key = ?1 AND steps IS NOT NULL ORDER BY last_seq",
-                )
-                .map_err(query_error("read steps"))?;
-            let rows = statement
-                .query_map([key], |row| {
-                    Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
-                })
-                .map_err(query_error("read steps"))?;
-            let mut steps = Vec::new();
-            for row in rows {
-                let (seq, encoded) = row.map_err(query_error("read steps"))?;
-                let stored = StoredSteps::decode(encoded.as_slice()).map_err(|error| {
-                    StoreError::Corrupt(format!(
-                        "steps of event {seq} of session {session_id}: {error}"
-                    ))
-                })?;
-                steps.extend(stored.steps.into_iter().map(|step| StepRecord {
-                    step: step.step,
-                    payload: step.payload,
-                }));
-            }
-            Ok(steps)
-        })
+        self.read(move |connection| read_steps(connection, &session_id))
     }
 
     fn pending_approvals(
@@ -1785,6 +1980,166 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn long_logs_read_back_from_any_cursor_across_anchors() {
+        let (_dir, store) = open_temp().await;
+        store.create_session(new_session("s1", None)).await.unwrap();
+        store.create_session(new_session("s2", None)).await.unwrap();
+        // Batches of 1 to 5 events, interleaved with another session, so
+        // anchors fall at irregular batches; some carry steps.
+        let mut texts = Vec::new();
+        let mut steps = Vec::new();
+        for round in 0..120_usize {
+            let size = 1 + round % 5;
+            let batch: Vec<NewEvent> = (0..size)
+                .map(|i| {
+                    let text = format!("{round}.{i}");
+                    texts.push(text.clone());
+                    NewEvent::new(1, delta(&text))
+                })
+                .collect();
+            let step = (round % 3 == 0).then(|| StepRecord {
+                step: format!("step {round}"),
+                payload: vec![u8::try_from(round).unwrap()],
+            });
+            steps.extend(step.clone());
+            store
+                .append_events("s1".to_owned(), batch, step.into_iter().collect())
+                .await
+                .unwrap();
+            store
+                .append_event("s2".to_owned(), 1, delta("other"))
+                .await
+                .unwrap();
+        }
+        let all: Vec<Option<Kind>> = texts.iter().map(|text| Some(delta(text))).collect();
+        for after in [0, 1, 2, 63, 64, 65, 127, 128, 200, 359, 360, 361] {
+            for limit in [1, 7, 64, 1000] {
+                let events = store
+                    .read_events("s1".to_owned(), after, limit)
+                    .await
+                    .unwrap();
+                let start = usize::try_from(after).unwrap().min(all.len());
+                let expected = &all[start..(start + limit).min(all.len())];
+                assert_eq!(
+                    events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>(),
+                    expected,
+                    "after {after}, limit {limit}"
+                );
+                assert!(
+                    events
+                        .iter()
+                        .zip(after + 1..)
+                        .all(|(event, seq)| event.seq == seq)
+                );
+            }
+        }
+        assert_eq!(store.read_steps("s1".to_owned()).await.unwrap(), steps);
+        let session = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.last_seq, 360);
+    }
+
+    #[tokio::test]
+    async fn a_version_2_database_is_migrated_with_its_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.db");
+        {
+            let mut connection = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..2] {
+                connection.execute_batch(sql).unwrap();
+            }
+            connection.pragma_update(None, "user_version", 2).unwrap();
+            let transaction = connection.transaction().unwrap();
+            transaction
+                .execute(
+                    "INSERT INTO sessions (session_id, tenant, agent, input, status, \
+                     stop_reason, metadata_json, budget, created_at, final_output) \
+                     VALUES ('s1', 'default', 'demo', 'hi', 'SESSION_STATUS_RUNNING', \
+                     'STOP_REASON_UNSPECIFIED', '{}', X'', 1000, '')",
+                    [],
+                )
+                .unwrap();
+            let key = transaction.last_insert_rowid();
+            for (round, texts) in [["a", "b"], ["c", "d"]].iter().enumerate() {
+                let events = texts
+                    .iter()
+                    .zip(1_u64..)
+                    .map(|(text, i)| SessionEvent {
+                        seq: u64::try_from(round).unwrap() * 2 + i,
+                        turn: 1,
+                        kind: Some(delta(text)),
+                        ..Default::default()
+                    })
+                    .collect();
+                let usage = BudgetUsage {
+                    turns: u32::try_from(round).unwrap() + 1,
+                    ..Default::default()
+                };
+                let step = StoredSteps {
+                    steps: vec![StoredStep {
+                        step: format!("step {round}"),
+                        payload: Vec::new(),
+                    }],
+                };
+                transaction
+                    .execute(
+                        "INSERT INTO event_batches (session_key, first_seq, last_seq, \
+                         created_at, events, steps, usage) VALUES (?1, ?2, ?3, 2000, ?4, ?5, ?6)",
+                        params![
+                            key,
+                            i64::try_from(round).unwrap() * 2 + 1,
+                            i64::try_from(round).unwrap() * 2 + 2,
+                            StoredBatch { events }.encode_to_vec(),
+                            step.encode_to_vec(),
+                            usage.encode_to_vec()
+                        ],
+                    )
+                    .unwrap();
+            }
+            transaction.commit().unwrap();
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        let session = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((session.last_seq, session.usage.turns), (4, 2));
+        let next = store
+            .append_event("s1".to_owned(), 1, delta("e"))
+            .await
+            .unwrap();
+        assert_eq!(next.seq, 5);
+        let texts: Vec<(u64, Option<Kind>)> = store
+            .read_events("s1".to_owned(), 1, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.seq, e.kind))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                (2, Some(delta("b"))),
+                (3, Some(delta("c"))),
+                (4, Some(delta("d"))),
+                (5, Some(delta("e")))
+            ]
+        );
+        let steps: Vec<String> = store
+            .read_steps("s1".to_owned())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|step| step.step)
+            .collect();
+        assert_eq!(steps, ["step 0", "step 1"]);
+    }
+
+    #[tokio::test]
     async fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cp.db");
@@ -1797,7 +2152,7 @@ mod tests {
                 error,
                 StoreError::SchemaTooNew {
                     found: 99,
-                    supported: 2
+                    supported: 3
                 }
             ),
             "{error:?}"
