@@ -484,6 +484,16 @@ async fn timeouts_kill_the_process_group_and_teardown_kills_background_processes
         "{:?}",
         started.elapsed()
     );
+    // A background process that keeps stdout open does not hold the call
+    // up, and nothing the command wrote is lost.
+    let started = std::time::Instant::now();
+    let held_open = run(&mut daemon, &session, "sleep 5 & echo visible").await;
+    assert_eq!(stdout(&held_open), "visible\n");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     // No pipeline here: the shell would hold pipe ends while `ls` looks.
     let fds = run(&mut daemon, &session, "ls /proc/$$/fd").await;
     assert_eq!(stdout(&fds), "0\n1\n2\n", "only stdio is inherited");

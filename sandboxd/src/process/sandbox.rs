@@ -35,8 +35,8 @@ use harness_proto::sandbox::v1 as pb;
 use nix::sched::CloneFlags;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc};
 
 use super::cgroup::{CgroupHierarchy, CgroupLimits, SessionCgroup};
@@ -495,13 +495,21 @@ impl ProcessSandbox {
         }
         let stdin_task = tokio::spawn(feed_stdin(stdin_write, command.stdin));
         let cap = command.max_output_bytes;
+        let (stop_pumps, pumps_stopped) = tokio::sync::watch::channel(false);
         let stdout_task = tokio::spawn(pump(
             stdout_read,
             pb::OutputStream::Stdout,
             cap,
             output.clone(),
+            pumps_stopped.clone(),
         ));
-        let stderr_task = tokio::spawn(pump(stderr_read, pb::OutputStream::Stderr, cap, output));
+        let stderr_task = tokio::spawn(pump(
+            stderr_read,
+            pb::OutputStream::Stderr,
+            cap,
+            output,
+            pumps_stopped,
+        ));
         let deadline = tokio::time::sleep(command.timeout);
         tokio::pin!(deadline);
         tokio::pin!(cancelled);
@@ -519,11 +527,8 @@ impl ProcessSandbox {
         }
         self.control.forget(id);
         stdin_task.abort();
-        let grace = self.output_grace;
-        let (stdout, stderr) = (
-            finish_pump(stdout_task, grace).await,
-            finish_pump(stderr_task, grace).await,
-        );
+        let (stdout, stderr) =
+            finish_pumps(stdout_task, stderr_task, stop_pumps, self.output_grace).await;
         outcome.stdout_bytes = stdout.total;
         outcome.stderr_bytes = stderr.total;
         outcome.stdout = stdout.captured;
@@ -808,64 +813,119 @@ struct Pumped {
     captured: Vec<u8>,
 }
 
-/// Forwards one output stream, up to `cap` bytes, counting all of it.
+/// Forwards one output stream, up to `cap` bytes, counting all of it,
+/// until end of file, or until `stop` fires: then whatever the pipe already
+/// holds is still read (a background process may keep the pipe open, but
+/// nothing the command wrote before it exited is lost).
 async fn pump(
     fd: OwnedFd,
     stream: pb::OutputStream,
     cap: u64,
     output: mpsc::Sender<pb::OutputChunk>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Pumped {
     let mut pumped = Pumped::default();
-    let Ok(mut receiver) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+    let Ok(receiver) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
         return pumped;
     };
+    let mut forwarder = Forwarder {
+        stream,
+        cap,
+        output,
+        truncated_sent: false,
+    };
     let mut buffer = vec![0_u8; 64 * 1024];
-    let mut truncated_sent = false;
     loop {
-        let n = match receiver.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
+        tokio::select! {
+            biased;
+            readable = receiver.readable() => {
+                if readable.is_err() {
+                    break;
+                }
+                match receiver.try_read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => forwarder.forward(&buffer[..n], &mut pumped).await,
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+            _ = stop.changed() => {
+                while let Ok(n) = receiver.try_read(&mut buffer) {
+                    if n == 0 {
+                        break;
+                    }
+                    forwarder.forward(&buffer[..n], &mut pumped).await;
+                }
+                break;
+            }
+        }
+    }
+    pumped
+}
+
+/// Sends one stream's chunks, honouring its cap.
+struct Forwarder {
+    stream: pb::OutputStream,
+    cap: u64,
+    output: mpsc::Sender<pb::OutputChunk>,
+    truncated_sent: bool,
+}
+
+impl Forwarder {
+    async fn forward(&mut self, data: &[u8], pumped: &mut Pumped) {
         let before = pumped.total;
-        pumped.total = pumped.total.saturating_add(n as u64);
-        if before >= cap {
-            if !truncated_sent {
-                truncated_sent = true;
-                let _ = output
+        pumped.total = pumped.total.saturating_add(data.len() as u64);
+        if before >= self.cap {
+            if !self.truncated_sent {
+                self.truncated_sent = true;
+                let _ = self
+                    .output
                     .send(pb::OutputChunk {
-                        stream: stream as i32,
+                        stream: self.stream as i32,
                         data: Vec::new(),
                         truncated: true,
                     })
                     .await;
             }
-            continue;
+            return;
         }
-        let keep = usize::try_from(cap - before).unwrap_or(usize::MAX).min(n);
-        let truncated = keep < n;
-        truncated_sent |= truncated;
-        pumped.captured.extend_from_slice(&buffer[..keep]);
-        let _ = output
+        let keep = usize::try_from(self.cap - before)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let truncated = keep < data.len();
+        self.truncated_sent |= truncated;
+        pumped.captured.extend_from_slice(&data[..keep]);
+        let _ = self
+            .output
             .send(pb::OutputChunk {
-                stream: stream as i32,
-                data: buffer[..keep].to_vec(),
+                stream: self.stream as i32,
+                data: data[..keep].to_vec(),
                 truncated,
             })
             .await;
     }
-    pumped
 }
 
-/// Waits for a pump to reach end of file, or `grace` once the command has
-/// exited (a background process may hold the pipe open).
-async fn finish_pump(task: tokio::task::JoinHandle<Pumped>, grace: Duration) -> Pumped {
-    let abort = task.abort_handle();
-    match tokio::time::timeout(grace, task).await {
-        Ok(Ok(pumped)) => pumped,
-        Ok(Err(_)) => Pumped::default(),
-        Err(_) => {
-            abort.abort();
-            Pumped::default()
+/// Waits for both pumps to reach end of file; once `grace` has passed after
+/// the command's exit, tells them to drain what is buffered and stop.
+async fn finish_pumps(
+    stdout: tokio::task::JoinHandle<Pumped>,
+    stderr: tokio::task::JoinHandle<Pumped>,
+    stop: tokio::sync::watch::Sender<bool>,
+    grace: Duration,
+) -> (Pumped, Pumped) {
+    let both = async {
+        (
+            stdout.await.unwrap_or_default(),
+            stderr.await.unwrap_or_default(),
+        )
+    };
+    tokio::pin!(both);
+    tokio::select! {
+        pumped = &mut both => pumped,
+        () = tokio::time::sleep(grace) => {
+            let _ = stop.send(true);
+            both.await
         }
     }
 }
