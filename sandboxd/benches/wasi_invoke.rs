@@ -23,6 +23,8 @@
     clippy::print_stderr
 )]
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,17 +37,9 @@ use harness_sandboxd::server::{Listener, serve};
 use harness_sandboxd::service::Sandboxd;
 use tonic::transport::Channel;
 
+use common::{connect, summary};
+
 const ECHO_INPUT: &str = r#"{"action":"echo","value":{"n":1}}"#;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
-}
-
-fn summary(mut samples: Vec<Duration>) -> (Duration, Duration) {
-    samples.sort();
-    (percentile(&samples, 0.5), percentile(&samples, 0.99))
-}
 
 fn micros(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
@@ -63,21 +57,6 @@ fn rss_bytes() -> u64 {
         .parse()
         .unwrap();
     kib * 1024
-}
-
-async fn connect(endpoint: &str) -> Channel {
-    let path = PathBuf::from(endpoint.strip_prefix("unix:").unwrap());
-    tonic::transport::Endpoint::from_static("http://[::]:50051")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
 }
 
 fn invoke_request(session: &str, n: u64) -> pb::InvokeRequest {

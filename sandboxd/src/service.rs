@@ -275,14 +275,7 @@ impl SandboxService for SandboxApi {
             Claim::Existing(record) => {
                 let result = recorded_result(record, &invocation_id, fingerprint).await?;
                 let started = started_event(&invocation_id, self.tool_digest(&call.tool));
-                let replay = vec![
-                    Ok(started),
-                    Ok(result_event(pb::InvokeResult {
-                        replayed: true,
-                        ..result
-                    })),
-                ];
-                return Ok(Response::new(Box::pin(futures::stream::iter(replay))));
+                return Ok(replayed(started, result));
             }
             Claim::New(completion) => {
                 let daemon = Arc::clone(&self.daemon);
@@ -380,14 +373,7 @@ impl SandboxApi {
         let completion = match session.claim(&invocation_id, fingerprint) {
             Claim::Existing(record) => {
                 let result = recorded_result(record, &invocation_id, fingerprint).await?;
-                let replay = vec![
-                    Ok(started),
-                    Ok(result_event(pb::InvokeResult {
-                        replayed: true,
-                        ..result
-                    })),
-                ];
-                return Ok(Response::new(Box::pin(futures::stream::iter(replay))));
+                return Ok(replayed(started, result));
             }
             Claim::New(completion) => completion,
         };
@@ -584,6 +570,19 @@ fn started_event(invocation_id: &str, digest: String) -> pb::InvokeEvent {
             digest,
         })),
     }
+}
+
+/// The stream answering a repeated `invocation_id`: its start and the
+/// recorded result, marked replayed; nothing runs again.
+fn replayed(started: pb::InvokeEvent, result: pb::InvokeResult) -> Response<InvokeStream> {
+    let replay = vec![
+        Ok(started),
+        Ok(result_event(pb::InvokeResult {
+            replayed: true,
+            ..result
+        })),
+    ];
+    Response::new(Box::pin(futures::stream::iter(replay)))
 }
 
 fn result_event(result: pb::InvokeResult) -> pb::InvokeEvent {

@@ -362,11 +362,6 @@ impl ProcessBackend {
             .await
             .map_err(ProcessError::Launch)
     }
-
-    /// The default pids limit.
-    pub fn default_pids(&self) -> u32 {
-        self.config.default_pids
-    }
 }
 
 /// The environment every command starts with; the policy's grants come

@@ -114,9 +114,6 @@ pub enum SandboxError {
     /// The proxy could not start.
     #[error("cannot start the egress proxy")]
     Proxy(#[source] super::proxy::ProxyError),
-    /// The sandbox is gone.
-    #[error("the sandbox's init has exited")]
-    Gone,
 }
 
 /// Everything needed to launch one sandbox.
@@ -1004,20 +1001,13 @@ impl WarmInit {
 
     /// Hands over the pid and control socket; the caller now owns the
     /// child (and must kill and reap it on failure).
-    fn take(mut self) -> (Pid, OwnedFd, Option<sys::InitChildMemory>) {
-        let control = self.control.take();
-        let memory = self.memory.take();
-        match control {
-            Some(control) => (self.pid, control, memory),
-            // `take` is only called once, on a fresh value.
-            None => unreachable_control(),
-        }
+    fn take(mut self) -> Result<(Pid, OwnedFd, Option<sys::InitChildMemory>), SandboxError> {
+        let control = self
+            .control
+            .take()
+            .ok_or_else(|| SandboxError::Unexpected("a warm init handed over twice".to_owned()))?;
+        Ok((self.pid, control, self.memory.take()))
     }
-}
-
-#[allow(clippy::panic)]
-fn unreachable_control() -> ! {
-    panic!("a WarmInit's control socket was taken twice")
 }
 
 /// Activates a warm init for a session (blocking): joins the session cgroup,
@@ -1031,7 +1021,7 @@ fn activate_init(
     for path in &spec.bind_sources {
         sources.push(open_path(path)?);
     }
-    let (pid, control, memory) = warm.take();
+    let (pid, control, memory) = warm.take()?;
     let activated = send_spec(pid, spec, cgroup, &control, &sources);
     let result = match activated {
         Ok(landlock) => nix::fcntl::fcntl(
