@@ -514,6 +514,7 @@ async fn concurrent_run(
                 .session,
         );
     }
+    let cpu_before = thread_cpu();
     let started = Instant::now();
     let runs: Vec<_> = records
         .into_iter()
@@ -535,6 +536,7 @@ async fn concurrent_run(
         run.await.unwrap();
     }
     let elapsed = started.elapsed();
+    let cpu_after = thread_cpu();
     let timings = timings.lock().unwrap();
     let mut overheads: Vec<Duration> = Vec::new();
     for turns in timings.values() {
@@ -543,6 +545,9 @@ async fn concurrent_run(
                 overheads.push(next_request.saturating_duration_since(answered));
             }
         }
+    }
+    if std::env::var_os("BENCH_TIMELINE").is_some() {
+        print_timeline(&timings, started);
     }
     overheads.sort();
     let total_steps = sessions * steps;
@@ -561,6 +566,25 @@ async fn concurrent_run(
         ms(percentile(&overheads, 99.0)),
         ms(percentile(&overheads, 100.0)),
     );
+    let per_step = |name: &str| {
+        let spent = cpu_after.get(name).copied().unwrap_or_default()
+            - cpu_before.get(name).copied().unwrap_or_default();
+        spent.as_secs_f64() * 1e6 / total_steps as f64
+    };
+    println!(
+        "  CPU per step: tokio workers {:.1} µs, SQLite writer {:.1} µs, checkpoints {:.1} µs, \
+         everything {:.1} µs",
+        per_step("tokio-rt-worker"),
+        per_step("sqlite-writer"),
+        per_step("sqlite-checkpoi"),
+        cpu_after
+            .values()
+            .sum::<Duration>()
+            .saturating_sub(cpu_before.values().sum())
+            .as_secs_f64()
+            * 1e6
+            / total_steps as f64,
+    );
     let size = |name: &str| {
         std::fs::metadata(dir.path().join(name)).map_or(0.0, |meta| meta.len() as f64 / 1048576.0)
     };
@@ -570,6 +594,61 @@ async fn concurrent_run(
         size("cp.db-wal"),
         load_average()
     );
+}
+
+/// Per 50 ms of the run (by model answer time): steps answered, and the
+/// median and largest overhead of those steps.
+fn print_timeline(timings: &HashMap<String, Vec<(Instant, Option<Instant>)>>, started: Instant) {
+    let mut windows: std::collections::BTreeMap<u128, Vec<Duration>> = Default::default();
+    for turns in timings.values() {
+        for pair in turns.windows(2) {
+            if let (Some(answered), next_request) = (pair[0].1, pair[1].0) {
+                let window = answered.saturating_duration_since(started).as_millis() / 50;
+                windows
+                    .entry(window)
+                    .or_default()
+                    .push(next_request.saturating_duration_since(answered));
+            }
+        }
+    }
+    for (window, mut overheads) in windows {
+        overheads.sort();
+        println!(
+            "    {:>5} ms: {:>4} steps, overhead p50 {:>6.2} ms, max {:>6.2} ms",
+            window * 50,
+            overheads.len(),
+            percentile(&overheads, 50.0).as_secs_f64() * 1000.0,
+            percentile(&overheads, 100.0).as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+/// CPU time (user + system) of this process's threads, summed by thread name.
+fn thread_cpu() -> HashMap<String, Duration> {
+    // Clock ticks per second: 100 on every Linux this runs on.
+    const TICK: Duration = Duration::from_millis(10);
+    let mut by_name: HashMap<String, Duration> = HashMap::new();
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // Fields 14 and 15 of stat (utime, stime); `fields[0]` is field 3.
+        let ticks: u32 = fields
+            .get(11..13)
+            .map(|times| times.iter().filter_map(|t| t.parse::<u32>().ok()).sum())
+            .unwrap_or(0);
+        *by_name.entry(name).or_default() += TICK * ticks;
+    }
+    by_name
 }
 
 /// The first three fields of `/proc/loadavg` (empty where there is none).

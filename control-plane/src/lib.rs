@@ -45,5 +45,6 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod supervisor;
+mod sys;
 pub mod transcript;
 pub mod transport;

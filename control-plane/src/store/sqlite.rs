@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use harness_proto::control::v1::session_event::Kind;
@@ -210,6 +210,9 @@ struct Inner {
 
 /// How often the checkpoint thread copies the WAL back into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// How often, between checkpoints, the checkpoint thread starts writing the
+/// WAL's new frames back to disk (`synchronous = NORMAL` only).
+const WRITEBACK_EVERY: Duration = Duration::from_millis(25);
 
 /// How a write went wrong.
 #[derive(Debug)]
@@ -377,7 +380,7 @@ impl SqliteStore {
         let (stop_checkpoints, stopped) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("sqlite-checkpoint".to_owned())
-            .spawn(move || checkpoint_loop(&checkpoints, &stopped))
+            .spawn(move || checkpoint_loop(&checkpoints, synchronous, &stopped))
             .map_err(thread_error)?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -469,17 +472,73 @@ fn writer_loop(mut connection: Connection, jobs: &mpsc::Receiver<Box<dyn WriteJo
 /// Copies committed WAL frames back into the database every
 /// [`CHECKPOINT_EVERY`] without blocking the writer (PASSIVE), until the
 /// store is dropped; then one last checkpoint.
-fn checkpoint_loop(connection: &Connection, stop: &mpsc::Receiver<()>) {
+///
+/// With `synchronous = NORMAL` the WAL is not synced per commit, so its new
+/// frames pile up in the page cache until the checkpoint's `fsync` writes
+/// them all at once — on ext4 that `fsync` allocates the blocks of tens of
+/// megabytes under the inode's allocation lock, and the writer's next frame
+/// write waits 5–10 ms for it, stalling every session. Starting writeback
+/// every [`WRITEBACK_EVERY`] spreads that work into small pieces.
+fn checkpoint_loop(
+    connection: &Connection,
+    synchronous: SqliteSynchronous,
+    stop: &mpsc::Receiver<()>,
+) {
+    let wal = WalWriteback::new(connection, synchronous);
+    let mut next_checkpoint = Instant::now() + CHECKPOINT_EVERY;
     loop {
+        let now = Instant::now();
+        let wait = match &wal {
+            Some(_) => WRITEBACK_EVERY.min(next_checkpoint.saturating_duration_since(now)),
+            None => next_checkpoint.saturating_duration_since(now),
+        };
         let stopping = !matches!(
-            stop.recv_timeout(CHECKPOINT_EVERY),
+            stop.recv_timeout(wait),
             Err(mpsc::RecvTimeoutError::Timeout)
         );
+        if !stopping && Instant::now() < next_checkpoint {
+            if let Some(wal) = &wal {
+                wal.start();
+            }
+            continue;
+        }
         if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(%error, "WAL checkpoint failed; retrying later");
         }
         if stopping {
             return;
+        }
+        next_checkpoint = Instant::now() + CHECKPOINT_EVERY;
+    }
+}
+
+/// The WAL file, opened read-only to start its writeback.
+struct WalWriteback {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl WalWriteback {
+    /// None with `synchronous = FULL` (every commit syncs the WAL already),
+    /// for an in-memory database, or when the WAL cannot be opened (then
+    /// the checkpoints alone write it back, as without this).
+    fn new(connection: &Connection, synchronous: SqliteSynchronous) -> Option<Self> {
+        if synchronous != SqliteSynchronous::Normal {
+            return None;
+        }
+        let path = PathBuf::from(format!("{}-wal", connection.path()?));
+        match std::fs::File::open(&path) {
+            Ok(file) => Some(Self { path, file }),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot open the WAL to write it back early; checkpoints will");
+                None
+            }
+        }
+    }
+
+    fn start(&self) {
+        if let Err(error) = crate::sys::start_writeback(&self.file) {
+            tracing::debug!(path = %self.path.display(), %error, "starting WAL writeback failed");
         }
     }
 }
