@@ -22,6 +22,8 @@ pub fn start_writeback(file: &File) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use std::io::Write as _;
 
     use super::*;
