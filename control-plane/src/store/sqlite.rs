@@ -35,7 +35,7 @@ use harness_proto::control::v1::{
     BudgetLimits, BudgetUsage, SessionEvent, SessionStatus, StopReason,
 };
 use prost::Message as _;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
@@ -47,6 +47,8 @@ use crate::event;
 
 /// Most writes committed in one transaction.
 const MAX_GROUP: usize = 1024;
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 64;
 /// Read connections kept open between reads.
 const MAX_IDLE_READERS: usize = 8;
 
@@ -178,6 +180,14 @@ const MIGRATIONS: &[&str] = &[
         SELECT session_key, last_seq, batch_id FROM event_batches;
     DROP INDEX event_batches_by_session;
 ",
+    // Version 4: `session_heads` is saved in bulk now and then instead of
+    // per append (see `FreshHeads`); `heads_through` says up to which batch
+    // it is complete, and opening the store brings it up to date from the
+    // batches after that.
+    r"
+    CREATE TABLE store_meta (heads_through INTEGER NOT NULL);
+    INSERT INTO store_meta (heads_through) SELECT COALESCE(MAX(batch_id), 0) FROM event_batches;
+",
 ];
 
 /// A batch that holds an event whose seq is a multiple of this is indexed
@@ -187,9 +197,10 @@ const ANCHOR_EVERY: u64 = 256;
 const SESSION_COLUMNS: &str = "s.session_id, s.tenant, s.agent, s.input, s.status, \
      s.stop_reason, s.metadata_json, s.budget, b.usage, s.idempotency_key, s.created_at, \
      COALESCE(b.created_at, s.created_at), COALESCE(b.last_seq, 0), s.final_output, \
-     s.sandbox_session_id, s.cancel_reason";
+     s.sandbox_session_id, s.cancel_reason, s.session_key";
 
-/// A session with its last batch of events (none before the first).
+/// A session with its last saved batch of events (none before the first);
+/// [`with_fresh_head`] brings it up to date.
 const SESSION_FROM: &str = "sessions s LEFT JOIN session_heads h ON h.session_key = s.session_key \
      LEFT JOIN event_batches b ON b.batch_id = h.batch_id";
 
@@ -204,8 +215,66 @@ struct Inner {
     path: PathBuf,
     writes: mpsc::Sender<Box<dyn WriteJob>>,
     readers: Mutex<Vec<Connection>>,
+    fresh_heads: Arc<FreshHeads>,
     /// Dropped with the store: ends the checkpoint thread.
     _stop_checkpoints: Mutex<mpsc::Sender<()>>,
+}
+
+/// How often the writer saves the heads that moved into `session_heads`.
+const SAVE_HEADS_EVERY: Duration = Duration::from_secs(1);
+
+/// Sessions whose newest batch is committed but not yet saved in
+/// `session_heads` (session key → batch id).
+///
+/// Writing a session's head with every append put the pages of
+/// `session_heads` into every commit — a third of the WAL and of the
+/// writer's time under load. Instead the writer publishes new heads here
+/// when their group commits (before any caller hears of it), saves them all
+/// every [`SAVE_HEADS_EVERY`] with `store_meta.heads_through`, and drops
+/// what it saved. After a crash, opening the store brings `session_heads`
+/// up to date from the batches after `heads_through` (each names its
+/// session), so nothing depends on this map surviving.
+///
+/// Readers look here *before* they read `session_heads`: an entry is only
+/// ever removed after the table holds it, so a miss here means the table is
+/// current for any read that starts afterwards.
+#[derive(Debug, Default)]
+struct FreshHeads {
+    heads: Mutex<HashMap<i64, i64>>,
+}
+
+impl FreshHeads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
+        self.heads.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, key: i64) -> Option<i64> {
+        self.lock().get(&key).copied()
+    }
+
+    fn snapshot(&self) -> HashMap<i64, i64> {
+        self.lock().clone()
+    }
+
+    fn publish(&self, heads: &[(i64, i64)]) {
+        if heads.is_empty() {
+            return;
+        }
+        let mut fresh = self.lock();
+        for &(key, batch) in heads {
+            fresh.insert(key, batch);
+        }
+    }
+
+    /// Drops the entries `saved` holds, unless they moved on since.
+    fn forget_saved(&self, saved: &HashMap<i64, i64>) {
+        let mut fresh = self.lock();
+        for (key, batch) in saved {
+            if fresh.get(key) == Some(batch) {
+                fresh.remove(key);
+            }
+        }
+    }
 }
 
 /// How often the checkpoint thread copies the WAL back into the database.
@@ -367,6 +436,9 @@ impl SqliteStore {
             .pragma_update(None, "temp_store", "MEMORY")
             .map_err(open_error)?;
         migrate(&mut connection)?;
+        let newest_batch = recover_heads(&connection)?;
+        let fresh_heads = Arc::new(FreshHeads::default());
+        let memory = WriterMemory::new(Arc::clone(&fresh_heads), newest_batch);
         let checkpoints = open_connection(path)?;
         let thread_error = |source| StoreError::Thread {
             path: path.to_owned(),
@@ -375,7 +447,7 @@ impl SqliteStore {
         let (writes, jobs) = mpsc::channel::<Box<dyn WriteJob>>();
         std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
-            .spawn(move || writer_loop(connection, &jobs))
+            .spawn(move || writer_loop(connection, memory, &jobs))
             .map_err(thread_error)?;
         let (stop_checkpoints, stopped) = mpsc::channel::<()>();
         std::thread::Builder::new()
@@ -387,6 +459,7 @@ impl SqliteStore {
                 path: path.to_owned(),
                 writes,
                 readers: Mutex::new(Vec::new()),
+                fresh_heads,
                 _stop_checkpoints: Mutex::new(stop_checkpoints),
             }),
         })
@@ -413,7 +486,7 @@ impl SqliteStore {
     fn read<T, F>(&self, read: F) -> BoxFuture<'static, Result<T, StoreError>>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection, &FreshHeads) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
@@ -427,7 +500,7 @@ impl SqliteStore {
                     Some(connection) => connection,
                     None => open_connection(&inner.path)?,
                 };
-                let result = read(&connection);
+                let result = read(&connection, &inner.fresh_heads);
                 let mut readers = inner.readers.lock().unwrap_or_else(PoisonError::into_inner);
                 if readers.len() < MAX_IDLE_READERS {
                     readers.push(connection);
@@ -449,15 +522,23 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     connection
         .busy_timeout(Duration::from_secs(5))
         .map_err(open_error)?;
+    // Room for every statement the store prepares (rusqlite keeps 16).
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(connection)
 }
 
 /// The writer thread: takes every write waiting, runs them in one
 /// transaction, commits, then answers all of them. Ends when the store
 /// (every clone of it) is dropped.
-fn writer_loop(mut connection: Connection, jobs: &mpsc::Receiver<Box<dyn WriteJob>>) {
-    let mut memory = WriterMemory::default();
+fn writer_loop(
+    mut connection: Connection,
+    mut memory: WriterMemory,
+    jobs: &mpsc::Receiver<Box<dyn WriteJob>>,
+) {
     while let Ok(first) = jobs.recv() {
+        if memory.last_save.elapsed() >= SAVE_HEADS_EVERY {
+            save_heads(&connection, &mut memory);
+        }
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match jobs.try_recv() {
@@ -467,6 +548,84 @@ fn writer_loop(mut connection: Connection, jobs: &mpsc::Receiver<Box<dyn WriteJo
         }
         commit_group(&mut connection, &mut memory, group);
     }
+    save_heads(&connection, &mut memory);
+}
+
+/// Saves every fresh head in `session_heads` (one transaction), then drops
+/// them from [`FreshHeads`]. A failure is logged and retried at the next
+/// save; until then the heads stay fresh, and recovery covers a crash.
+fn save_heads(connection: &Connection, memory: &mut WriterMemory) {
+    memory.last_save = Instant::now();
+    let heads = memory.fresh.snapshot();
+    if heads.is_empty() {
+        return;
+    }
+    let saved = run_cached(connection, "BEGIN IMMEDIATE").and_then(|()| {
+        let written = write_heads(connection, &heads, memory.newest_batch);
+        match written {
+            Ok(()) => run_cached(connection, "COMMIT"),
+            Err(error) => {
+                let _ = run_cached(connection, "ROLLBACK");
+                Err(error)
+            }
+        }
+    });
+    match saved {
+        Ok(()) => memory.fresh.forget_saved(&heads),
+        Err(error) => {
+            if !connection.is_autocommit() {
+                let _ = run_cached(connection, "ROLLBACK");
+            }
+            tracing::warn!(%error, "saving session heads failed; retrying later");
+        }
+    }
+}
+
+fn write_heads(
+    connection: &Connection,
+    heads: &HashMap<i64, i64>,
+    through: i64,
+) -> rusqlite::Result<()> {
+    let mut update = connection.prepare_cached(
+        "INSERT INTO session_heads (session_key, batch_id) VALUES (?1, ?2) \
+         ON CONFLICT (session_key) DO UPDATE SET batch_id = excluded.batch_id",
+    )?;
+    for (key, batch) in heads {
+        update.execute(params![key, batch])?;
+    }
+    connection
+        .prepare_cached("UPDATE store_meta SET heads_through = ?1")?
+        .execute([through])?;
+    Ok(())
+}
+
+/// Brings `session_heads` up to date with the batches written after its
+/// last save (a crash loses the fresh heads); returns the newest batch.
+fn recover_heads(connection: &Connection) -> Result<i64, StoreError> {
+    let error = query_error("recover session heads");
+    let through: i64 = connection
+        .query_row("SELECT heads_through FROM store_meta", [], |row| row.get(0))
+        .map_err(query_error("recover session heads"))?;
+    connection
+        .execute(
+            "INSERT INTO session_heads (session_key, batch_id) \
+             SELECT session_key, MAX(batch_id) FROM event_batches WHERE batch_id > ?1 \
+             GROUP BY session_key \
+             ON CONFLICT (session_key) DO UPDATE SET batch_id = excluded.batch_id",
+            [through],
+        )
+        .map_err(query_error("recover session heads"))?;
+    let newest: i64 = connection
+        .query_row(
+            "SELECT COALESCE(MAX(batch_id), 0) FROM event_batches",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(query_error("recover session heads"))?;
+    connection
+        .execute("UPDATE store_meta SET heads_through = ?1", [newest])
+        .map_err(error)?;
+    Ok(newest)
 }
 
 /// Copies committed WAL frames back into the database every
@@ -546,9 +705,47 @@ impl WalWriteback {
 /// What the writer remembers between writes: being the only writer, it
 /// knows each running session's append state after its last write and need
 /// not read it back every time. Forgotten when a group rolls back.
-#[derive(Default)]
 struct WriterMemory {
     sessions: HashMap<String, AppendState>,
+    fresh: Arc<FreshHeads>,
+    /// Heads moved by the group being written; published once it commits.
+    group_heads: Vec<(i64, i64)>,
+    /// The newest batch committed (or, during a group, written).
+    newest_batch: i64,
+    /// `newest_batch` before the group being written.
+    committed_batch: i64,
+    last_save: Instant,
+}
+
+impl WriterMemory {
+    fn new(fresh: Arc<FreshHeads>, newest_batch: i64) -> Self {
+        Self {
+            sessions: HashMap::new(),
+            fresh,
+            group_heads: Vec::new(),
+            newest_batch,
+            committed_batch: newest_batch,
+            last_save: Instant::now(),
+        }
+    }
+
+    /// Every fresh head, the group's included.
+    fn fresh_view(&self) -> HashMap<i64, i64> {
+        let mut view = self.fresh.snapshot();
+        view.extend(self.group_heads.iter().copied());
+        view
+    }
+
+    /// The session's newest batch as the writer knows it: fresh, or else
+    /// saved.
+    fn fresh_head(&self, key: i64) -> Option<i64> {
+        self.group_heads
+            .iter()
+            .rev()
+            .find(|(session, _)| *session == key)
+            .map(|(_, batch)| *batch)
+            .or_else(|| self.fresh.get(key))
+    }
 }
 
 fn commit_group(
@@ -556,21 +753,19 @@ fn commit_group(
     memory: &mut WriterMemory,
     group: Vec<Box<dyn WriteJob>>,
 ) {
-    let transaction = match connection.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(transaction) => transaction,
-        Err(error) => {
-            let error = Arc::new(error);
-            for job in group {
-                job.fail(StoreError::Commit(Arc::clone(&error)));
-            }
-            return;
+    // The transaction statements are prepared once, not parsed per group.
+    if let Err(error) = run_cached(connection, "BEGIN IMMEDIATE") {
+        let error = Arc::new(error);
+        for job in group {
+            job.fail(StoreError::Commit(Arc::clone(&error)));
         }
-    };
+        return;
+    }
     let mut outcomes: Vec<Box<dyn WriteOutcome>> = Vec::with_capacity(group.len());
     let mut jobs = group.into_iter();
     let mut broken = false;
     for job in jobs.by_ref() {
-        let outcome = job.run(&transaction, memory);
+        let outcome = job.run(connection, memory);
         broken = outcome.broke_the_group();
         outcomes.push(outcome);
         if broken {
@@ -578,16 +773,26 @@ fn commit_group(
         }
     }
     let group_error = if broken {
-        let _ = transaction.rollback();
+        let _ = run_cached(connection, "ROLLBACK");
         Some(StoreError::GroupRolledBack)
     } else {
-        transaction
-            .commit()
-            .err()
-            .map(|error| StoreError::Commit(Arc::new(error)))
+        run_cached(connection, "COMMIT").err().map(|error| {
+            // A failed COMMIT can leave the transaction open.
+            if !connection.is_autocommit() {
+                let _ = run_cached(connection, "ROLLBACK");
+            }
+            StoreError::Commit(Arc::new(error))
+        })
     };
     if group_error.is_some() {
         memory.sessions.clear();
+        memory.group_heads.clear();
+        memory.newest_batch = memory.committed_batch;
+    } else {
+        // Published before anyone hears of the commit.
+        memory.fresh.publish(&memory.group_heads);
+        memory.group_heads.clear();
+        memory.committed_batch = memory.newest_batch;
     }
     let rerun_error = || StoreError::GroupRolledBack;
     for outcome in outcomes {
@@ -599,6 +804,14 @@ fn commit_group(
     if let Some(StoreError::Commit(error)) = &group_error {
         tracing::error!(%error, "committing a group of writes failed");
     }
+}
+
+/// Runs a parameterless statement from the statement cache.
+fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached(sql)
+        .and_then(|mut statement| statement.execute([]))
+        .map(|_| ())
 }
 
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
@@ -665,6 +878,7 @@ struct SessionRow {
     final_output: String,
     sandbox_session_id: Option<String>,
     cancel_reason: Option<String>,
+    key: i64,
 }
 
 impl SessionRow {
@@ -686,6 +900,7 @@ impl SessionRow {
             final_output: row.get(13)?,
             sandbox_session_id: row.get(14)?,
             cancel_reason: row.get(15)?,
+            key: row.get(16)?,
         })
     }
 
@@ -725,8 +940,11 @@ impl SessionRow {
 
 /// The session matching `condition` (written against `s`, the sessions
 /// table, and `p`, its progress).
+///
+/// `fresh` is [`FreshHeads`] as seen before the query.
 fn select_session(
     connection: &Connection,
+    fresh: &HashMap<i64, i64>,
     condition: &str,
     params: impl rusqlite::Params,
 ) -> Result<Option<SessionRecord>, StoreError> {
@@ -735,7 +953,52 @@ fn select_session(
         .prepare_cached(&sql)
         .and_then(|mut statement| statement.query_row(params, SessionRow::read).optional())
         .map_err(query_error("read a session"))?;
-    row.map(SessionRow::decode).transpose()
+    row.map(|row| with_fresh_head(connection, fresh, row)?.decode())
+        .transpose()
+}
+
+/// What a batch says about its session's progress.
+struct BatchProgress {
+    last_seq: i64,
+    created_at: i64,
+    usage: Vec<u8>,
+}
+
+fn read_batch_progress(
+    connection: &Connection,
+    batch_id: i64,
+) -> Result<BatchProgress, StoreError> {
+    connection
+        .prepare_cached("SELECT last_seq, created_at, usage FROM event_batches WHERE batch_id = ?1")
+        .and_then(|mut statement| {
+            statement
+                .query_row([batch_id], |row| {
+                    Ok(BatchProgress {
+                        last_seq: row.get(0)?,
+                        created_at: row.get(1)?,
+                        usage: row.get(2)?,
+                    })
+                })
+                .optional()
+        })
+        .map_err(query_error("read a session's newest batch"))?
+        .ok_or_else(|| StoreError::Corrupt(format!("event batch {batch_id} is missing")))
+}
+
+/// The row with its progress (usage, last seq, last update) taken from its
+/// fresh head, if it has one.
+fn with_fresh_head(
+    connection: &Connection,
+    fresh: &HashMap<i64, i64>,
+    mut row: SessionRow,
+) -> Result<SessionRow, StoreError> {
+    if let Some(&batch) = fresh.get(&row.key) {
+        let progress = read_batch_progress(connection, batch)?;
+        row.last_seq = progress.last_seq;
+        row.updated_at = progress.created_at;
+        row.usage = Some(progress.usage);
+    }
+    Ok(row)
 }
 
 fn session_key(connection: &Connection, session_id: &str) -> Result<Option<i64>, StoreError> {
@@ -749,7 +1012,11 @@ fn session_key(connection: &Connection, session_id: &str) -> Result<Option<i64>,
         .map_err(query_error("find a session"))
 }
 
-fn create_session(connection: &Connection, new: &NewSession) -> WriteResult<CreatedSession> {
+fn create_session(
+    connection: &Connection,
+    memory: &WriterMemory,
+    new: &NewSession,
+) -> WriteResult<CreatedSession> {
     let now = to_micros(SystemTime::now());
     let metadata_json = check(
         serde_json::to_string(&new.metadata)
@@ -778,11 +1045,13 @@ fn create_session(connection: &Connection, new: &NewSession) -> WriteResult<Crea
             .map_err(query_error("create a session")),
     )?;
     let created = inserted == 1;
+    let fresh = memory.fresh_view();
     let session = if created {
-        select_session(connection, "s.session_id = ?1", [&new.session_id])
+        select_session(connection, &fresh, "s.session_id = ?1", [&new.session_id])
     } else {
         select_session(
             connection,
+            &fresh,
             "s.tenant = ?1 AND s.idempotency_key = ?2",
             params![new.tenant, new.idempotency_key],
         )
@@ -805,7 +1074,11 @@ struct AppendState {
     usage: BudgetUsage,
 }
 
-fn read_append_state(connection: &Connection, session_id: &str) -> Result<AppendState, StoreError> {
+fn read_append_state(
+    connection: &Connection,
+    memory: &WriterMemory,
+    session_id: &str,
+) -> Result<AppendState, StoreError> {
     let row = connection
         .prepare_cached(
             "SELECT s.session_key, COALESCE(b.last_seq, 0), s.status, s.stop_reason, \
@@ -831,6 +1104,16 @@ fn read_append_state(connection: &Connection, session_id: &str) -> Result<Append
         })
         .map_err(query_error("read a session for appending"))?
         .ok_or_else(|| StoreError::UnknownSession(session_id.to_owned()))?;
+    let mut row = row;
+    if let Some(fresh) = memory
+        .fresh_head(row.0)
+        .filter(|fresh| Some(*fresh) != row.6)
+    {
+        let progress = read_batch_progress(connection, fresh)?;
+        row.1 = progress.last_seq;
+        row.5 = Some(progress.usage);
+        row.6 = Some(fresh);
+    }
     let corrupt = |what: String| StoreError::Corrupt(format!("session {session_id}: {what}"));
     Ok(AppendState {
         key: row.0,
@@ -907,7 +1190,7 @@ fn append_events(
     let remembered = memory.sessions.get(session_id).cloned();
     let mut state = match remembered {
         Some(state) => state,
-        None => check(read_append_state(connection, session_id))?,
+        None => check(read_append_state(connection, memory, session_id))?,
     };
     let key = state.key;
     let status_before = (state.status, state.stop_reason);
@@ -998,6 +1281,8 @@ fn append_events(
             },
         ))?;
         state.head = Some(batch_id);
+        memory.group_heads.push((key, batch_id));
+        memory.newest_batch = memory.newest_batch.max(batch_id);
     }
     let mut stored = batch.events;
     let time = harness_proto::timestamp_to_proto(now);
@@ -1055,8 +1340,9 @@ struct BatchInsert<'a> {
     usage: &'a [u8],
 }
 
-/// Inserts a batch, makes it its session's head (and an anchor if it holds
-/// a multiple of [`ANCHOR_EVERY`]); returns its id.
+/// Inserts a batch (an anchor too if it holds a multiple of
+/// [`ANCHOR_EVERY`]) and saves it as its session's head if it is the first;
+/// returns its id.
 fn insert_batch(connection: &Connection, batch: &BatchInsert<'_>) -> Result<i64, StoreError> {
     let error = query_error("append events");
     connection
@@ -1078,15 +1364,9 @@ fn insert_batch(connection: &Connection, batch: &BatchInsert<'_>) -> Result<i64,
         })
         .map_err(error)?;
     let batch_id = connection.last_insert_rowid();
-    // A session with batches has a head row: update it in place.
-    let moved = match batch.prev {
-        Some(_) => connection
-            .prepare_cached("UPDATE session_heads SET batch_id = ?2 WHERE session_key = ?1")
-            .and_then(|mut statement| statement.execute(params![batch.key, batch_id]))
-            .map_err(query_error("append events"))?,
-        None => 0,
-    };
-    if moved == 0 {
+    // A session's first batch is saved as its head at once (so every session
+    // with events has a head row); later heads are fresh until saved.
+    if batch.prev.is_none() {
         connection
             .prepare_cached(
                 "INSERT INTO session_heads (session_key, batch_id) VALUES (?1, ?2) \
@@ -1206,9 +1486,12 @@ fn batches_back_to(
 /// order, until `visit` returns false. Runs in one read transaction: the
 /// anchors lead to the batches between them (a walk back of at most
 /// [`ANCHOR_EVERY`] batches each), the head to those after the last anchor.
+/// `fresh_head` is the session's entry in [`FreshHeads`], looked up before
+/// this reads anything.
 fn visit_batches(
     connection: &Connection,
     key: i64,
+    fresh_head: Option<i64>,
     after_seq: u64,
     mut visit: impl FnMut(BatchRow) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
@@ -1235,10 +1518,13 @@ fn visit_batches(
         }
         lower = last_seq;
     }
-    let head: Option<i64> = transaction
-        .prepare_cached("SELECT batch_id FROM session_heads WHERE session_key = ?1")
-        .and_then(|mut statement| statement.query_row([key], |row| row.get(0)).optional())
-        .map_err(query_error("read events"))?;
+    let head: Option<i64> = match fresh_head {
+        Some(head) => Some(head),
+        None => transaction
+            .prepare_cached("SELECT batch_id FROM session_heads WHERE session_key = ?1")
+            .and_then(|mut statement| statement.query_row([key], |row| row.get(0)).optional())
+            .map_err(query_error("read events"))?,
+    };
     if let Some(head) = head {
         for batch in batches_back_to(&transaction, head, lower)? {
             if !visit(batch)? {
@@ -1251,6 +1537,7 @@ fn visit_batches(
 
 fn read_events(
     connection: &Connection,
+    fresh: &FreshHeads,
     session_id: &str,
     after_seq: u64,
     limit: usize,
@@ -1259,7 +1546,7 @@ fn read_events(
         return Ok(Vec::new());
     };
     let mut events = Vec::new();
-    visit_batches(connection, key, after_seq, |row| {
+    visit_batches(connection, key, fresh.get(key), after_seq, |row| {
         let BatchRow {
             first_seq,
             last_seq,
@@ -1294,12 +1581,16 @@ fn read_events(
     Ok(events)
 }
 
-fn read_steps(connection: &Connection, session_id: &str) -> Result<Vec<StepRecord>, StoreError> {
+fn read_steps(
+    connection: &Connection,
+    fresh: &FreshHeads,
+    session_id: &str,
+) -> Result<Vec<StepRecord>, StoreError> {
     let Some(key) = session_key(connection, session_id)? else {
         return Ok(Vec::new());
     };
     let mut steps = Vec::new();
-    visit_batches(connection, key, 0, |row| {
+    visit_batches(connection, key, fresh.get(key), 0, |row| {
         let Some(encoded) = row.steps else {
             return Ok(true);
         };
@@ -1318,7 +1609,11 @@ fn read_steps(connection: &Connection, session_id: &str) -> Result<Vec<StepRecor
     Ok(steps)
 }
 
-fn list_sessions(connection: &Connection, query: &SessionQuery) -> Result<SessionPage, StoreError> {
+fn list_sessions(
+    connection: &Connection,
+    fresh: &HashMap<i64, i64>,
+    query: &SessionQuery,
+) -> Result<SessionPage, StoreError> {
     let after = query
         .page_token
         .as_deref()
@@ -1358,7 +1653,8 @@ fn list_sessions(connection: &Connection, query: &SessionQuery) -> Result<Sessio
         .map_err(query_error("list sessions"))?;
     let mut sessions = Vec::new();
     for row in rows {
-        sessions.push(row.map_err(query_error("list sessions"))?.decode()?);
+        let row = row.map_err(query_error("list sessions"))?;
+        sessions.push(with_fresh_head(connection, fresh, row)?.decode()?);
     }
     let next_page_token = if sessions.len() > page_size {
         sessions.truncate(page_size);
@@ -1385,7 +1681,7 @@ fn parse_page_token(token: &str) -> Result<(i64, String), StoreError> {
 
 impl EventStore for SqliteStore {
     fn create_session(&self, new: NewSession) -> BoxFuture<'_, Result<CreatedSession, StoreError>> {
-        self.write(move |connection, _| create_session(connection, &new))
+        self.write(move |connection, memory| create_session(connection, memory, &new))
     }
 
     fn find_by_idempotency_key(
@@ -1393,9 +1689,10 @@ impl EventStore for SqliteStore {
         tenant: String,
         key: String,
     ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
-        self.read(move |connection| {
+        self.read(move |connection, fresh| {
             select_session(
                 connection,
+                &fresh.snapshot(),
                 "s.tenant = ?1 AND s.idempotency_key = ?2",
                 params![tenant, key],
             )
@@ -1407,9 +1704,10 @@ impl EventStore for SqliteStore {
         tenant: String,
         session_id: String,
     ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
-        self.read(move |connection| {
+        self.read(move |connection, fresh| {
             select_session(
                 connection,
+                &fresh.snapshot(),
                 "s.tenant = ?1 AND s.session_id = ?2",
                 params![tenant, session_id],
             )
@@ -1417,11 +1715,12 @@ impl EventStore for SqliteStore {
     }
 
     fn list_sessions(&self, query: SessionQuery) -> BoxFuture<'_, Result<SessionPage, StoreError>> {
-        self.read(move |connection| list_sessions(connection, &query))
+        self.read(move |connection, fresh| list_sessions(connection, &fresh.snapshot(), &query))
     }
 
     fn list_unfinished_sessions(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
-        self.read(|connection| {
+        self.read(|connection, fresh| {
+            let fresh = fresh.snapshot();
             let sql = format!(
                 "SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.status != ?1 \
                  ORDER BY s.created_at"
@@ -1434,10 +1733,8 @@ impl EventStore for SqliteStore {
                 .map_err(query_error("list unfinished sessions"))?;
             let mut sessions = Vec::new();
             for row in rows {
-                sessions.push(
-                    row.map_err(query_error("list unfinished sessions"))?
-                        .decode()?,
-                );
+                let row = row.map_err(query_error("list unfinished sessions"))?;
+                sessions.push(with_fresh_head(connection, &fresh, row)?.decode()?);
             }
             Ok(sessions)
         })
@@ -1477,14 +1774,14 @@ impl EventStore for SqliteStore {
     }
 
     fn read_steps(&self, session_id: String) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>> {
-        self.read(move |connection| read_steps(connection, &session_id))
+        self.read(move |connection, fresh| read_steps(connection, fresh, &session_id))
     }
 
     fn pending_approvals(
         &self,
         session_id: String,
     ) -> BoxFuture<'_, Result<Vec<PendingApproval>, StoreError>> {
-        self.read(move |connection| {
+        self.read(move |connection, _| {
             let Some(key) = session_key(connection, &session_id)? else {
                 return Ok(Vec::new());
             };
@@ -1548,7 +1845,9 @@ impl EventStore for SqliteStore {
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
-        self.read(move |connection| read_events(connection, &session_id, after_seq, limit))
+        self.read(move |connection, fresh| {
+            read_events(connection, fresh, &session_id, after_seq, limit)
+        })
     }
 }
 
@@ -1773,6 +2072,117 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(event.seq, 2);
+    }
+
+    /// The heads of a running session live in `FreshHeads` until saved;
+    /// a crash image (the database and its WAL, as a crash leaves them) has
+    /// stale rows in `session_heads`, and opening it recovers them from the
+    /// batches.
+    #[tokio::test]
+    async fn heads_not_saved_before_a_crash_are_recovered_from_the_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        store.create_session(new_session("s1", None)).await.unwrap();
+        store.create_session(new_session("s2", None)).await.unwrap();
+        let turn = |turn: u32| {
+            Kind::TurnCompleted(harness_proto::control::v1::TurnCompleted {
+                turn,
+                usage: Some(harness_proto::control::v1::TurnUsage {
+                    input_tokens: 10,
+                    output_tokens: 1,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        for round in 1..=3 {
+            for session in ["s1", "s2"] {
+                store
+                    .append_events(
+                        session.to_owned(),
+                        vec![
+                            NewEvent::new(round, delta("x")),
+                            NewEvent::new(round, turn(round)),
+                        ],
+                        vec![StepRecord {
+                            step: format!("step {round}"),
+                            payload: vec![],
+                        }],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        let live = store
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((live.last_seq, live.usage.turns), (6, 3));
+
+        // The crash image: copies of the files while the store is open.
+        let image = dir.path().join("image.db");
+        std::fs::copy(&path, &image).unwrap();
+        std::fs::copy(
+            dir.path().join("cp.db-wal"),
+            dir.path().join("image.db-wal"),
+        )
+        .unwrap();
+        let stale: Vec<(i64, i64)> = {
+            let connection = Connection::open(&image).unwrap();
+            let mut statement = connection
+                .prepare(
+                    "SELECT (SELECT batch_id FROM session_heads h WHERE h.session_key = b.session_key), \
+                     MAX(b.batch_id) FROM event_batches b GROUP BY b.session_key",
+                )
+                .unwrap();
+            statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert!(
+            stale.iter().all(|(saved, newest)| saved < newest),
+            "the image's saved heads are behind: {stale:?}"
+        );
+
+        let recovered = SqliteStore::open(&image).await.unwrap();
+        let session = recovered
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                session.last_seq,
+                session.usage.turns,
+                session.usage.input_tokens
+            ),
+            (6, 3, 30)
+        );
+        let events = recovered
+            .read_events("s2".to_owned(), 0, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            events.iter().map(|event| event.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
+        let steps: Vec<String> = recovered
+            .read_steps("s2".to_owned())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|step| step.step)
+            .collect();
+        assert_eq!(steps, ["step 1", "step 2", "step 3"]);
+        let next = recovered
+            .append_event("s1".to_owned(), 4, delta("y"))
+            .await
+            .unwrap();
+        assert_eq!(next.seq, 7);
     }
 
     #[tokio::test]
@@ -2211,7 +2621,7 @@ mod tests {
                 error,
                 StoreError::SchemaTooNew {
                     found: 99,
-                    supported: 3
+                    supported: 4
                 }
             ),
             "{error:?}"
