@@ -313,8 +313,9 @@ async fn direct_invokes(sandbox: &Arc<dyn SandboxDispatch>, calls: usize) -> Dur
 // ---------------------------------------------------------------------------
 // (b) 1,000 concurrent sessions against a 50 ms model
 
-/// Per session (its input): (request time, answer time) of each turn.
-type Timings = Arc<Mutex<HashMap<String, Vec<(Instant, Option<Instant>)>>>>;
+/// Per session (by its index, from its input `session <index>`): (request
+/// time, answer time) of each turn.
+type Timings = Arc<Vec<Mutex<Vec<(Instant, Option<Instant>)>>>>;
 
 /// Answers after `latency` with one tool call per turn until `steps` turns,
 /// and notes when each request came and each answer went.
@@ -328,24 +329,23 @@ struct SlowModel {
 impl ModelProvider for SlowModel {
     fn stream_turn(&self, request: ModelRequest) -> ModelStream {
         let requested = Instant::now();
-        let key = request
+        let session: usize = request
             .messages
             .iter()
             .find_map(|message| match message {
-                Message::User { text } => Some(text.clone()),
+                Message::User { text } => text.strip_prefix("session ")?.parse().ok(),
                 _ => None,
             })
-            .unwrap_or_default();
+            .expect("a benchmark session's input is `session <index>`");
         let turn = request
             .messages
             .iter()
             .filter(|message| matches!(message, Message::Assistant { .. }))
             .count();
         let index = {
-            let mut timings = self.timings.lock().unwrap();
-            let session = timings.entry(key.clone()).or_default();
-            session.push((requested, None));
-            session.len() - 1
+            let mut turns = self.timings[session].lock().unwrap();
+            turns.push((requested, None));
+            turns.len() - 1
         };
         let timings = Arc::clone(&self.timings);
         let latency = self.latency;
@@ -360,14 +360,7 @@ impl ModelProvider for SlowModel {
         };
         Box::pin(futures::stream::once(async move {
             tokio::time::sleep(latency).await;
-            if let Some(entry) = timings
-                .lock()
-                .unwrap()
-                .get_mut(&key)
-                .and_then(|s| s.get_mut(index))
-            {
-                entry.1 = Some(Instant::now());
-            }
+            timings[session].lock().unwrap()[index].1 = Some(Instant::now());
             Ok(ModelStreamEvent::Completed(CompletedTurn {
                 text: format!("turn {turn}"),
                 stop_reason: if tool_calls.is_empty() {
@@ -484,7 +477,7 @@ async fn concurrent_run(
     );
     let (_shutdown, shutdown_signal) = watch::channel(false);
     let log = EventLog::new(store.clone(), shutdown_signal);
-    let timings = Arc::new(Mutex::new(HashMap::new()));
+    let timings: Timings = Arc::new((0..sessions).map(|_| Mutex::default()).collect());
     let model = SlowModel {
         latency: Duration::from_millis(50),
         steps,
@@ -537,9 +530,12 @@ async fn concurrent_run(
     }
     let elapsed = started.elapsed();
     let cpu_after = thread_cpu();
-    let timings = timings.lock().unwrap();
+    let timings: Vec<Vec<(Instant, Option<Instant>)>> = timings
+        .iter()
+        .map(|turns| std::mem::take(&mut *turns.lock().unwrap()))
+        .collect();
     let mut overheads: Vec<Duration> = Vec::new();
-    for turns in timings.values() {
+    for turns in &timings {
         for pair in turns.windows(2) {
             if let (Some(answered), next_request) = (pair[0].1, pair[1].0) {
                 overheads.push(next_request.saturating_duration_since(answered));
@@ -598,9 +594,9 @@ async fn concurrent_run(
 
 /// Per 50 ms of the run (by model answer time): steps answered, and the
 /// median and largest overhead of those steps.
-fn print_timeline(timings: &HashMap<String, Vec<(Instant, Option<Instant>)>>, started: Instant) {
+fn print_timeline(timings: &[Vec<(Instant, Option<Instant>)>], started: Instant) {
     let mut windows: std::collections::BTreeMap<u128, Vec<Duration>> = Default::default();
-    for turns in timings.values() {
+    for turns in timings {
         for pair in turns.windows(2) {
             if let (Some(answered), next_request) = (pair[0].1, pair[1].0) {
                 let window = answered.saturating_duration_since(started).as_millis() / 50;

@@ -3,7 +3,7 @@
 //! and status.
 
 use harness_proto::control::v1::session_event::Kind;
-use harness_proto::control::v1::{BudgetUsage, SessionStatus, StopReason};
+use harness_proto::control::v1::{BudgetUsage, SessionStatus, StopReason, TurnCompleted};
 
 /// The snake_case name of an event kind, as in the proto's `oneof kind`.
 pub fn kind_name(kind: &Kind) -> &'static str {
@@ -32,17 +32,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
 /// with this and the loop reports its totals with it, so both always agree.
 pub fn apply_to_usage(usage: &mut BudgetUsage, kind: &Kind) {
     match kind {
-        Kind::TurnCompleted(turn) => {
-            usage.turns = usage.turns.saturating_add(1);
-            if let Some(turn_usage) = &turn.usage {
-                usage.input_tokens = usage.input_tokens.saturating_add(turn_usage.input_tokens);
-                usage.output_tokens = usage.output_tokens.saturating_add(turn_usage.output_tokens);
-                usage.cached_input_tokens = usage
-                    .cached_input_tokens
-                    .saturating_add(turn_usage.cached_input_tokens);
-                usage.cost_micros = usage.cost_micros.saturating_add(turn_usage.cost_micros);
-            }
-        }
+        Kind::TurnCompleted(turn) => apply_turn_to_usage(usage, turn),
         // A call counts once it is dispatched: denied and invalid calls cost nothing.
         Kind::ToolStarted(_) => usage.tool_calls = usage.tool_calls.saturating_add(1),
         Kind::Finished(finished) => {
@@ -51,6 +41,20 @@ pub fn apply_to_usage(usage: &mut BudgetUsage, kind: &Kind) {
             }
         }
         _ => {}
+    }
+}
+
+/// What a completed turn adds to a session's usage (one turn, its tokens
+/// and cost).
+pub fn apply_turn_to_usage(usage: &mut BudgetUsage, turn: &TurnCompleted) {
+    usage.turns = usage.turns.saturating_add(1);
+    if let Some(turn_usage) = &turn.usage {
+        usage.input_tokens = usage.input_tokens.saturating_add(turn_usage.input_tokens);
+        usage.output_tokens = usage.output_tokens.saturating_add(turn_usage.output_tokens);
+        usage.cached_input_tokens = usage
+            .cached_input_tokens
+            .saturating_add(turn_usage.cached_input_tokens);
+        usage.cost_micros = usage.cost_micros.saturating_add(turn_usage.cost_micros);
     }
 }
 

@@ -639,12 +639,15 @@ impl SessionRun<'_> {
     /// invocation ids sandboxd de-duplicates by, and the model's own
     /// references): a missing, odd or repeated id becomes `call_<turn>_<n>`.
     fn unique_call_ids(&self, turn: u32, calls: Vec<ToolCall>) -> Vec<ToolCall> {
-        let mut this_turn: HashSet<String> = HashSet::new();
+        // A turn has few calls: a list beats hashing.
+        let mut this_turn: Vec<String> = Vec::with_capacity(calls.len());
         calls
             .into_iter()
             .enumerate()
             .map(|(index, mut call)| {
-                let used = |id: &str| self.state.call_ids.contains(id) || this_turn.contains(id);
+                let used = |id: &str| {
+                    self.state.call_ids.contains(id) || this_turn.iter().any(|used| used == id)
+                };
                 let usable = !call.call_id.is_empty()
                     && call.call_id.len() <= MAX_CALL_ID_LEN
                     && !call.call_id.chars().any(char::is_control);
@@ -657,7 +660,7 @@ impl SessionRun<'_> {
                     }
                     call.call_id = id;
                 }
-                this_turn.insert(call.call_id.clone());
+                this_turn.push(call.call_id.clone());
                 call
             })
             .collect()
@@ -858,16 +861,16 @@ impl SessionRun<'_> {
         let Some(open) = &self.state.open else {
             return Ok(());
         };
-        let pending: Vec<state::CallState> = open
+        let pending: Vec<(ToolCall, Option<String>)> = open
             .calls
             .iter()
             .filter(|call| call.started.is_none() && call.finished.is_none())
             .filter(|call| !self.plans.contains_key(&call.call.call_id))
-            .cloned()
+            .map(|call| (call.call.clone(), refusal(call)))
             .collect();
-        for call in pending {
-            let call_id = call.call.call_id.clone();
-            if let Some(denial) = refusal(&call) {
+        for (call, refused) in pending {
+            let call_id = call.call_id.clone();
+            if let Some(denial) = refused {
                 self.plans.insert(call_id, Plan::Denied(denial));
                 continue;
             }
@@ -886,8 +889,8 @@ impl SessionRun<'_> {
                 session_id: sandbox_session_id.clone(),
                 invocation_id: invocation_id.clone(),
                 target: Some(sandbox::invoke_request::Target::Wasi(sandbox::WasiCall {
-                    tool: call.call.tool.clone(),
-                    input_json: call.call.arguments_json.clone(),
+                    tool: call.tool.clone(),
+                    input_json: call.arguments_json,
                 })),
                 timeout: Some(harness_proto::duration_to_proto(
                     self.agent_loop.settings.tool_timeout,
@@ -902,7 +905,7 @@ impl SessionRun<'_> {
                 Kind::ToolStarted(control::ToolStarted {
                     call_id: call_id.clone(),
                     invocation_id,
-                    tool: call.call.tool.clone(),
+                    tool: call.tool,
                     sandbox_session_id,
                 }),
             );
@@ -938,11 +941,11 @@ impl SessionRun<'_> {
         let Some(open) = &self.state.open else {
             return Ok(());
         };
-        let calls: Vec<state::CallState> = open
+        let calls: Vec<(ToolCall, bool)> = open
             .calls
             .iter()
             .filter(|call| call.finished.is_none())
-            .cloned()
+            .map(|call| (call.call.clone(), call.in_flight()))
             .collect();
         let settings = self.agent_loop.settings;
         let slots = Arc::new(Semaphore::new(settings.max_parallel_tool_calls.max(1)));
@@ -950,9 +953,10 @@ impl SessionRun<'_> {
         // All calls are polled; the semaphore bounds how many run at once (in
         // call order: it is fair), and `FuturesOrdered` yields results in
         // call order, which is the order they are recorded in.
-        let mut dispatches: FuturesOrdered<_> = calls
+        let mut dispatches: FuturesOrdered<_> = open
+            .calls
             .iter()
-            .filter(|call| call.in_flight())
+            .filter(|call| call.finished.is_none() && call.in_flight())
             .map(|call| {
                 let request = call.invoke.clone().unwrap_or_default();
                 tools::dispatch(
@@ -964,9 +968,9 @@ impl SessionRun<'_> {
                 )
             })
             .collect();
-        for call in calls {
-            let call_id = call.call.call_id.clone();
-            let finished = if call.in_flight() {
+        for (call, in_flight) in calls {
+            let call_id = call.call_id.clone();
+            let finished = if in_flight {
                 let result = match dispatches.next().now_or_never() {
                     Some(result) => result,
                     None => {
@@ -985,7 +989,7 @@ impl SessionRun<'_> {
                     self.sandbox_lost = true;
                 }
                 let resumed = self.resumed_calls.contains(&call_id);
-                let finished = tools::finished_from_failure(&call.call, &result, resumed);
+                let finished = tools::finished_from_failure(&call, &result, resumed);
                 if let CallResult::Failed(source) = result {
                     self.stage(turn, Kind::ToolFinished(finished));
                     return Err(LoopError::Dispatch { call_id, source });
@@ -1004,7 +1008,7 @@ impl SessionRun<'_> {
                         "the call was neither dispatched nor refused".to_owned(),
                     ),
                 };
-                tools::finished_with_error(&call.call, kind, message)
+                tools::finished_with_error(&call, kind, message)
             };
             self.stage(turn, Kind::ToolFinished(finished));
         }

@@ -273,7 +273,7 @@ impl SessionState {
     pub fn usage_with_open_turn(&self) -> control::BudgetUsage {
         let mut usage = self.usage;
         if let Some(model) = self.open.as_ref().and_then(|open| open.model.as_ref()) {
-            event::apply_to_usage(&mut usage, &Kind::TurnCompleted(model.record.clone()));
+            event::apply_turn_to_usage(&mut usage, &model.record);
             // The turn counts against max-turns when it closes, not before.
             usage.turns = self.usage.turns;
         }
