@@ -228,16 +228,18 @@ const SAVE_HEADS_EVERY: Duration = Duration::from_secs(1);
 ///
 /// Writing a session's head with every append put the pages of
 /// `session_heads` into every commit — a third of the WAL and of the
-/// writer's time under load. Instead the writer publishes new heads here
-/// when their group commits (before any caller hears of it), saves them all
-/// every [`SAVE_HEADS_EVERY`] with `store_meta.heads_through`, and drops
-/// what it saved. After a crash, opening the store brings `session_heads`
-/// up to date from the batches after `heads_through` (each names its
-/// session), so nothing depends on this map surviving.
+/// writer's time under load. Instead the writer publishes new heads here,
+/// saves them all every [`SAVE_HEADS_EVERY`] with `store_meta.heads_through`
+/// and drops what it saved. After a crash, opening the store brings
+/// `session_heads` up to date from the batches after `heads_through` (each
+/// names its session), so nothing depends on this map surviving.
 ///
-/// Readers look here *before* they read `session_heads`: an entry is only
-/// ever removed after the table holds it, so a miss here means the table is
-/// current for any read that starts afterwards.
+/// The map and the database move together: the writer holds the lock
+/// across every `COMMIT` and the change to the map that goes with it, and a
+/// read takes its snapshot of the database under the same lock and copies
+/// the map then (see [`SqliteStore::read`]). A read therefore sees a fresh
+/// head exactly when it sees the batch, and a head dropped from the map
+/// only once it sees it saved.
 #[derive(Debug, Default)]
 struct FreshHeads {
     heads: Mutex<HashMap<i64, i64>>,
@@ -246,34 +248,6 @@ struct FreshHeads {
 impl FreshHeads {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, i64>> {
         self.heads.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn get(&self, key: i64) -> Option<i64> {
-        self.lock().get(&key).copied()
-    }
-
-    fn snapshot(&self) -> HashMap<i64, i64> {
-        self.lock().clone()
-    }
-
-    fn publish(&self, heads: &[(i64, i64)]) {
-        if heads.is_empty() {
-            return;
-        }
-        let mut fresh = self.lock();
-        for &(key, batch) in heads {
-            fresh.insert(key, batch);
-        }
-    }
-
-    /// Drops the entries `saved` holds, unless they moved on since.
-    fn forget_saved(&self, saved: &HashMap<i64, i64>) {
-        let mut fresh = self.lock();
-        for (key, batch) in saved {
-            if fresh.get(key) == Some(batch) {
-                fresh.remove(key);
-            }
-        }
     }
 }
 
@@ -486,7 +460,7 @@ impl SqliteStore {
     fn read<T, F>(&self, read: F) -> BoxFuture<'static, Result<T, StoreError>>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, &FreshHeads) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Connection, &HashMap<i64, i64>) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
@@ -500,7 +474,7 @@ impl SqliteStore {
                     Some(connection) => connection,
                     None => open_connection(&inner.path)?,
                 };
-                let result = read(&connection, &inner.fresh_heads);
+                let result = consistent_read(&connection, &inner.fresh_heads, read);
                 let mut readers = inner.readers.lock().unwrap_or_else(PoisonError::into_inner);
                 if readers.len() < MAX_IDLE_READERS {
                     readers.push(connection);
@@ -511,6 +485,27 @@ impl SqliteStore {
             .map_err(StoreError::Task)?
         })
     }
+}
+
+/// Runs `read` in one read transaction whose snapshot was taken together
+/// with a copy of the fresh heads (see [`FreshHeads`]).
+fn consistent_read<T>(
+    connection: &Connection,
+    fresh: &FreshHeads,
+    read: impl FnOnce(&Connection, &HashMap<i64, i64>) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let error = query_error("start a read");
+    let transaction = connection.unchecked_transaction().map_err(error)?;
+    let view = {
+        let heads = fresh.lock();
+        // A deferred transaction takes its snapshot at its first read.
+        transaction
+            .prepare_cached("SELECT heads_through FROM store_meta")
+            .and_then(|mut statement| statement.query_row([], |_| Ok(())))
+            .map_err(query_error("start a read"))?;
+        heads.clone()
+    };
+    read(&transaction, &view)
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -556,14 +551,22 @@ fn writer_loop(
 /// save; until then the heads stay fresh, and recovery covers a crash.
 fn save_heads(connection: &Connection, memory: &mut WriterMemory) {
     memory.last_save = Instant::now();
-    let heads = memory.fresh.snapshot();
+    let heads = memory.fresh.lock().clone();
     if heads.is_empty() {
         return;
     }
     let saved = run_cached(connection, "BEGIN IMMEDIATE").and_then(|()| {
         let written = write_heads(connection, &heads, memory.newest_batch);
         match written {
-            Ok(()) => run_cached(connection, "COMMIT"),
+            Ok(()) => {
+                let mut fresh = memory.fresh.lock();
+                let committed = run_cached(connection, "COMMIT");
+                if committed.is_ok() {
+                    // The writer is the only one to add heads: none moved since.
+                    fresh.retain(|key, batch| heads.get(key) != Some(batch));
+                }
+                committed
+            }
             Err(error) => {
                 let _ = run_cached(connection, "ROLLBACK");
                 Err(error)
@@ -571,7 +574,7 @@ fn save_heads(connection: &Connection, memory: &mut WriterMemory) {
         }
     });
     match saved {
-        Ok(()) => memory.fresh.forget_saved(&heads),
+        Ok(()) => {}
         Err(error) => {
             if !connection.is_autocommit() {
                 let _ = run_cached(connection, "ROLLBACK");
@@ -731,7 +734,7 @@ impl WriterMemory {
 
     /// Every fresh head, the group's included.
     fn fresh_view(&self) -> HashMap<i64, i64> {
-        let mut view = self.fresh.snapshot();
+        let mut view = self.fresh.lock().clone();
         view.extend(self.group_heads.iter().copied());
         view
     }
@@ -744,7 +747,7 @@ impl WriterMemory {
             .rev()
             .find(|(session, _)| *session == key)
             .map(|(_, batch)| *batch)
-            .or_else(|| self.fresh.get(key))
+            .or_else(|| self.fresh.lock().get(&key).copied())
     }
 }
 
@@ -776,7 +779,14 @@ fn commit_group(
         let _ = run_cached(connection, "ROLLBACK");
         Some(StoreError::GroupRolledBack)
     } else {
-        run_cached(connection, "COMMIT").err().map(|error| {
+        let fresh = Arc::clone(&memory.fresh);
+        let mut heads = fresh.lock();
+        let committed = run_cached(connection, "COMMIT");
+        if committed.is_ok() {
+            heads.extend(memory.group_heads.iter().copied());
+        }
+        drop(heads);
+        committed.err().map(|error| {
             // A failed COMMIT can leave the transaction open.
             if !connection.is_autocommit() {
                 let _ = run_cached(connection, "ROLLBACK");
@@ -789,8 +799,6 @@ fn commit_group(
         memory.group_heads.clear();
         memory.newest_batch = memory.committed_batch;
     } else {
-        // Published before anyone hears of the commit.
-        memory.fresh.publish(&memory.group_heads);
         memory.group_heads.clear();
         memory.committed_batch = memory.newest_batch;
     }
@@ -1483,11 +1491,11 @@ fn batches_back_to(
 }
 
 /// Visits the session's batches holding events after `after_seq`, in
-/// order, until `visit` returns false. Runs in one read transaction: the
-/// anchors lead to the batches between them (a walk back of at most
-/// [`ANCHOR_EVERY`] batches each), the head to those after the last anchor.
-/// `fresh_head` is the session's entry in [`FreshHeads`], looked up before
-/// this reads anything.
+/// order, until `visit` returns false; within the caller's read transaction
+/// (see [`consistent_read`]). The anchors lead to the batches between them
+/// (a walk back of at most [`ANCHOR_EVERY`] batches each), the head to those
+/// after the last anchor. `fresh_head` is the session's entry in the copy of
+/// [`FreshHeads`] taken with the transaction's snapshot.
 fn visit_batches(
     connection: &Connection,
     key: i64,
@@ -1495,11 +1503,8 @@ fn visit_batches(
     after_seq: u64,
     mut visit: impl FnMut(BatchRow) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
-    let transaction = connection
-        .unchecked_transaction()
-        .map_err(query_error("read events"))?;
     let mut lower = seq_to_sql(after_seq);
-    let mut anchors = transaction
+    let mut anchors = connection
         .prepare_cached(
             "SELECT last_seq, batch_id FROM batch_anchors \
              WHERE session_key = ?1 AND last_seq > ?2 ORDER BY last_seq",
@@ -1511,7 +1516,7 @@ fn visit_batches(
     while let Some(row) = rows.next().map_err(query_error("read events"))? {
         let last_seq: i64 = row.get(0).map_err(query_error("read events"))?;
         let batch_id: i64 = row.get(1).map_err(query_error("read events"))?;
-        for batch in batches_back_to(&transaction, batch_id, lower)? {
+        for batch in batches_back_to(connection, batch_id, lower)? {
             if !visit(batch)? {
                 return Ok(());
             }
@@ -1520,13 +1525,13 @@ fn visit_batches(
     }
     let head: Option<i64> = match fresh_head {
         Some(head) => Some(head),
-        None => transaction
+        None => connection
             .prepare_cached("SELECT batch_id FROM session_heads WHERE session_key = ?1")
             .and_then(|mut statement| statement.query_row([key], |row| row.get(0)).optional())
             .map_err(query_error("read events"))?,
     };
     if let Some(head) = head {
-        for batch in batches_back_to(&transaction, head, lower)? {
+        for batch in batches_back_to(connection, head, lower)? {
             if !visit(batch)? {
                 return Ok(());
             }
@@ -1537,7 +1542,7 @@ fn visit_batches(
 
 fn read_events(
     connection: &Connection,
-    fresh: &FreshHeads,
+    fresh: &HashMap<i64, i64>,
     session_id: &str,
     after_seq: u64,
     limit: usize,
@@ -1546,51 +1551,57 @@ fn read_events(
         return Ok(Vec::new());
     };
     let mut events = Vec::new();
-    visit_batches(connection, key, fresh.get(key), after_seq, |row| {
-        let BatchRow {
-            first_seq,
-            last_seq,
-            created_at,
-            events: encoded,
-            ..
-        } = row;
-        let corrupt = |error: prost::DecodeError| {
-            StoreError::Corrupt(format!(
-                "events up to {last_seq} of session {session_id}: {error}"
-            ))
-        };
-        // A negative first seq marks a single event migrated from schema 1.
-        let batch = if first_seq < 0 {
-            vec![SessionEvent::decode(encoded.as_slice()).map_err(corrupt)?]
-        } else {
-            StoredBatch::decode(encoded.as_slice())
-                .map_err(corrupt)?
-                .events
-        };
-        let time = harness_proto::timestamp_to_proto(from_micros(created_at));
-        for mut event in batch {
-            if event.seq <= after_seq || events.len() >= limit {
-                continue;
+    visit_batches(
+        connection,
+        key,
+        fresh.get(&key).copied(),
+        after_seq,
+        |row| {
+            let BatchRow {
+                first_seq,
+                last_seq,
+                created_at,
+                events: encoded,
+                ..
+            } = row;
+            let corrupt = |error: prost::DecodeError| {
+                StoreError::Corrupt(format!(
+                    "events up to {last_seq} of session {session_id}: {error}"
+                ))
+            };
+            // A negative first seq marks a single event migrated from schema 1.
+            let batch = if first_seq < 0 {
+                vec![SessionEvent::decode(encoded.as_slice()).map_err(corrupt)?]
+            } else {
+                StoredBatch::decode(encoded.as_slice())
+                    .map_err(corrupt)?
+                    .events
+            };
+            let time = harness_proto::timestamp_to_proto(from_micros(created_at));
+            for mut event in batch {
+                if event.seq <= after_seq || events.len() >= limit {
+                    continue;
+                }
+                event.session_id = session_id.to_owned();
+                event.time = Some(time);
+                events.push(event);
             }
-            event.session_id = session_id.to_owned();
-            event.time = Some(time);
-            events.push(event);
-        }
-        Ok(events.len() < limit)
-    })?;
+            Ok(events.len() < limit)
+        },
+    )?;
     Ok(events)
 }
 
 fn read_steps(
     connection: &Connection,
-    fresh: &FreshHeads,
+    fresh: &HashMap<i64, i64>,
     session_id: &str,
 ) -> Result<Vec<StepRecord>, StoreError> {
     let Some(key) = session_key(connection, session_id)? else {
         return Ok(Vec::new());
     };
     let mut steps = Vec::new();
-    visit_batches(connection, key, fresh.get(key), 0, |row| {
+    visit_batches(connection, key, fresh.get(&key).copied(), 0, |row| {
         let Some(encoded) = row.steps else {
             return Ok(true);
         };
@@ -1692,7 +1703,7 @@ impl EventStore for SqliteStore {
         self.read(move |connection, fresh| {
             select_session(
                 connection,
-                &fresh.snapshot(),
+                fresh,
                 "s.tenant = ?1 AND s.idempotency_key = ?2",
                 params![tenant, key],
             )
@@ -1707,7 +1718,7 @@ impl EventStore for SqliteStore {
         self.read(move |connection, fresh| {
             select_session(
                 connection,
-                &fresh.snapshot(),
+                fresh,
                 "s.tenant = ?1 AND s.session_id = ?2",
                 params![tenant, session_id],
             )
@@ -1715,12 +1726,11 @@ impl EventStore for SqliteStore {
     }
 
     fn list_sessions(&self, query: SessionQuery) -> BoxFuture<'_, Result<SessionPage, StoreError>> {
-        self.read(move |connection, fresh| list_sessions(connection, &fresh.snapshot(), &query))
+        self.read(move |connection, fresh| list_sessions(connection, fresh, &query))
     }
 
     fn list_unfinished_sessions(&self) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         self.read(|connection, fresh| {
-            let fresh = fresh.snapshot();
             let sql = format!(
                 "SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.status != ?1 \
                  ORDER BY s.created_at"
@@ -1734,7 +1744,7 @@ impl EventStore for SqliteStore {
             let mut sessions = Vec::new();
             for row in rows {
                 let row = row.map_err(query_error("list unfinished sessions"))?;
-                sessions.push(with_fresh_head(connection, &fresh, row)?.decode()?);
+                sessions.push(with_fresh_head(connection, fresh, row)?.decode()?);
             }
             Ok(sessions)
         })
@@ -2183,6 +2193,73 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next.seq, 7);
+    }
+
+    /// A read sees a session's status and its progress from the same
+    /// moment: once it sees `finished` it sees every event up to it, even
+    /// while the writer keeps committing (the fresh heads move with each
+    /// commit, not after it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn reads_never_see_a_finished_session_without_its_last_events() {
+        const SESSIONS: usize = 32;
+        const APPENDS: u64 = 60;
+        let (_dir, store) = open_temp().await;
+        for index in 0..SESSIONS {
+            store
+                .create_session(new_session(&format!("s{index}"), None))
+                .await
+                .unwrap();
+        }
+        let writers: Vec<_> = (0..SESSIONS)
+            .map(|index| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let id = format!("s{index}");
+                    for _ in 1..APPENDS {
+                        store.append_event(id.clone(), 1, delta("x")).await.unwrap();
+                    }
+                    let finished = Kind::Finished(SessionFinished::default());
+                    store.append_event(id, 1, finished).await.unwrap();
+                })
+            })
+            .collect();
+        let readers: Vec<_> = (0..4)
+            .map(|reader| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut last_seen = [0_u64; SESSIONS];
+                    let mut done = [false; SESSIONS];
+                    let mut round = reader;
+                    while done.contains(&false) {
+                        round += 1;
+                        let index = round % SESSIONS;
+                        if done[index] {
+                            continue;
+                        }
+                        let id = format!("s{index}");
+                        let session = store
+                            .get_session("default".to_owned(), id.clone())
+                            .await
+                            .unwrap()
+                            .unwrap();
+                        assert!(session.last_seq >= last_seen[index], "progress went back");
+                        last_seen[index] = session.last_seq;
+                        let events = store.read_events(id, 0, 1000).await.unwrap();
+                        assert!(events.len() as u64 >= session.last_seq, "events missing");
+                        if session.status == SessionStatus::Finished {
+                            assert_eq!(session.last_seq, APPENDS, "finished, but behind");
+                            done[index] = true;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        for reader in readers {
+            reader.await.unwrap();
+        }
     }
 
     #[tokio::test]
