@@ -20,6 +20,20 @@ pub fn start_writeback(file: &File) -> std::io::Result<()> {
     }
 }
 
+/// Gives the calling thread the lowest CPU priority (nice 19): it runs when
+/// the threads that serve sessions leave a core free. Lowering one's own
+/// priority needs no privilege; on Linux it applies to this thread alone.
+pub fn lower_this_threads_priority() -> std::io::Result<()> {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours;
+    // `who = 0` with PRIO_PROCESS names the calling thread on Linux.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -27,6 +41,25 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
+
+    #[test]
+    fn a_thread_lowers_its_own_priority_and_no_other() {
+        let nice_of = |tid: i32| -> i64 {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            // Field 19 of stat (nice); `fields[0]` is field 3.
+            fields[16].parse().unwrap()
+        };
+        let main_tid = nix::unistd::gettid().as_raw();
+        let before = nice_of(main_tid);
+        let lowered = std::thread::spawn(move || {
+            lower_this_threads_priority().unwrap();
+            nice_of(nix::unistd::gettid().as_raw())
+        })
+        .join()
+        .unwrap();
+        assert_eq!((lowered, nice_of(main_tid)), (19, before));
+    }
 
     #[test]
     fn writeback_starts_on_a_file_and_is_refused_on_a_pipe() {

@@ -646,6 +646,11 @@ fn checkpoint_loop(
     synchronous: SqliteSynchronous,
     stop: &mpsc::Receiver<()>,
 ) {
+    // Copying pages back takes a core for ~10 ms under load; it can wait
+    // for a free one rather than take it from the sessions.
+    if let Err(error) = crate::sys::lower_this_threads_priority() {
+        tracing::debug!(%error, "could not lower the checkpoint thread's priority");
+    }
     let wal = WalWriteback::new(connection, synchronous);
     let mut next_checkpoint = Instant::now() + CHECKPOINT_EVERY;
     loop {
