@@ -14,11 +14,19 @@
 //! fills pages at the end of the table) carrying the batch's events, its step
 //! records and the session's usage after it. Nothing ordered by session is
 //! written per append — such an index puts every append of a group on a page
-//! of its own — except a session's newest batch in a narrow table
-//! (`session_heads`, a few pages for all sessions). A batch points back at
-//! its session's previous one; the batches that cross a multiple of
-//! [`ANCHOR_EVERY`] events are indexed (`batch_anchors`), so a read walks
-//! back at most that many batches from an anchor or the head.
+//! of its own. A batch points back at its session's previous one; the
+//! batches that cross a multiple of `ANCHOR_EVERY` (256) events are indexed
+//! (`batch_anchors`), so a read walks back at most that many batches from an
+//! anchor or the session's newest batch. That head is kept in a narrow table
+//! (`session_heads`) saved in bulk every second; in between,
+//! new heads live in memory (`FreshHeads`, which moves with each commit),
+//! and opening the store after a crash rebuilds the lost ones from the
+//! batches written since the last save.
+//!
+//! Besides the writer, a checkpoint thread (at the lowest CPU priority)
+//! copies the WAL back into the database every 500 ms and, in
+//! between, starts the WAL's writeback early, so no checkpoint has tens of
+//! megabytes to flush at once while the writer waits on the same file.
 //!
 //! Reads run on tokio's blocking pool on a small pool of read connections;
 //! WAL lets them proceed while the writer writes. Async workers never wait
