@@ -78,6 +78,8 @@ fn main() {
         .filter(|arg| !arg.starts_with('-'))
         .collect();
     let wants = |name: &str| which.is_empty() || which.iter().any(|arg| arg == name);
+    // As the `control-plane serve` process does (`server::run`).
+    harness_control_plane::server::disable_transparent_huge_pages();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Ok(workers) = std::env::var("BENCH_WORKERS") {
         builder.worker_threads(workers.parse().unwrap());
