@@ -362,40 +362,9 @@ mod tests {
 
     #[test]
     fn huge_pages_are_turned_off_for_the_process() {
-        // Forked, so the test process keeps its own setting.
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "server::tests::thp_child",
-                "--nocapture",
-                "--ignored",
-            ])
-            .env("HARNESS_THP_CHILD", "1")
-            .output()
-            .unwrap();
-        let output = String::from_utf8_lossy(&child.stdout);
-        assert!(
-            output.contains("thp disabled: true"),
-            "child said: {output}"
-        );
-    }
-
-    /// Run by `huge_pages_are_turned_off_for_the_process` in a child process.
-    #[test]
-    #[ignore = "run in a child process by huge_pages_are_turned_off_for_the_process"]
-    fn thp_child() {
-        if std::env::var_os("HARNESS_THP_CHILD").is_none() {
-            return;
-        }
-        assert!(!nix::sys::prctl::get_thp_disable().unwrap());
+        // Process-wide, and harmless for the other tests of this binary.
         disable_transparent_huge_pages();
-        #[allow(clippy::print_stdout)]
-        {
-            println!(
-                "thp disabled: {}",
-                nix::sys::prctl::get_thp_disable().unwrap()
-            );
-        }
+        assert!(nix::sys::prctl::get_thp_disable().unwrap());
     }
 
     #[tokio::test]

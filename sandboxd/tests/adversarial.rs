@@ -254,11 +254,11 @@ async fn only_granted_environment_variables_are_visible() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_loops_all_time_out_on_time() {
     const ROUNDS: usize = 3;
-    let daemon = TestDaemon::start_exclusive(|_| {}).await;
+    let mut daemon = TestDaemon::start_exclusive(|_| {}).await;
     let deadline = Duration::from_secs(1);
     let mut missed = Vec::new();
     for round in 0..ROUNDS {
-        let walls = sixty_four_loops(&daemon, deadline, round).await;
+        let walls = sixty_four_loops(&mut daemon, deadline, round).await;
         let latest = *walls.iter().max().unwrap();
         if latest <= deadline + Duration::from_millis(50) {
             daemon.shutdown().await;
@@ -271,19 +271,16 @@ async fn sixty_four_concurrent_loops_all_time_out_on_time() {
 
 /// Runs 64 spinning calls at once in a session with `deadline`; checks each
 /// timed out and returns their wall times.
-async fn sixty_four_loops(daemon: &TestDaemon, deadline: Duration, round: usize) -> Vec<Duration> {
-    let mut client = daemon.client.clone();
-    let session = client
-        .create_session(pb::CreateSessionRequest {
-            policy: Some(policy_with_timeout(deadline)),
-            labels: Default::default(),
-        })
+async fn sixty_four_loops(
+    daemon: &mut TestDaemon,
+    deadline: Duration,
+    round: usize,
+) -> Vec<Duration> {
+    let session = daemon
+        .create_session_with(policy_with_timeout(deadline))
         .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap()
         .session_id;
+    let client = daemon.client.clone();
     let calls = (0..64).map(|n| {
         let mut client = client.clone();
         let session = session.clone();

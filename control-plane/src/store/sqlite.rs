@@ -511,8 +511,9 @@ fn consistent_read<T>(
     fresh: &FreshHeads,
     read: impl FnOnce(&Connection, &HashMap<i64, i64>) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let error = query_error("start a read");
-    let transaction = connection.unchecked_transaction().map_err(error)?;
+    let transaction = connection
+        .unchecked_transaction()
+        .map_err(query_error("start a read"))?;
     let view = {
         let heads = fresh.lock();
         // A deferred transaction takes its snapshot at its first read.
@@ -582,32 +583,20 @@ fn save_heads(connection: &Connection, memory: &mut WriterMemory) {
     if heads.is_empty() {
         return;
     }
-    let saved = run_cached(connection, "BEGIN IMMEDIATE").and_then(|()| {
-        let written = write_heads(connection, &heads, memory.newest_batch);
-        match written {
-            Ok(()) => {
-                let mut fresh = memory.fresh.lock();
-                let committed = run_cached(connection, "COMMIT");
-                if committed.is_ok() {
-                    // The writer is the only one to add heads: none moved since.
-                    fresh.retain(|key, batch| heads.get(key) != Some(batch));
-                }
-                committed
-            }
-            Err(error) => {
+    let saved = run_cached(connection, "BEGIN IMMEDIATE")
+        .and_then(|()| {
+            write_heads(connection, &heads, memory.newest_batch).inspect_err(|_| {
                 let _ = run_cached(connection, "ROLLBACK");
-                Err(error)
-            }
-        }
-    });
-    match saved {
-        Ok(()) => {}
-        Err(error) => {
-            if !connection.is_autocommit() {
-                let _ = run_cached(connection, "ROLLBACK");
-            }
-            tracing::warn!(%error, "saving session heads failed; retrying later");
-        }
+            })
+        })
+        .and_then(|()| {
+            // The writer is the only one to add heads: none moved since.
+            commit_with_heads(connection, &memory.fresh, |fresh| {
+                fresh.retain(|key, batch| heads.get(key) != Some(batch));
+            })
+        });
+    if let Err(error) = saved {
+        tracing::warn!(%error, "saving session heads failed; retrying later");
     }
 }
 
@@ -632,7 +621,6 @@ fn write_heads(
 /// Brings `session_heads` up to date with the batches written after its
 /// last save (a crash loses the fresh heads); returns the newest batch.
 fn recover_heads(connection: &Connection) -> Result<i64, StoreError> {
-    let error = query_error("recover session heads");
     let through: i64 = connection
         .query_row("SELECT heads_through FROM store_meta", [], |row| row.get(0))
         .map_err(query_error("recover session heads"))?;
@@ -654,7 +642,7 @@ fn recover_heads(connection: &Connection) -> Result<i64, StoreError> {
         .map_err(query_error("recover session heads"))?;
     connection
         .execute("UPDATE store_meta SET heads_through = ?1", [newest])
-        .map_err(error)?;
+        .map_err(query_error("recover session heads"))?;
     Ok(newest)
 }
 
@@ -681,10 +669,10 @@ fn checkpoint_loop(
     let wal = WalWriteback::new(connection, synchronous);
     let mut next_checkpoint = Instant::now() + CHECKPOINT_EVERY;
     loop {
-        let now = Instant::now();
+        let until_checkpoint = next_checkpoint.saturating_duration_since(Instant::now());
         let wait = match &wal {
-            Some(_) => WRITEBACK_EVERY.min(next_checkpoint.saturating_duration_since(now)),
-            None => next_checkpoint.saturating_duration_since(now),
+            Some(_) => until_checkpoint.min(WRITEBACK_EVERY),
+            None => until_checkpoint,
         };
         let stopping = !matches!(
             stop.recv_timeout(wait),
@@ -745,10 +733,8 @@ struct WriterMemory {
     fresh: Arc<FreshHeads>,
     /// Heads moved by the group being written; published once it commits.
     group_heads: Vec<(i64, i64)>,
-    /// The newest batch committed (or, during a group, written).
+    /// The newest batch committed.
     newest_batch: i64,
-    /// `newest_batch` before the group being written.
-    committed_batch: i64,
     last_save: Instant,
 }
 
@@ -759,7 +745,6 @@ impl WriterMemory {
             fresh,
             group_heads: Vec::new(),
             newest_batch,
-            committed_batch: newest_batch,
             last_save: Instant::now(),
         }
     }
@@ -811,29 +796,19 @@ fn commit_group(
         let _ = run_cached(connection, "ROLLBACK");
         Some(StoreError::GroupRolledBack)
     } else {
-        let fresh = Arc::clone(&memory.fresh);
-        let mut heads = fresh.lock();
-        let committed = run_cached(connection, "COMMIT");
-        if committed.is_ok() {
-            heads.extend(memory.group_heads.iter().copied());
-        }
-        drop(heads);
-        committed.err().map(|error| {
-            // A failed COMMIT can leave the transaction open.
-            if !connection.is_autocommit() {
-                let _ = run_cached(connection, "ROLLBACK");
-            }
-            StoreError::Commit(Arc::new(error))
+        let group_heads = &memory.group_heads;
+        commit_with_heads(connection, &memory.fresh, |heads| {
+            heads.extend(group_heads.iter().copied());
         })
+        .err()
+        .map(|error| StoreError::Commit(Arc::new(error)))
     };
     if group_error.is_some() {
         memory.sessions.clear();
-        memory.group_heads.clear();
-        memory.newest_batch = memory.committed_batch;
-    } else {
-        memory.group_heads.clear();
-        memory.committed_batch = memory.newest_batch;
+    } else if let Some(newest) = memory.group_heads.iter().map(|(_, batch)| *batch).max() {
+        memory.newest_batch = memory.newest_batch.max(newest);
     }
+    memory.group_heads.clear();
     let rerun_error = || StoreError::GroupRolledBack;
     for outcome in outcomes {
         outcome.complete(group_error.as_ref().map(|_| rerun_error()));
@@ -844,6 +819,27 @@ fn commit_group(
     if let Some(StoreError::Commit(error)) = &group_error {
         tracing::error!(%error, "committing a group of writes failed");
     }
+}
+
+/// Commits the open transaction while holding the [`FreshHeads`] lock and,
+/// if it committed, applies `update` to them under the same lock (so reads
+/// see the two together). A failed `COMMIT` is rolled back.
+fn commit_with_heads(
+    connection: &Connection,
+    fresh: &FreshHeads,
+    update: impl FnOnce(&mut HashMap<i64, i64>),
+) -> rusqlite::Result<()> {
+    let mut heads = fresh.lock();
+    let committed = run_cached(connection, "COMMIT");
+    match &committed {
+        Ok(()) => update(&mut heads),
+        // A failed COMMIT can leave the transaction open.
+        Err(_) if !connection.is_autocommit() => {
+            let _ = run_cached(connection, "ROLLBACK");
+        }
+        Err(_) => {}
+    }
+    committed
 }
 
 /// Runs a parameterless statement from the statement cache.
@@ -1322,7 +1318,6 @@ fn append_events(
         ))?;
         state.head = Some(batch_id);
         memory.group_heads.push((key, batch_id));
-        memory.newest_batch = memory.newest_batch.max(batch_id);
     }
     let mut stored = batch.events;
     let time = harness_proto::timestamp_to_proto(now);
