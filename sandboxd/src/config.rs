@@ -81,6 +81,23 @@ pub struct SandboxdConfig {
     pub max_file_bytes: u64,
     /// Workspace size cap when the policy does not set one. Default 1 GiB.
     pub default_workspace_bytes: u64,
+    /// Largest workspace a policy may ask for. Default 8 GiB.
+    pub max_workspace_bytes: u64,
+    /// Where workspaces live, and so who holds them to their size cap.
+    /// - `"tmpfs"` (the default): each workspace is its own tmpfs mount,
+    ///   sized to its cap and limited to `workspace-max-files` entries. The
+    ///   kernel refuses any write past either (`ENOSPC`), whoever writes:
+    ///   `WriteFiles`, a WASI tool, a command in a process sandbox. The
+    ///   bytes are memory (swappable), charged to the memory cgroup of the
+    ///   process that writes them, so size `max-workspace-bytes` with the
+    ///   host's memory in mind. Needs CAP_SYS_ADMIN: sandboxd refuses to
+    ///   start if it cannot mount one.
+    /// - `"directory"`: plain directories under `state-dir`. The cap holds
+    ///   for `WriteFiles` and initial files only; a tool can fill the disk.
+    pub workspace_storage: WorkspaceStorage,
+    /// Files, directories and links a tmpfs workspace may hold (each costs
+    /// kernel memory, about 1 KiB). Default 65536.
+    pub workspace_max_files: u64,
     /// How often the epoch ticker advances; the granularity of WASI
     /// deadlines and of fair sharing between looping guests (each yields to
     /// the executor once per tick). Default "500us".
@@ -98,6 +115,16 @@ pub struct SandboxdConfig {
     pub static_hosts: BTreeMap<String, Vec<IpAddr>>,
     /// The process backend (namespaced Linux sandboxes).
     pub process: ProcessConfig,
+}
+
+/// The `workspace-storage` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkspaceStorage {
+    /// A size-capped tmpfs mount per workspace.
+    Tmpfs,
+    /// A plain directory per workspace.
+    Directory,
 }
 
 /// The `[process]` section: the namespaced process backend.
@@ -170,6 +197,9 @@ impl Default for SandboxdConfig {
             max_input_bytes: 4 << 20,
             max_file_bytes: 64 << 20,
             default_workspace_bytes: 1 << 30,
+            max_workspace_bytes: 8 << 30,
+            workspace_storage: WorkspaceStorage::Tmpfs,
+            workspace_max_files: 65_536,
             epoch_tick: Duration::from_micros(500),
             tools_rescan_interval: Duration::from_secs(2),
             static_hosts: BTreeMap::new(),
@@ -199,6 +229,17 @@ impl SandboxdConfig {
     /// The directory holding session workspaces.
     pub fn sessions_dir(&self) -> PathBuf {
         self.state_dir.join("sessions")
+    }
+
+    /// How workspaces are created, from `workspace-storage` and
+    /// `workspace-max-files`.
+    pub fn workspace_storage(&self) -> crate::workspace::Storage {
+        match self.workspace_storage {
+            WorkspaceStorage::Tmpfs => crate::workspace::Storage::Tmpfs {
+                max_files: self.workspace_max_files,
+            },
+            WorkspaceStorage::Directory => crate::workspace::Storage::Directory,
+        }
     }
 
     /// The compiled-component cache directory.
@@ -234,6 +275,9 @@ mod tests {
             max_input_bytes: 1 << 20,
             max_file_bytes: 16 << 20,
             default_workspace_bytes: 512 << 20,
+            max_workspace_bytes: 4 << 30,
+            workspace_storage: WorkspaceStorage::Tmpfs,
+            workspace_max_files: 100_000,
             epoch_tick: Duration::from_micros(500),
             tools_rescan_interval: Duration::from_secs(2),
             static_hosts: [(

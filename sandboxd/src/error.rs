@@ -63,10 +63,12 @@ impl From<ServiceError> for Status {
                     Status::permission_denied(message)
                 }
                 WorkspaceError::NotFound { .. } => Status::not_found(message),
-                WorkspaceError::TooLarge { .. } | WorkspaceError::QuotaExceeded { .. } => {
-                    Status::resource_exhausted(message)
+                WorkspaceError::TooLarge { .. }
+                | WorkspaceError::QuotaExceeded { .. }
+                | WorkspaceError::Full { .. } => Status::resource_exhausted(message),
+                WorkspaceError::Io { .. } | WorkspaceError::Storage { .. } => {
+                    Status::internal(message)
                 }
-                WorkspaceError::Io { .. } => Status::internal(message),
             },
         }
     }

@@ -43,4 +43,7 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// Workspaces cannot be created on the configured `workspace-storage`.
+    #[error("cannot create workspaces on the configured workspace-storage")]
+    WorkspaceStorage(#[source] workspace::WorkspaceError),
 }

@@ -20,6 +20,7 @@ use crate::process::exec_tool::{EXEC_TOOL, ParsedExec};
 use crate::process::sandbox::Command;
 use crate::session::{Claim, InvocationRecord, Session, SessionManager};
 use crate::wasi::backend::{Completed, WasiBackend};
+use crate::workspace::{CapReached, Workspace};
 
 /// Everything the daemon holds.
 #[derive(Debug)]
@@ -41,8 +42,9 @@ pub const MAX_CONCURRENT_INVOCATIONS: u32 = 1000;
 const MAX_INVOCATION_ID_LEN: usize = 256;
 
 impl Sandboxd {
-    /// Builds the daemon state: probes nothing (pass the probe in), cleans up
-    /// after a crashed instance, and loads the tools directory.
+    /// Builds the daemon state: probes nothing of the kernel (pass the probe
+    /// in), cleans up after a crashed instance, checks that a workspace can
+    /// be created on the configured storage, and loads the tools directory.
     pub async fn start(
         config: SandboxdConfig,
         host: HostProbe,
@@ -64,6 +66,8 @@ impl Sandboxd {
                 "removed sessions left behind by a previous sandboxd instance"
             );
         }
+        crate::workspace::Workspace::probe(&config.sessions_dir(), config.workspace_storage())
+            .map_err(crate::StartError::WorkspaceStorage)?;
         wasi.rescan().await;
         Ok(Arc::new(Self {
             config,
@@ -451,7 +455,10 @@ async fn run_in_session(
 ) -> Completed {
     let _running = session.start_running();
     tokio::select! {
-        completed = daemon.wasi.invoke(session.workspace_root(), &session.policy, session.egress.as_ref(), call, timeout) => completed,
+        completed = daemon.wasi.invoke(session.workspace_root(), &session.policy, session.egress.as_ref(), call, timeout) => {
+            let cap = session.with_workspace(Workspace::cap_reached).ok().flatten();
+            attribute_to_full_workspace(completed, cap)
+        }
         _ = session.cancelled() => Completed {
             chunks: vec![],
             digest: String::new(),
@@ -466,6 +473,20 @@ async fn run_in_session(
             },
         },
     }
+}
+
+/// A tool that failed while its workspace is at a cap failed because of it
+/// (a WASI guest sees `ENOSPC` only as a generic I/O error): the failure
+/// becomes `resource_exhausted`, naming the cap.
+fn attribute_to_full_workspace(mut completed: Completed, cap: Option<CapReached>) -> Completed {
+    if let (Some(cap), Some(pb::invoke_result::Outcome::Error(error))) =
+        (cap, completed.result.outcome.as_mut())
+        && error.kind == pb::ErrorKind::Failed as i32
+    {
+        error.kind = pb::ErrorKind::ResourceExhausted as i32;
+        error.message = format!("{} (the workspace is full: {cap})", error.message);
+    }
+    completed
 }
 
 async fn recorded_result(
@@ -650,6 +671,44 @@ mod tests {
         );
         let long = harness_proto::duration_to_proto(Duration::from_secs(100));
         assert_eq!(effective_timeout(Some(&long), policy), policy);
+    }
+
+    #[test]
+    fn failures_in_a_full_workspace_become_resource_exhausted() {
+        let failed = |kind: pb::ErrorKind, message: &str| Completed {
+            chunks: vec![],
+            digest: "d".to_owned(),
+            result: pb::InvokeResult {
+                outcome: Some(pb::invoke_result::Outcome::Error(pb::ToolError {
+                    kind: kind as i32,
+                    message: message.to_owned(),
+                    violations: vec![],
+                })),
+                usage: None,
+                replayed: false,
+            },
+        };
+        let full = Some(CapReached::Bytes(4096));
+        assert_eq!(
+            attribute_to_full_workspace(failed(pb::ErrorKind::Failed, "`a`: I/O error"), full)
+                .result,
+            failed(
+                pb::ErrorKind::ResourceExhausted,
+                "`a`: I/O error (the workspace is full: its size cap of 4096 bytes is reached)"
+            )
+            .result
+        );
+        // Not full, or not a tool failure: left as it is.
+        for (kind, cap) in [
+            (pb::ErrorKind::Failed, None),
+            (pb::ErrorKind::InvalidInput, full),
+            (pb::ErrorKind::Timeout, full),
+        ] {
+            assert_eq!(
+                attribute_to_full_workspace(failed(kind, "m"), cap).result,
+                failed(kind, "m").result
+            );
+        }
     }
 
     #[test]

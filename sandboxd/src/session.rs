@@ -149,6 +149,13 @@ pub fn resolve_policy(
         .filter(|v| *v != 0)
         .min()
         .unwrap_or(config.default_workspace_bytes);
+    if workspace_bytes > config.max_workspace_bytes {
+        return Err(SessionError::InvalidPolicy(format!(
+            "workspace size {workspace_bytes} (workspace.size_limit_bytes or limits.disk_bytes) \
+             exceeds the daemon maximum {}",
+            config.max_workspace_bytes
+        )));
+    }
     let process = wants_process.then_some(ProcessPolicy {
         memory_bytes,
         pids: if limits.pids == 0 {
@@ -451,12 +458,7 @@ impl SessionManager {
         std::fs::create_dir_all(&dir)?;
         let mut removed = 0;
         for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.symlink_metadata()?.is_dir() {
-                std::fs::remove_dir_all(&path)?;
-            } else {
-                std::fs::remove_file(&path)?;
-            }
+            Workspace::remove_leftover(&entry?.path()).map_err(std::io::Error::other)?;
             removed += 1;
         }
         Ok(removed)
@@ -474,8 +476,12 @@ impl SessionManager {
         }
         let id = format!("sbx-{}", uuid::Uuid::new_v4().simple());
         let root = self.config.sessions_dir().join(&id);
-        let workspace = Workspace::create(root.clone(), resolved.workspace_bytes)
-            .map_err(SessionError::Workspace)?;
+        let workspace = Workspace::create(
+            root.clone(),
+            resolved.workspace_bytes,
+            self.config.workspace_storage(),
+        )
+        .map_err(SessionError::Workspace)?;
         let initial = policy
             .workspace
             .as_ref()
@@ -792,6 +798,15 @@ mod tests {
             resolve_policy(&too_much_memory, &config, &host),
             Err(SessionError::InvalidPolicy(_))
         ));
+        let too_big_a_workspace = pb::SessionPolicy {
+            limits: Some(pb::ResourceLimits {
+                disk_bytes: config.max_workspace_bytes + 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = resolve_policy(&too_big_a_workspace, &config, &host).unwrap_err();
+        assert!(err.to_string().contains("workspace size"), "{err}");
     }
 
     #[tokio::test]
@@ -859,12 +874,24 @@ mod tests {
         let manager = manager(&tmp);
         std::fs::create_dir_all(tmp.path().join("sessions/sbx-old/sub")).unwrap();
         std::fs::write(tmp.path().join("sessions/sbx-old/sub/f"), b"x").unwrap();
-        assert_eq!(manager.clean_up_after_crash().unwrap(), 1);
+        // A crashed instance's live session: its tmpfs is still mounted.
+        let crashed = manager
+            .create(&pb::SessionPolicy::default(), HashMap::new())
+            .unwrap();
+        let mounted = crashed.workspace_root().to_owned();
+        std::fs::write(mounted.join("g"), b"y").unwrap();
+        let restarted = self::manager(&tmp);
+        assert_eq!(restarted.clean_up_after_crash().unwrap(), 2);
         assert_eq!(
             std::fs::read_dir(tmp.path().join("sessions"))
                 .unwrap()
                 .count(),
             0
+        );
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mountinfo.contains(mounted.to_str().unwrap()),
+            "{mountinfo}"
         );
     }
 

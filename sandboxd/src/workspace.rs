@@ -5,6 +5,12 @@
 //! become a confused deputy: every path is checked lexically (relative, no `..`
 //! that climbs out) and then opened through a `cap_std::fs::Dir` rooted at the
 //! workspace, which refuses to follow any symlink or `..` that leads outside.
+//!
+//! Where the bytes live is the [`Storage`]: by default each workspace is its
+//! own size-capped tmpfs mount ([`tmpfs`]), so the kernel holds every writer
+//! to the cap, not only the daemon's own `WriteFiles`.
+
+mod tmpfs;
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -60,6 +66,26 @@ pub enum WorkspaceError {
         /// The cap.
         cap: u64,
     },
+    /// The kernel refused a write: the workspace's size or file-count cap
+    /// is reached (counted in whole pages, so many small files fill it
+    /// sooner than their byte total suggests).
+    #[error("the workspace is full (its size or file-count cap is reached) writing {path:?}")]
+    Full {
+        /// The path.
+        path: String,
+        /// The refusal (`ENOSPC`).
+        #[source]
+        source: std::io::Error,
+    },
+    /// The workspace's storage could not be set up or taken down.
+    #[error("workspace storage at {path:?}")]
+    Storage {
+        /// The workspace root.
+        path: String,
+        /// Why.
+        #[source]
+        source: tmpfs::TmpfsError,
+    },
     /// Any other I/O failure.
     #[error("{op} {path:?} failed")]
     Io {
@@ -82,18 +108,56 @@ pub struct RemovalStats {
     pub bytes: u64,
 }
 
+/// Where a workspace's files live, and so who holds it to its size cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// Its own tmpfs mount, sized to the workspace cap and limited to
+    /// `max_files` inodes: the kernel refuses every write past either, from
+    /// any writer. The bytes are memory (swappable), charged to the memory
+    /// cgroup of the process that writes them. Needs CAP_SYS_ADMIN.
+    Tmpfs {
+        /// Files, directories and links the workspace may hold.
+        max_files: u64,
+    },
+    /// A plain directory: the cap holds for the daemon's own writes
+    /// (`WriteFiles`, initial files) only; a tool can fill the disk.
+    Directory,
+}
+
+/// A cap a tmpfs workspace has reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapReached {
+    /// No page is left: the size cap, in bytes.
+    Bytes(u64),
+    /// No inode is left: the file-count cap.
+    Files(u64),
+}
+
+impl std::fmt::Display for CapReached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bytes(cap) => write!(f, "its size cap of {cap} bytes is reached"),
+            Self::Files(cap) => write!(
+                f,
+                "its cap of {cap} files, directories and links is reached"
+            ),
+        }
+    }
+}
+
 /// A session workspace on the host. It holds no open descriptor between
 /// operations, so idle sessions cost no file descriptors.
 #[derive(Debug)]
 pub struct Workspace {
     root: PathBuf,
     size_cap: u64,
+    storage: Storage,
     owner: Option<(u32, u32)>,
 }
 
 impl Workspace {
-    /// Creates the workspace directory (mode 0700) and opens it.
-    pub fn create(root: PathBuf, size_cap: u64) -> Result<Self, WorkspaceError> {
+    /// Creates the workspace directory (mode 0700) on its storage.
+    pub fn create(root: PathBuf, size_cap: u64, storage: Storage) -> Result<Self, WorkspaceError> {
         let io = |op, source| WorkspaceError::Io {
             op,
             path: root.display().to_string(),
@@ -102,11 +166,50 @@ impl Workspace {
         std::fs::create_dir_all(&root).map_err(|e| io("create workspace", e))?;
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| io("chmod workspace", e))?;
+        if let Storage::Tmpfs { max_files } = storage
+            && let Err(source) = tmpfs::mount(&root, size_cap, max_files)
+        {
+            let _ = std::fs::remove_dir(&root);
+            return Err(WorkspaceError::Storage {
+                path: root.display().to_string(),
+                source,
+            });
+        }
         Ok(Self {
             root,
             size_cap,
+            storage,
             owner: None,
         })
+    }
+
+    /// Checks at start-up that workspaces can be created on `storage` under
+    /// `parent`, by creating and removing one: a host that cannot mount
+    /// fails here, with the fix in the error, not at the first session.
+    pub fn probe(parent: &Path, storage: Storage) -> Result<(), WorkspaceError> {
+        Self::create(parent.join(".storage-probe"), 1 << 20, storage)?.remove()?;
+        Ok(())
+    }
+
+    /// Removes what a crashed instance left at `path` (a workspace, mounted
+    /// or not, or a stray file). Never follows symlinks.
+    pub fn remove_leftover(path: &Path) -> Result<(), WorkspaceError> {
+        let io = |op, source| WorkspaceError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        };
+        let meta = path
+            .symlink_metadata()
+            .map_err(|e| io("stat leftover", e))?;
+        if !meta.is_dir() {
+            return std::fs::remove_file(path).map_err(|e| io("remove leftover", e));
+        }
+        tmpfs::unmount_if_mounted(path).map_err(|source| WorkspaceError::Storage {
+            path: path.display().to_string(),
+            source,
+        })?;
+        std::fs::remove_dir_all(path).map_err(|e| io("remove leftover", e))
     }
 
     /// Opens the workspace root for beneath-resolution. The root path itself
@@ -195,8 +298,14 @@ impl Workspace {
             dir.create_dir_all(parent)
                 .map_err(|e| classify(path, "create parent directories of", e))?;
         }
-        dir.write(&rel, content)
-            .map_err(|e| classify(path, "write", e))?;
+        if let Err(error) = dir.write(&rel, content) {
+            let error = classify(path, "write", error);
+            if matches!(error, WorkspaceError::Full { .. }) {
+                // A cut-off file would pass for the caller's content.
+                let _ = dir.remove_file(&rel);
+            }
+            return Err(error);
+        }
         let mode = if mode == 0 { 0o644 } else { mode & 0o777 };
         dir.set_permissions(
             &rel,
@@ -240,16 +349,46 @@ impl Workspace {
         })
     }
 
+    /// Which cap a tmpfs workspace has reached, if any. After a tool's write
+    /// failed this tells a full workspace from other I/O errors: a WASI
+    /// guest sees only a generic I/O error. `None` for directory storage,
+    /// whose fullness is the host disk's, not a cap.
+    pub fn cap_reached(&self) -> Option<CapReached> {
+        let Storage::Tmpfs { max_files } = self.storage else {
+            return None;
+        };
+        let stats = nix::sys::statvfs::statvfs(&self.root).ok()?;
+        if stats.blocks_available() == 0 {
+            Some(CapReached::Bytes(self.size_cap))
+        } else if stats.files_available() == 0 {
+            Some(CapReached::Files(max_files))
+        } else {
+            None
+        }
+    }
+
     /// Deletes the workspace and everything in it.
     pub fn remove(self) -> Result<RemovalStats, WorkspaceError> {
         let stats = self.usage()?;
-        // std's remove_dir_all never follows symlinks, so a planted link to a
-        // host directory is unlinked, not recursed into.
-        std::fs::remove_dir_all(&self.root).map_err(|source| WorkspaceError::Io {
+        let io = |source| WorkspaceError::Io {
             op: "remove",
             path: self.root.display().to_string(),
             source,
-        })?;
+        };
+        match self.storage {
+            Storage::Tmpfs { .. } => {
+                // Unmounting frees every file at once; the mount point left
+                // behind is the empty directory sandboxd made.
+                tmpfs::unmount(&self.root).map_err(|source| WorkspaceError::Storage {
+                    path: self.root.display().to_string(),
+                    source,
+                })?;
+                std::fs::remove_dir(&self.root).map_err(io)?;
+            }
+            // std's remove_dir_all never follows symlinks, so a planted link
+            // to a host directory is unlinked, not recursed into.
+            Storage::Directory => std::fs::remove_dir_all(&self.root).map_err(io)?,
+        }
         Ok(stats)
     }
 }
@@ -316,6 +455,12 @@ fn classify(path: &str, op: &'static str, source: std::io::Error) -> WorkspaceEr
             path: path.to_owned(),
         };
     }
+    if source.raw_os_error() == Some(libc::ENOSPC) {
+        return WorkspaceError::Full {
+            path: path.to_owned(),
+            source,
+        };
+    }
     // cap-std reports an escape as PermissionDenied ("a path led outside of
     // the filesystem"); the kernel's RESOLVE_BENEATH as EXDEV.
     if source.kind() == std::io::ErrorKind::PermissionDenied
@@ -354,13 +499,126 @@ fn tree_stats(root: &Path) -> std::io::Result<RemovalStats> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
 
+    const TMPFS: Storage = Storage::Tmpfs { max_files: 1024 };
+
+    /// A 1 MiB workspace on the default storage (tmpfs: needs root).
     fn workspace() -> (tempfile::TempDir, Workspace) {
         let tmp = tempfile::tempdir().unwrap();
-        let ws = Workspace::create(tmp.path().join("ws"), 1 << 20).unwrap();
+        let ws = Workspace::create(tmp.path().join("ws"), 1 << 20, TMPFS)
+            .expect("a tmpfs workspace (these tests need root, as sandboxd does)");
         (tmp, ws)
+    }
+
+    fn is_mount_point(path: &Path) -> bool {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let path = path.to_str().unwrap();
+        mountinfo
+            .lines()
+            .any(|line| line.split(' ').nth(4) == Some(path))
+    }
+
+    /// Writes `chunk`-byte pieces into new files, bypassing the daemon as a
+    /// tool would, until the kernel refuses; returns the bytes written and
+    /// the refusal. Panics past 8 MiB or 10,000 files (no cap at work).
+    fn fill(root: &Path, chunk: usize) -> (u64, std::io::Error) {
+        use std::io::Write;
+        let mut written = 0;
+        for n in 0..10_000 {
+            assert!(written <= 8 << 20, "{written} bytes written and no refusal");
+            let mut file = match std::fs::File::create(root.join(format!("f{n}"))) {
+                Ok(file) => file,
+                Err(error) => return (written, error),
+            };
+            for _ in 0..4 {
+                match file.write_all(&vec![7u8; chunk]) {
+                    Ok(()) => written += chunk as u64,
+                    Err(error) => return (written, error),
+                }
+            }
+        }
+        panic!("10,000 files written and no refusal")
+    }
+
+    #[test]
+    fn tmpfs_cap_holds_for_writes_that_bypass_the_daemon() {
+        let (_tmp, ws) = workspace();
+        let (written, refusal) = fill(ws.root(), 64 << 10);
+        assert_eq!(
+            (written, refusal.raw_os_error()),
+            (1 << 20, Some(libc::ENOSPC))
+        );
+        assert_eq!(ws.usage().unwrap().bytes, 1 << 20);
+        assert_eq!(ws.cap_reached(), Some(CapReached::Bytes(1 << 20)));
+        std::fs::remove_file(ws.root().join("f0")).unwrap();
+        assert_eq!(ws.cap_reached(), None);
+    }
+
+    #[test]
+    fn tmpfs_file_count_cap_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ws = Workspace::create(
+            tmp.path().join("ws"),
+            1 << 20,
+            Storage::Tmpfs { max_files: 8 },
+        )
+        .unwrap();
+        let (_, refusal) = fill(ws.root(), 0);
+        assert_eq!(refusal.raw_os_error(), Some(libc::ENOSPC));
+        // The root directory takes one of the eight inodes.
+        assert_eq!(ws.usage().unwrap().files, 7);
+        assert_eq!(ws.cap_reached(), Some(CapReached::Files(8)));
+    }
+
+    #[test]
+    fn a_workspace_full_in_pages_refuses_write_files_and_leaves_no_partial_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let page = 4096;
+        let ws = Workspace::create(tmp.path().join("ws"), 4 * page, TMPFS).unwrap();
+        for n in 0..4 {
+            ws.write_file(&format!("small{n}"), b"x", 0).unwrap();
+        }
+        // 4 bytes used by the daemon's count, but every page is taken.
+        let err = ws.write_file("big", &[1; 100], 0).unwrap_err();
+        assert!(matches!(err, WorkspaceError::Full { .. }), "{err}");
+        assert_eq!(ws.usage().unwrap(), RemovalStats { files: 4, bytes: 4 });
+    }
+
+    #[test]
+    fn removing_a_tmpfs_workspace_unmounts_it() {
+        let (_tmp, ws) = workspace();
+        let root = ws.root().to_owned();
+        assert!(is_mount_point(&root));
+        ws.write_file("a/b", b"abc", 0).unwrap();
+        assert_eq!(ws.remove().unwrap(), RemovalStats { files: 1, bytes: 3 });
+        assert!(!is_mount_point(&root));
+        assert!(!root.exists());
+    }
+
+    #[test]
+    fn leftovers_are_unmounted_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mounted = Workspace::create(tmp.path().join("mounted"), 1 << 20, TMPFS).unwrap();
+        mounted.write_file("x", b"1", 0).unwrap();
+        let plain =
+            Workspace::create(tmp.path().join("plain"), 1 << 20, Storage::Directory).unwrap();
+        plain.write_file("y/z", b"2", 0).unwrap();
+        std::fs::write(tmp.path().join("stray"), b"3").unwrap();
+        for name in ["mounted", "plain", "stray"] {
+            Workspace::remove_leftover(&tmp.path().join(name)).unwrap();
+        }
+        assert!(!is_mount_point(&tmp.path().join("mounted")));
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn probe_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        Workspace::probe(tmp.path(), TMPFS).unwrap();
+        Workspace::probe(tmp.path(), Storage::Directory).unwrap();
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 
     #[test]
@@ -418,7 +676,7 @@ mod tests {
     #[test]
     fn quota_is_enforced_and_overwrites_count_once() {
         let tmp = tempfile::tempdir().unwrap();
-        let ws = Workspace::create(tmp.path().join("ws"), 10).unwrap();
+        let ws = Workspace::create(tmp.path().join("ws"), 10, Storage::Directory).unwrap();
         ws.write_file("a", b"12345678", 0).unwrap();
         ws.write_file("a", b"1234567890", 0).unwrap();
         let err = ws.write_file("b", b"1", 0).unwrap_err();
@@ -437,16 +695,19 @@ mod tests {
 
     #[test]
     fn remove_deletes_everything_but_not_symlink_targets() {
-        let (tmp, ws) = workspace();
-        let outside = tmp.path().join("keep");
-        std::fs::write(&outside, b"keep me").unwrap();
-        ws.write_file("x/y", b"abc", 0).unwrap();
-        std::os::unix::fs::symlink(&outside, ws.root().join("link")).unwrap();
-        let root = ws.root().to_owned();
-        let stats = ws.remove().unwrap();
-        assert_eq!(stats.files, 2);
-        assert!(!root.exists());
-        assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+        for storage in [TMPFS, Storage::Directory] {
+            let tmp = tempfile::tempdir().unwrap();
+            let ws = Workspace::create(tmp.path().join("ws"), 1 << 20, storage).unwrap();
+            let outside = tmp.path().join("keep");
+            std::fs::write(&outside, b"keep me").unwrap();
+            ws.write_file("x/y", b"abc", 0).unwrap();
+            std::os::unix::fs::symlink(&outside, ws.root().join("link")).unwrap();
+            let root = ws.root().to_owned();
+            let stats = ws.remove().unwrap();
+            assert_eq!(stats.files, 2, "{storage:?}");
+            assert!(!root.exists(), "{storage:?}");
+            assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+        }
     }
 
     #[test]

@@ -94,3 +94,59 @@ async fn workspace_quota_applies_to_written_files() {
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     daemon.shutdown().await;
 }
+
+/// The cap holds for a WASI tool writing through its preopen, which never
+/// passes through WriteFiles: the kernel (tmpfs) refuses the write.
+#[tokio::test]
+async fn wasi_tools_are_held_to_the_workspace_cap() {
+    let mut daemon = TestDaemon::start().await;
+    let cap = 64 << 10;
+    let id = daemon
+        .create_session_with(pb::SessionPolicy {
+            workspace: Some(pb::WorkspacePolicy {
+                size_limit_bytes: cap,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .session_id;
+    let content = "x".repeat(40 << 10);
+    let first = daemon
+        .invoke(
+            &id,
+            "a",
+            "write_file",
+            json!({"path": "a", "content": content}),
+        )
+        .await;
+    assert_eq!(first.ok_json()["bytes_written"], json!(40 << 10));
+    let second = daemon
+        .invoke(
+            &id,
+            "b",
+            "write_file",
+            json!({"path": "b", "content": content}),
+        )
+        .await;
+    let error = second.error();
+    assert_eq!(
+        (
+            second.error_kind(),
+            error
+                .message
+                .ends_with("(the workspace is full: its size cap of 65536 bytes is reached)")
+        ),
+        (pb::ErrorKind::ResourceExhausted, true),
+        "{error:?}"
+    );
+    let used: u64 = std::fs::read_dir(daemon.workspace_of(&id))
+        .unwrap()
+        .map(|entry| entry.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        used <= cap,
+        "the workspace holds {used} bytes, over its cap of {cap}"
+    );
+    daemon.shutdown().await;
+}

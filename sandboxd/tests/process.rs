@@ -462,6 +462,53 @@ async fn endless_writes_are_stopped_by_the_size_limits() {
     daemon.shutdown().await;
 }
 
+/// Many files, each under the per-file limit, cannot add up past the
+/// workspace cap: the workspace is a tmpfs of that size.
+#[tokio::test]
+async fn many_files_cannot_add_up_past_the_workspace_cap() {
+    let mut daemon = TestDaemon::start_process(|_| {}).await;
+    let cap: u64 = 1 << 20;
+    let session = limited_session(
+        &mut daemon,
+        pb::ResourceLimits {
+            disk_bytes: cap,
+            ..Default::default()
+        },
+    )
+    .await;
+    let filled = run(
+        &mut daemon,
+        &session,
+        "for i in 1 2 3 4 5 6; do head -c 400000 /dev/zero > f$i || { echo full at $i; exit 7; }; done",
+    )
+    .await;
+    assert_eq!(
+        (exit_code(&filled), stdout(&filled)),
+        (Some(7), "full at 3\n".to_owned()),
+        "{filled:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&filled.stderr).contains("No space left on device"),
+        "{filled:?}"
+    );
+    let used: u64 = std::fs::read_dir(daemon.workspace_of(&session))
+        .unwrap()
+        .map(|entry| entry.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        used <= cap,
+        "the workspace holds {used} bytes, over its cap of {cap}"
+    );
+    let after_cleanup = run(
+        &mut daemon,
+        &session,
+        "rm f*; head -c 400000 /dev/zero > g && echo ok",
+    )
+    .await;
+    assert_eq!(stdout(&after_cleanup), "ok\n", "{after_cleanup:?}");
+    daemon.shutdown().await;
+}
+
 #[tokio::test]
 async fn timeouts_kill_the_process_group_and_teardown_kills_background_processes() {
     let mut daemon = TestDaemon::start_process(|_| {}).await;

@@ -213,6 +213,10 @@ pub fn io_error(path: &str, err: io::Error) -> ToolError {
             "`{path}` (or one of its parent components) is not a directory"
         )),
         io::ErrorKind::IsADirectory => ToolError::invalid_input(format!("`{path}` is a directory")),
+        io::ErrorKind::StorageFull => ToolError::failed(format!(
+            "cannot write `{path}`: the workspace is full (its size or file-count cap for this \
+             session is reached); delete files or ask for a larger workspace"
+        )),
         _ => ToolError::failed(format!("`{path}`: {err}")),
     }
 }
@@ -407,6 +411,14 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Denied);
         assert!(err.message.contains("`link/x`"));
         assert!(err.message.contains("symlink"));
+
+        let err = io_error("big", io::Error::from(io::ErrorKind::StorageFull));
+        assert_eq!(err.kind, ErrorKind::Failed);
+        assert!(
+            err.message.contains("the workspace is full"),
+            "{}",
+            err.message
+        );
 
         let err = io_error("f", io::Error::other("disk on fire"));
         assert_eq!(err.kind, ErrorKind::Failed);
