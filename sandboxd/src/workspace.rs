@@ -152,6 +152,8 @@ pub struct Workspace {
     root: PathBuf,
     size_cap: u64,
     storage: Storage,
+    /// Whether a tmpfs is (still) mounted on `root`.
+    mounted: bool,
     owner: Option<(u32, u32)>,
 }
 
@@ -178,6 +180,7 @@ impl Workspace {
         Ok(Self {
             root,
             size_cap,
+            mounted: matches!(storage, Storage::Tmpfs { .. }),
             storage,
             owner: None,
         })
@@ -368,7 +371,7 @@ impl Workspace {
     }
 
     /// Deletes the workspace and everything in it.
-    pub fn remove(self) -> Result<RemovalStats, WorkspaceError> {
+    pub fn remove(mut self) -> Result<RemovalStats, WorkspaceError> {
         let stats = self.usage()?;
         let io = |source| WorkspaceError::Io {
             op: "remove",
@@ -383,6 +386,7 @@ impl Workspace {
                     path: self.root.display().to_string(),
                     source,
                 })?;
+                self.mounted = false;
                 std::fs::remove_dir(&self.root).map_err(io)?;
             }
             // std's remove_dir_all never follows symlinks, so a planted link
@@ -390,6 +394,18 @@ impl Workspace {
             Storage::Directory => std::fs::remove_dir_all(&self.root).map_err(io)?,
         }
         Ok(stats)
+    }
+}
+
+impl Drop for Workspace {
+    /// A tmpfs workspace dropped without [`Workspace::remove`] (a session
+    /// dropped without teardown, a panic) is unmounted all the same: its
+    /// files are memory, and no one can reach them any more.
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = tmpfs::unmount(&self.root);
+            let _ = std::fs::remove_dir(&self.root);
+        }
     }
 }
 
@@ -593,6 +609,16 @@ mod tests {
         assert!(is_mount_point(&root));
         ws.write_file("a/b", b"abc", 0).unwrap();
         assert_eq!(ws.remove().unwrap(), RemovalStats { files: 1, bytes: 3 });
+        assert!(!is_mount_point(&root));
+        assert!(!root.exists());
+    }
+
+    #[test]
+    fn a_tmpfs_workspace_dropped_without_removal_is_unmounted() {
+        let (_tmp, ws) = workspace();
+        let root = ws.root().to_owned();
+        ws.write_file("a", b"abc", 0).unwrap();
+        drop(ws);
         assert!(!is_mount_point(&root));
         assert!(!root.exists());
     }
