@@ -16,7 +16,8 @@
 //!
 //! Knobs: `BENCH_INVOKES` (default 500), `BENCH_LIFECYCLES` (default 100),
 //! `BENCH_CONCURRENT` (default 200), `BENCH_WARM_POOL` (`[process]
-//! warm-pool`, default as configured: 2).
+//! warm-pool`, default as configured: 2), `BENCH_WORKSPACE_STORAGE`
+//! (`workspace-storage`: `tmpfs`, the default, or `directory`).
 
 #![allow(
     clippy::unwrap_used,
@@ -221,6 +222,7 @@ async fn run() {
     config.process.init_program = Some(PathBuf::from(env!("CARGO_BIN_EXE_sandbox-init")));
     config.process.cgroup_parent = Some(parent.clone());
     config.process.warm_pool = knob("BENCH_WARM_POOL", config.process.warm_pool);
+    config.workspace_storage = common::workspace_storage(config.workspace_storage);
     let warm_pool = config.process.warm_pool;
     let daemon: Arc<Sandboxd> =
         Sandboxd::start(config.clone(), harness_sandboxd::probe::probe_host())

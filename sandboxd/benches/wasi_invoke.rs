@@ -14,7 +14,8 @@
 //! 4. throughput with concurrent callers,
 //! 5. RSS with 10,000 idle sessions.
 //!
-//! and prints a Markdown table for docs/BENCHMARKS.md.
+//! and prints a Markdown table for docs/BENCHMARKS.md. `BENCH_WORKSPACE_STORAGE`
+//! (`tmpfs`, the default, or `directory`) picks the workspace storage.
 
 #![allow(
     clippy::unwrap_used,
@@ -106,6 +107,7 @@ async fn run() {
         state_dir: dir.path().join("state"),
         tools_dir: tools,
         max_sessions: 20_000,
+        workspace_storage: common::workspace_storage(SandboxdConfig::default().workspace_storage),
         ..SandboxdConfig::default()
     };
     let daemon = Sandboxd::start(config.clone(), HostProbe::default())

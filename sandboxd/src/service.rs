@@ -456,8 +456,9 @@ async fn run_in_session(
     let _running = session.start_running();
     tokio::select! {
         completed = daemon.wasi.invoke(session.workspace_root(), &session.policy, session.egress.as_ref(), call, timeout) => {
-            let cap = session.with_workspace(Workspace::cap_reached).ok().flatten();
-            attribute_to_full_workspace(completed, cap)
+            attribute_to_full_workspace(completed, || {
+                session.with_workspace(Workspace::cap_reached).ok().flatten()
+            })
         }
         _ = session.cancelled() => Completed {
             chunks: vec![],
@@ -478,10 +479,13 @@ async fn run_in_session(
 /// A tool that failed while its workspace is at a cap failed because of it
 /// (a WASI guest sees `ENOSPC` only as a generic I/O error): the failure
 /// becomes `resource_exhausted`, naming the cap.
-fn attribute_to_full_workspace(mut completed: Completed, cap: Option<CapReached>) -> Completed {
-    if let (Some(cap), Some(pb::invoke_result::Outcome::Error(error))) =
-        (cap, completed.result.outcome.as_mut())
+fn attribute_to_full_workspace(
+    mut completed: Completed,
+    cap_reached: impl FnOnce() -> Option<CapReached>,
+) -> Completed {
+    if let Some(pb::invoke_result::Outcome::Error(error)) = completed.result.outcome.as_mut()
         && error.kind == pb::ErrorKind::Failed as i32
+        && let Some(cap) = cap_reached()
     {
         error.kind = pb::ErrorKind::ResourceExhausted as i32;
         error.message = format!("{} (the workspace is full: {cap})", error.message);
@@ -690,7 +694,7 @@ mod tests {
         };
         let full = Some(CapReached::Bytes(4096));
         assert_eq!(
-            attribute_to_full_workspace(failed(pb::ErrorKind::Failed, "`a`: I/O error"), full)
+            attribute_to_full_workspace(failed(pb::ErrorKind::Failed, "`a`: I/O error"), || full)
                 .result,
             failed(
                 pb::ErrorKind::ResourceExhausted,
@@ -705,7 +709,7 @@ mod tests {
             (pb::ErrorKind::Timeout, full),
         ] {
             assert_eq!(
-                attribute_to_full_workspace(failed(kind, "m"), cap).result,
+                attribute_to_full_workspace(failed(kind, "m"), || cap).result,
                 failed(kind, "m").result
             );
         }

@@ -1,5 +1,5 @@
-//! Shared by the sandboxd bench binaries: latency summaries and a gRPC
-//! channel over a Unix socket.
+//! Shared by the sandboxd bench binaries: latency summaries, a gRPC
+//! channel over a Unix socket, and the workspace-storage knob.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,4 +32,14 @@ pub async fn connect(endpoint: &str) -> Channel {
         }))
         .await
         .unwrap()
+}
+
+/// `workspace-storage` from `BENCH_WORKSPACE_STORAGE` (`tmpfs` or
+/// `directory`), else `default`: compares the two in one build.
+pub fn workspace_storage(
+    default: harness_sandboxd::config::WorkspaceStorage,
+) -> harness_sandboxd::config::WorkspaceStorage {
+    std::env::var("BENCH_WORKSPACE_STORAGE")
+        .map(|storage| toml::Value::String(storage).try_into().unwrap())
+        .unwrap_or(default)
 }
