@@ -28,7 +28,7 @@
 //! model latency, as independent callers would; 0 starts all at once, which
 //! makes every model answer arrive in the same millisecond),
 //! `BENCH_SYNCHRONOUS` (b: `normal` or `full` runs only that one; default
-//! both).
+//! both), `BENCH_MAX_WAL_BYTES` (the store's WAL limit; default 256 MiB).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -52,7 +52,7 @@ use harness_control_plane::provider::{
 use harness_control_plane::sandbox::{
     GrpcSandbox, InvocationOutcome, SandboxDispatch, SandboxError,
 };
-use harness_control_plane::store::{EventStore, NewSession, SqliteStore};
+use harness_control_plane::store::{EventStore, NewSession, SqliteOptions, SqliteStore};
 use harness_proto::control::v1 as control;
 use harness_proto::sandbox::v1 as sandbox;
 use harness_sandboxd::config::SandboxdConfig;
@@ -208,7 +208,7 @@ async fn one_session(
 ) -> Duration {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(
-        SqliteStore::open_with(&dir.path().join("cp.db"), synchronous)
+        SqliteStore::open_with(&dir.path().join("cp.db"), bench_sqlite_options(synchronous))
             .await
             .unwrap(),
     );
@@ -473,7 +473,7 @@ async fn concurrent_run(
     );
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(
-        SqliteStore::open_with(&dir.path().join("cp.db"), synchronous)
+        SqliteStore::open_with(&dir.path().join("cp.db"), bench_sqlite_options(synchronous))
             .await
             .unwrap(),
     );
@@ -659,4 +659,17 @@ fn load_average() -> String {
                 .join(" ")
         })
         .unwrap_or_default()
+}
+
+/// The store's options: `synchronous`, and the WAL limit from
+/// `BENCH_MAX_WAL_BYTES` if set.
+fn bench_sqlite_options(synchronous: SqliteSynchronous) -> SqliteOptions {
+    let defaults = SqliteOptions::default();
+    SqliteOptions {
+        synchronous,
+        max_wal_bytes: std::env::var("BENCH_MAX_WAL_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(defaults.max_wal_bytes),
+    }
 }

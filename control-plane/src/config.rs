@@ -50,6 +50,11 @@ pub struct ControlPlaneConfig {
     /// by syncing the disk on every commit, which costs one disk flush per
     /// step (concurrent sessions share flushes through group commit).
     pub sqlite_synchronous: SqliteSynchronous,
+    /// Size past which the write-ahead log is copied back into the database
+    /// and truncated, holding writes back for a few milliseconds. Without
+    /// it the WAL never shrinks while sessions write without pause.
+    /// Default: 268435456 (256 MiB).
+    pub sqlite_max_wal_bytes: u64,
     /// Settings of the OpenAI-compatible provider (`[providers.openai]`).
     /// Base URL default: `$OPENAI_BASE_URL`, else `https://api.openai.com/v1`;
     /// key: the variable named by `api-key-env` (default `OPENAI_API_KEY`).
@@ -172,6 +177,7 @@ impl Default for ControlPlaneConfig {
             tool_timeout: Duration::from_secs(60),
             max_parallel_tool_calls: 4,
             sqlite_synchronous: SqliteSynchronous::Normal,
+            sqlite_max_wal_bytes: 256 << 20,
             providers: ProvidersConfig::default(),
             prices: BTreeMap::new(),
         }
@@ -288,6 +294,7 @@ mod tests {
                 tool_timeout: Duration::from_secs(90),
                 max_parallel_tool_calls: 8,
                 sqlite_synchronous: SqliteSynchronous::Full,
+                sqlite_max_wal_bytes: 64 << 20,
                 providers: ProvidersConfig {
                     openai: ProviderConfig {
                         base_url: Some("http://127.0.0.1:8000/v1".to_owned()),

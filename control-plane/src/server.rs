@@ -126,7 +126,11 @@ impl ControlPlane {
             endpoints = ?providers.endpoints(),
             "agents loaded"
         );
-        let store = SqliteStore::open_with(&config.database, config.sqlite_synchronous)
+        let options = crate::store::SqliteOptions {
+            synchronous: config.sqlite_synchronous,
+            max_wal_bytes: config.sqlite_max_wal_bytes,
+        };
+        let store = SqliteStore::open_with(&config.database, options)
             .await
             .map_err(ServerError::Store)?;
         let sandbox = GrpcSandbox::connect_lazy(&config.sandboxd).map_err(ServerError::Sandbox)?;

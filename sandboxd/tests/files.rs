@@ -140,13 +140,6 @@ async fn wasi_tools_are_held_to_the_workspace_cap() {
         (pb::ErrorKind::ResourceExhausted, true),
         "{error:?}"
     );
-    let used: u64 = std::fs::read_dir(daemon.workspace_of(&id))
-        .unwrap()
-        .map(|entry| entry.unwrap().metadata().unwrap().len())
-        .sum();
-    assert!(
-        used <= cap,
-        "the workspace holds {used} bytes, over its cap of {cap}"
-    );
+    daemon.assert_workspace_within(&id, cap);
     daemon.shutdown().await;
 }

@@ -491,14 +491,7 @@ async fn many_files_cannot_add_up_past_the_workspace_cap() {
         String::from_utf8_lossy(&filled.stderr).contains("No space left on device"),
         "{filled:?}"
     );
-    let used: u64 = std::fs::read_dir(daemon.workspace_of(&session))
-        .unwrap()
-        .map(|entry| entry.unwrap().metadata().unwrap().len())
-        .sum();
-    assert!(
-        used <= cap,
-        "the workspace holds {used} bytes, over its cap of {cap}"
-    );
+    daemon.assert_workspace_within(&session, cap);
     let after_cleanup = run(
         &mut daemon,
         &session,

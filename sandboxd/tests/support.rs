@@ -201,6 +201,19 @@ impl TestDaemon {
         self.daemon.config.sessions_dir().join(session_id)
     }
 
+    /// Asserts, from the host, that the files at the top of a session's
+    /// workspace hold at most `cap` bytes.
+    pub fn assert_workspace_within(&self, session_id: &str, cap: u64) {
+        let used: u64 = std::fs::read_dir(self.workspace_of(session_id))
+            .unwrap()
+            .map(|entry| entry.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            used <= cap,
+            "the workspace holds {used} bytes, over its cap of {cap}"
+        );
+    }
+
     /// Invokes a WASI tool and collects the whole stream.
     pub async fn invoke(
         &mut self,

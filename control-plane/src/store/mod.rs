@@ -31,7 +31,7 @@ use harness_proto::control::v1::{
     BudgetLimits, BudgetUsage, Session, SessionEvent, SessionStatus, StopReason,
 };
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// A session to create.
 #[derive(Debug, Clone, PartialEq)]
