@@ -8,7 +8,8 @@
 //!
 //! It measures, in one run:
 //! 1. a warm invocation in process (instantiate + call of a trivial tool),
-//! 2. `Invoke` end to end over gRPC on a Unix socket (one caller),
+//! 2. `Invoke` end to end over gRPC on a Unix socket (one caller), and a
+//!    unary `GetSession` on the same channel as the transport's floor,
 //! 3. `wasmtime run` of the same component, as a separate process per call
 //!    (the peer), when `WASMTIME` points at wasmtime-cli of the same version,
 //! 4. throughput with concurrent callers,
@@ -189,6 +190,19 @@ async fn run() {
         grpc.push(started.elapsed());
     }
     let (grpc_median, grpc_p99) = summary(grpc);
+    // The transport's floor on the same channel: a unary call that runs nothing.
+    let mut unary = Vec::with_capacity(5000);
+    for _ in 0..5_000 {
+        let started = Instant::now();
+        client
+            .get_session(pb::GetSessionRequest {
+                session_id: session_id.clone(),
+            })
+            .await
+            .unwrap();
+        unary.push(started.elapsed());
+    }
+    let (unary_median, _) = summary(unary);
 
     // 3. The peer: `wasmtime run` of the same component, one process per call.
     let peer = std::env::var_os("WASMTIME").map(PathBuf::from);
@@ -278,6 +292,10 @@ async fn run() {
     println!(
         "| `Invoke` over gRPC on a Unix socket, p99 | {} | ≤ 1 ms |",
         micros(grpc_p99)
+    );
+    println!(
+        "| unary `GetSession` on the same channel (the transport's floor), median | {} | |",
+        micros(unary_median)
     );
     match peer_median {
         Some(peer) => println!(
