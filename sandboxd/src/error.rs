@@ -66,9 +66,7 @@ impl From<ServiceError> for Status {
                 WorkspaceError::TooLarge { .. }
                 | WorkspaceError::QuotaExceeded { .. }
                 | WorkspaceError::Full { .. } => Status::resource_exhausted(message),
-                WorkspaceError::Io { .. } | WorkspaceError::Storage { .. } => {
-                    Status::internal(message)
-                }
+                WorkspaceError::Io { .. } | WorkspaceError::Storage(_) => Status::internal(message),
             },
         }
     }

@@ -66,7 +66,7 @@ impl Sandboxd {
                 "removed sessions left behind by a previous sandboxd instance"
             );
         }
-        crate::workspace::Workspace::probe(&config.sessions_dir(), config.workspace_storage())
+        Workspace::probe(&config.sessions_dir(), config.workspace_storage())
             .map_err(crate::StartError::WorkspaceStorage)?;
         wasi.rescan().await;
         Ok(Arc::new(Self {

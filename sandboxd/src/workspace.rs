@@ -77,15 +77,10 @@ pub enum WorkspaceError {
         #[source]
         source: std::io::Error,
     },
-    /// The workspace's storage could not be set up or taken down.
-    #[error("workspace storage at {path:?}")]
-    Storage {
-        /// The workspace root.
-        path: String,
-        /// Why.
-        #[source]
-        source: tmpfs::TmpfsError,
-    },
+    /// The workspace's storage could not be set up or taken down (the
+    /// source names the mount point).
+    #[error("workspace storage")]
+    Storage(#[from] tmpfs::TmpfsError),
     /// Any other I/O failure.
     #[error("{op} {path:?} failed")]
     Io {
@@ -169,13 +164,10 @@ impl Workspace {
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| io("chmod workspace", e))?;
         if let Storage::Tmpfs { max_files } = storage
-            && let Err(source) = tmpfs::mount(&root, size_cap, max_files)
+            && let Err(error) = tmpfs::mount(&root, size_cap, max_files)
         {
             let _ = std::fs::remove_dir(&root);
-            return Err(WorkspaceError::Storage {
-                path: root.display().to_string(),
-                source,
-            });
+            return Err(error.into());
         }
         Ok(Self {
             root,
@@ -208,10 +200,7 @@ impl Workspace {
         if !meta.is_dir() {
             return std::fs::remove_file(path).map_err(|e| io("remove leftover", e));
         }
-        tmpfs::unmount_if_mounted(path).map_err(|source| WorkspaceError::Storage {
-            path: path.display().to_string(),
-            source,
-        })?;
+        tmpfs::unmount_if_mounted(path)?;
         std::fs::remove_dir_all(path).map_err(|e| io("remove leftover", e))
     }
 
@@ -382,10 +371,7 @@ impl Workspace {
             Storage::Tmpfs { .. } => {
                 // Unmounting frees every file at once; the mount point left
                 // behind is the empty directory sandboxd made.
-                tmpfs::unmount(&self.root).map_err(|source| WorkspaceError::Storage {
-                    path: self.root.display().to_string(),
-                    source,
-                })?;
+                tmpfs::unmount(&self.root)?;
                 self.mounted = false;
                 std::fs::remove_dir(&self.root).map_err(io)?;
             }

@@ -696,11 +696,14 @@ fn checkpoint_loop(connection: &Connection, options: SqliteOptions, stop: &mpsc:
     if let Err(error) = crate::sys::lower_this_threads_priority() {
         tracing::debug!(%error, "could not lower the checkpoint thread's priority");
     }
-    let wal = WalWriteback::new(connection, options.synchronous);
+    // None for an in-memory database: no file, nothing to bound.
     let wal_path = connection
         .path()
         .filter(|path| !path.is_empty())
         .map(|path| PathBuf::from(format!("{path}-wal")));
+    let wal = wal_path
+        .as_deref()
+        .and_then(|path| WalWriteback::new(path, options.synchronous));
     let mut next_checkpoint = Instant::now() + CHECKPOINT_EVERY;
     loop {
         let until_checkpoint = next_checkpoint.saturating_duration_since(Instant::now());
@@ -807,16 +810,18 @@ struct WalWriteback {
 }
 
 impl WalWriteback {
-    /// None with `synchronous = FULL` (every commit syncs the WAL already),
-    /// for an in-memory database, or when the WAL cannot be opened (then
-    /// the checkpoints alone write it back, as without this).
-    fn new(connection: &Connection, synchronous: SqliteSynchronous) -> Option<Self> {
+    /// None with `synchronous = FULL` (every commit syncs the WAL already)
+    /// or when the WAL at `path` cannot be opened (then the checkpoints
+    /// alone write it back, as without this).
+    fn new(path: &Path, synchronous: SqliteSynchronous) -> Option<Self> {
         if synchronous != SqliteSynchronous::Normal {
             return None;
         }
-        let path = PathBuf::from(format!("{}-wal", connection.path()?));
-        match std::fs::File::open(&path) {
-            Ok(file) => Some(Self { path, file }),
+        match std::fs::File::open(path) {
+            Ok(file) => Some(Self {
+                path: path.to_owned(),
+                file,
+            }),
             Err(error) => {
                 tracing::warn!(path = %path.display(), %error, "cannot open the WAL to write it back early; checkpoints will");
                 None
