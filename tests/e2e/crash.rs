@@ -260,21 +260,51 @@ enum StreamEnd {
     KillNow,
 }
 
-async fn start_session(cluster: &Cluster, key: &str) -> String {
-    let mut client = cluster.control().await.unwrap();
-    client
-        .start_session(control::StartSessionRequest {
-            agent: "crasher".to_owned(),
-            input: "Tally the steps.".to_owned(),
-            idempotency_key: key.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap()
-        .session_id
+/// Starts the session (idempotent by `key`). A kill point may take the
+/// control plane down while it answers, so a connection-level failure is
+/// retried: once the dying process has exited it is restarted and the same
+/// request (same key, same session) is sent again. Returns the session id
+/// and the restarts this took.
+async fn start_session(cluster: &mut Cluster, key: &str) -> (String, usize) {
+    let mut restarts = 0;
+    loop {
+        let answer = match cluster.control().await {
+            Ok(mut client) => client
+                .start_session(control::StartSessionRequest {
+                    agent: "crasher".to_owned(),
+                    input: "Tally the steps.".to_owned(),
+                    idempotency_key: key.to_owned(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|status| format!("{status:?}")),
+            Err(error) => Err(format!("{error:#}")),
+        };
+        let failure = match answer {
+            Ok(response) => {
+                let session = response.into_inner().session.unwrap();
+                return (session.session_id, restarts);
+            }
+            Err(failure) => failure,
+        };
+        // Only a control plane that died (or is dying) explains a failed
+        // StartSession; one that lives and refused it is a real failure.
+        if let Err(error) = cluster
+            .wait_control_plane_exit(Duration::from_secs(10))
+            .await
+        {
+            panic!(
+                "StartSession failed ({failure}) and {error:#}\n{}",
+                cluster.logs()
+            );
+        }
+        assert!(
+            restarts < 3,
+            "StartSession failed after {restarts} restarts: {failure}"
+        );
+        cluster.restart_control_plane(&[]).await.unwrap();
+        restarts += 1;
+    }
 }
 
 /// Allows the pending call; false if the control plane could not be asked.
@@ -361,10 +391,9 @@ async fn run(cluster: &mut Cluster, key: &str, kill: Option<&Kill>) -> Run {
         let hook = [("HARNESS_CRASH_AT".to_owned(), point.clone())];
         cluster.restart_control_plane(&hook).await.unwrap();
     }
-    let session_id = start_session(cluster, key).await;
+    let (session_id, mut restarts) = start_session(cluster, key).await;
     let mut seen = Vec::new();
     let mut waiting_approval = None;
-    let mut restarts = 0;
     let mut trigger = kill.filter(|kill| matches!(kill, Kill::OnEvent { .. }));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
