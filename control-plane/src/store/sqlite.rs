@@ -48,9 +48,8 @@ use tokio::sync::oneshot;
 
 use super::{
     CreatedSession, EventStore, NewEvent, NewSession, PendingApproval, SessionPage, SessionQuery,
-    SessionRecord, StepRecord, StoreError,
+    SessionRecord, SharedBackendError, StepRecord, StoreError,
 };
-use crate::config::SqliteSynchronous;
 use crate::event;
 
 /// Most writes committed in one transaction.
@@ -291,6 +290,17 @@ enum WriteError {
     Failed(StoreError),
 }
 
+impl WriteError {
+    /// The error with `session_id` as its session (see
+    /// [`StoreError::for_session`]).
+    fn for_session(self, session_id: &str) -> Self {
+        match self {
+            Self::Refused(error) => Self::Refused(error.for_session(session_id)),
+            Self::Failed(error) => Self::Failed(error.for_session(session_id)),
+        }
+    }
+}
+
 type WriteResult<T> = Result<T, WriteError>;
 
 fn refused<T>(error: StoreError) -> WriteResult<T> {
@@ -376,6 +386,18 @@ impl<T: Send> WriteOutcome for Ran<T> {
     }
 }
 
+/// `sqlite-synchronous`: how hard each commit works to reach the disk (see
+/// `ControlPlaneConfig::sqlite_synchronous` for what each survives).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    /// WAL commits without a disk flush: survives process crashes.
+    #[default]
+    Normal,
+    /// A disk flush per commit: also survives power loss.
+    Full,
+}
+
 /// How the store uses SQLite. `Default`: `synchronous = NORMAL`, the WAL
 /// truncated once it passes 256 MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,32 +436,26 @@ impl SqliteStore {
     fn open_blocking(path: &Path, options: SqliteOptions) -> Result<Self, StoreError> {
         let synchronous = options.synchronous;
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-                path: dir.to_owned(),
-                source,
-            })?;
+            std::fs::create_dir_all(dir).map_err(open_error(path, "creating its directory"))?;
         }
         let mut connection = open_connection(path)?;
-        let open_error = |source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        };
+        let configure_error = open_error(path, "configuring the write connection");
         connection
             .busy_handler(Some(writer_busy))
-            .map_err(open_error)?;
+            .map_err(configure_error)?;
         // WAL lets readers proceed during writes. NORMAL: a commit is in the
         // OS before it returns (safe from any process crash); FULL: also on
         // disk (safe from power loss), at one disk flush per commit group.
         connection
             .pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_error)?;
+            .map_err(configure_error)?;
         let level = match synchronous {
             SqliteSynchronous::Normal => "NORMAL",
             SqliteSynchronous::Full => "FULL",
         };
         connection
             .pragma_update(None, "synchronous", level)
-            .map_err(open_error)?;
+            .map_err(configure_error)?;
         // The writer touches the recent pages of every active session; keep
         // them in memory (64 MiB) instead of re-reading them from the OS.
         // Checkpoints run on a thread of their own (below), never inside a
@@ -447,14 +463,14 @@ impl SqliteStore {
         // not stall every session waiting on that commit.
         connection
             .pragma_update(None, "cache_size", -65536)
-            .map_err(open_error)?;
+            .map_err(configure_error)?;
         connection
             .pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(open_error)?;
+            .map_err(configure_error)?;
         // Statement journals in memory, not in temp files.
         connection
             .pragma_update(None, "temp_store", "MEMORY")
-            .map_err(open_error)?;
+            .map_err(configure_error)?;
         migrate(&mut connection)?;
         let newest_batch = recover_heads(&connection)?;
         let fresh_heads = Arc::new(FreshHeads::default());
@@ -464,11 +480,8 @@ impl SqliteStore {
         // readers; never for longer than this (it is retried next time).
         checkpoints
             .busy_timeout(RESTART_PATIENCE)
-            .map_err(open_error)?;
-        let thread_error = |source| StoreError::Thread {
-            path: path.to_owned(),
-            source,
-        };
+            .map_err(configure_error)?;
+        let thread_error = open_error(path, "starting a database thread");
         let (writes, jobs) = mpsc::channel::<Box<dyn WriteJob>>();
         std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
@@ -561,14 +574,10 @@ fn consistent_read<T>(
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let open_error = |source| StoreError::Open {
-        path: path.to_owned(),
-        source,
-    };
-    let connection = Connection::open(path).map_err(open_error)?;
+    let connection = Connection::open(path).map_err(open_error(path, "opening a connection"))?;
     connection
         .busy_timeout(Duration::from_secs(5))
-        .map_err(open_error)?;
+        .map_err(open_error(path, "configuring a connection"))?;
     // Room for every statement the store prepares (rusqlite keeps 16).
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(connection)
@@ -886,7 +895,7 @@ fn commit_group(
 ) {
     // The transaction statements are prepared once, not parsed per group.
     if let Err(error) = run_cached(connection, "BEGIN IMMEDIATE") {
-        let error = Arc::new(error);
+        let error: SharedBackendError = Arc::new(error);
         for job in group {
             job.fail(StoreError::Commit(Arc::clone(&error)));
         }
@@ -965,7 +974,10 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     let read_version = |connection: &Connection| {
         connection
             .pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))
-            .map_err(|source| StoreError::Migrate { version: 0, source })
+            .map_err(|source| StoreError::Migrate {
+                version: 0,
+                source: Box::new(source),
+            })
     };
     let found = usize::try_from(read_version(connection)?).unwrap_or(usize::MAX);
     if found > MIGRATIONS.len() {
@@ -976,7 +988,10 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(found) {
         let version = index + 1;
-        let migrate_error = |source| StoreError::Migrate { version, source };
+        let migrate_error = |source| StoreError::Migrate {
+            version,
+            source: Box::new(source),
+        };
         let transaction = connection.transaction().map_err(migrate_error)?;
         transaction.execute_batch(sql).map_err(migrate_error)?;
         transaction
@@ -987,8 +1002,25 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn query_error(operation: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Query { operation, source }
+/// A failed query while trying to `step`.
+fn query_error(step: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Backend {
+        step,
+        session: None,
+        source: Box::new(source),
+    }
+}
+
+/// A failure to open the database at `path` while `step`.
+fn open_error<'a, E>(path: &'a Path, step: &'static str) -> impl Fn(E) -> StoreError + Copy + 'a
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |source| StoreError::Open {
+        location: path.display().to_string(),
+        step,
+        source: Box::new(source),
+    }
 }
 
 fn to_micros(time: SystemTime) -> i64 {
@@ -1758,6 +1790,31 @@ fn read_steps(
     Ok(steps)
 }
 
+/// The session's tool calls awaiting approval, oldest first.
+fn pending_approvals(
+    connection: &Connection,
+    session_id: &str,
+) -> Result<Vec<PendingApproval>, StoreError> {
+    let Some(key) = session_key(connection, session_id)? else {
+        return Ok(Vec::new());
+    };
+    let mut statement = connection
+        .prepare_cached(
+            "SELECT call_id, turn FROM pending_approvals WHERE session_key = ?1 ORDER BY seq",
+        )
+        .map_err(query_error("read pending approvals"))?;
+    let rows = statement
+        .query_map([key], |row| {
+            Ok(PendingApproval {
+                call_id: row.get(0)?,
+                turn: row.get(1)?,
+            })
+        })
+        .map_err(query_error("read pending approvals"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(query_error("read pending approvals"))
+}
+
 fn list_sessions(
     connection: &Connection,
     fresh: &HashMap<i64, i64>,
@@ -1860,6 +1917,7 @@ impl EventStore for SqliteStore {
                 "s.tenant = ?1 AND s.session_id = ?2",
                 params![tenant, session_id],
             )
+            .map_err(|error| error.for_session(&session_id))
         })
     }
 
@@ -1900,7 +1958,8 @@ impl EventStore for SqliteStore {
                         "UPDATE sessions SET sandbox_session_id = ?2 WHERE session_id = ?1",
                         params![session_id, sandbox_session_id],
                     )
-                    .map_err(query_error("record the sandbox session")),
+                    .map_err(query_error("record the sandbox session"))
+                    .map_err(|error| error.for_session(&session_id)),
             )?;
             if updated == 0 {
                 // Nothing was written.
@@ -1918,11 +1977,15 @@ impl EventStore for SqliteStore {
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
         self.write(move |connection, memory| {
             append_events(connection, memory, &session_id, events, steps)
+                .map_err(|error| error.for_session(&session_id))
         })
     }
 
     fn read_steps(&self, session_id: String) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>> {
-        self.read(move |connection, fresh| read_steps(connection, fresh, &session_id))
+        self.read(move |connection, fresh| {
+            read_steps(connection, fresh, &session_id)
+                .map_err(|error| error.for_session(&session_id))
+        })
     }
 
     fn pending_approvals(
@@ -1930,24 +1993,8 @@ impl EventStore for SqliteStore {
         session_id: String,
     ) -> BoxFuture<'_, Result<Vec<PendingApproval>, StoreError>> {
         self.read(move |connection, _| {
-            let Some(key) = session_key(connection, &session_id)? else {
-                return Ok(Vec::new());
-            };
-            let mut statement = connection
-                .prepare_cached(
-                    "SELECT call_id, turn FROM pending_approvals WHERE session_key = ?1 ORDER BY seq",
-                )
-                .map_err(query_error("read pending approvals"))?;
-            let rows = statement
-                .query_map([key], |row| {
-                    Ok(PendingApproval {
-                        call_id: row.get(0)?,
-                        turn: row.get(1)?,
-                    })
-                })
-                .map_err(query_error("read pending approvals"))?;
-            rows.collect::<Result<_, _>>()
-                .map_err(query_error("read pending approvals"))
+            pending_approvals(connection, &session_id)
+                .map_err(|error| error.for_session(&session_id))
         })
     }
 
@@ -1965,7 +2012,8 @@ impl EventStore for SqliteStore {
                         |row| row.get(0),
                     )
                     .optional()
-                    .map_err(query_error("read a session to cancel")),
+                    .map_err(query_error("read a session to cancel"))
+                    .map_err(|error| error.for_session(&session_id)),
             )?;
             match status.as_deref() {
                 None => return refused(StoreError::UnknownSession(session_id)),
@@ -1981,7 +2029,8 @@ impl EventStore for SqliteStore {
                          AND cancel_reason IS NULL",
                         params![session_id, reason],
                     )
-                    .map_err(query_error("record a cancellation")),
+                    .map_err(query_error("record a cancellation"))
+                    .map_err(|error| error.for_session(&session_id)),
             )?;
             Ok(())
         })
@@ -1995,6 +2044,7 @@ impl EventStore for SqliteStore {
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
         self.read(move |connection, fresh| {
             read_events(connection, fresh, &session_id, after_seq, limit)
+                .map_err(|error| error.for_session(&session_id))
         })
     }
 }
