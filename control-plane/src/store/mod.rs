@@ -13,12 +13,14 @@
 //!   atomically: all or nothing.
 //! - `finished` is the last event: appending after it fails.
 //! - The session row (status, stop reason, final output, usage, pending
-//!   approvals) is derived from the events in the same transaction that
-//!   appends them, so the row never disagrees with the log.
+//!   approvals) is derived from the events by [`projection`], the one set of
+//!   rules every backend applies, in the same transaction that appends them,
+//!   so the row never disagrees with the log.
 //! - An `approval_resolved` event is accepted only for a call whose
 //!   `approval_requested` is still pending, so a human and a timeout (or two
 //!   humans) cannot both resolve one call.
 
+pub mod projection;
 pub mod sqlite;
 
 use std::collections::HashMap;

@@ -38,7 +38,6 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
-use harness_proto::control::v1::session_event::Kind;
 use harness_proto::control::v1::{
     BudgetLimits, BudgetUsage, SessionEvent, SessionStatus, StopReason,
 };
@@ -46,11 +45,11 @@ use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use super::projection::{self, Projection, Refusal, RequestedApproval};
 use super::{
     CreatedSession, EventStore, NewEvent, NewSession, PendingApproval, SessionPage, SessionQuery,
     SessionRecord, SharedBackendError, StepRecord, StoreError,
 };
-use crate::event;
 
 /// Most writes committed in one transaction.
 const MAX_GROUP: usize = 1024;
@@ -1246,11 +1245,9 @@ struct AppendState {
     key: i64,
     /// The session's newest batch (none before the first).
     head: Option<i64>,
-    last_seq: u64,
-    status: SessionStatus,
-    stop_reason: StopReason,
-    final_output: String,
-    usage: BudgetUsage,
+    /// Its pending approvals are loaded only for a batch that
+    /// [`projection::touches_approvals`]; no other batch reads them.
+    projection: Projection,
 }
 
 fn read_append_state(
@@ -1297,23 +1294,37 @@ fn read_append_state(
     Ok(AppendState {
         key: row.0,
         head: row.6,
-        last_seq: u64::try_from(row.1).unwrap_or(0),
-        status: SessionStatus::from_str_name(&row.2)
-            .ok_or_else(|| corrupt(format!("unknown status {:?}", row.2)))?,
-        stop_reason: StopReason::from_str_name(&row.3)
-            .ok_or_else(|| corrupt(format!("unknown stop reason {:?}", row.3)))?,
-        final_output: row.4,
-        usage: BudgetUsage::decode(row.5.as_deref().unwrap_or_default())
-            .map_err(|error| corrupt(format!("usage: {error}")))?,
+        projection: Projection {
+            last_seq: u64::try_from(row.1).unwrap_or(0),
+            status: SessionStatus::from_str_name(&row.2)
+                .ok_or_else(|| corrupt(format!("unknown status {:?}", row.2)))?,
+            stop_reason: StopReason::from_str_name(&row.3)
+                .ok_or_else(|| corrupt(format!("unknown stop reason {:?}", row.3)))?,
+            final_output: row.4,
+            usage: BudgetUsage::decode(row.5.as_deref().unwrap_or_default())
+                .map_err(|error| corrupt(format!("usage: {error}")))?,
+            pending_approvals: Vec::new(),
+        },
     })
 }
 
-fn pending_call_ids(connection: &Connection, key: i64) -> Result<Vec<String>, StoreError> {
+/// The pending approvals of the session with `key`, oldest first.
+fn pending_approvals_of(
+    connection: &Connection,
+    key: i64,
+) -> Result<Vec<PendingApproval>, StoreError> {
     let mut statement = connection
-        .prepare_cached("SELECT call_id FROM pending_approvals WHERE session_key = ?1")
+        .prepare_cached(
+            "SELECT call_id, turn FROM pending_approvals WHERE session_key = ?1 ORDER BY seq",
+        )
         .map_err(query_error("read pending approvals"))?;
     let rows = statement
-        .query_map([key], |row| row.get(0))
+        .query_map([key], |row| {
+            Ok(PendingApproval {
+                call_id: row.get(0)?,
+                turn: row.get(1)?,
+            })
+        })
         .map_err(query_error("read pending approvals"))?;
     rows.collect::<Result<_, _>>()
         .map_err(query_error("read pending approvals"))
@@ -1372,79 +1383,32 @@ fn append_events(
         None => check(read_append_state(connection, memory, session_id))?,
     };
     let key = state.key;
-    let status_before = (state.status, state.stop_reason);
-    let touches_approvals = events.iter().any(|event| {
-        matches!(
-            event.kind,
-            Kind::ApprovalRequested(_) | Kind::ApprovalResolved(_) | Kind::Finished(_)
-        )
-    });
-    let mut pending = if touches_approvals {
-        check(pending_call_ids(connection, key))?
-    } else {
-        Vec::new()
-    };
+    let touches_approvals = projection::touches_approvals(&events);
+    if touches_approvals {
+        state.projection.pending_approvals = check(pending_approvals_of(connection, key))?;
+    }
     if events.is_empty() && !steps.is_empty() {
         return refused(StoreError::StepsWithoutEvents(session_id.to_owned()));
     }
     // Time as stored (microseconds), so an event reads back exactly as returned.
     let now_micros = to_micros(SystemTime::now());
     let now = from_micros(now_micros);
-    let mut stored = Vec::with_capacity(events.len());
-    let mut approvals_added = Vec::new();
-    let mut approvals_resolved = Vec::new();
-    let mut outcome_changed = false;
-    for NewEvent { turn, kind } in events {
-        if state.status == SessionStatus::Finished {
-            return refused(StoreError::SessionFinished(session_id.to_owned()));
-        }
-        state.last_seq += 1;
-        match &kind {
-            Kind::ApprovalRequested(requested) => {
-                pending.push(requested.call_id.clone());
-                approvals_added.push((requested.call_id.clone(), turn, state.last_seq));
-                state.status = SessionStatus::AwaitingApproval;
-            }
-            Kind::ApprovalResolved(resolved) => {
-                let Some(position) = pending.iter().position(|id| *id == resolved.call_id) else {
-                    return refused(StoreError::ApprovalNotPending {
-                        session_id: session_id.to_owned(),
-                        call_id: resolved.call_id.clone(),
-                    });
-                };
-                pending.remove(position);
-                approvals_resolved.push(resolved.call_id.clone());
-                // Resolving one of several pending approvals keeps the session waiting.
-                if pending.is_empty() {
-                    state.status = SessionStatus::Running;
-                }
-            }
-            Kind::Finished(_) => pending.clear(),
-            _ => {}
-        }
-        if !matches!(kind, Kind::ApprovalResolved(_))
-            && let Some(status) = event::status_after(&kind)
-        {
-            state.status = status;
-        }
-        if let Some((stop_reason, final_output)) = event::outcome_of(&kind) {
-            state.stop_reason = stop_reason;
-            state.final_output = final_output.to_owned();
-            outcome_changed = true;
-        }
-        event::apply_to_usage(&mut state.usage, &kind);
-        // Without session id and time, as stored; both are filled in below.
-        stored.push(SessionEvent {
-            session_id: String::new(),
-            seq: state.last_seq,
-            time: None,
-            turn,
-            kind: Some(kind),
-        });
-    }
+    let (projection, applied) = match state.projection.apply_batch(events) {
+        Ok(applied) => applied,
+        Err(refusal) => return refused(refusal_error(session_id, refusal)),
+    };
+    let row_changed = (projection.status, projection.stop_reason)
+        != (state.projection.status, state.projection.stop_reason)
+        || applied.finished;
+    state.projection = projection;
     // Now write: the batch as one row.
-    let first_seq = stored.first().map_or(state.last_seq, |event| event.seq);
-    let batch = StoredBatch { events: stored };
+    let first_seq = applied
+        .events
+        .first()
+        .map_or(state.projection.last_seq, |event| event.seq);
+    let batch = StoredBatch {
+        events: applied.events,
+    };
     if !batch.events.is_empty() {
         let batch_id = write_step(insert_batch(
             connection,
@@ -1452,11 +1416,11 @@ fn append_events(
                 key,
                 prev: state.head,
                 first_seq,
-                last_seq: state.last_seq,
+                last_seq: state.projection.last_seq,
                 created_at: now_micros,
                 events: &batch.encode_to_vec(),
                 steps: encode_steps(steps).as_deref(),
-                usage: &state.usage.encode_to_vec(),
+                usage: &state.projection.usage.encode_to_vec(),
             },
         ))?;
         state.head = Some(batch_id);
@@ -1472,13 +1436,13 @@ fn append_events(
         write_step(write_approvals(
             connection,
             key,
-            &approvals_added,
-            &approvals_resolved,
-            state.status,
+            &applied.approvals_requested,
+            &applied.approvals_resolved,
+            applied.finished,
         ))?;
     }
-    let finished = state.status == SessionStatus::Finished;
-    if (state.status, state.stop_reason) != status_before || outcome_changed {
+    if row_changed {
+        let projection = &state.projection;
         write_step(
             connection
                 .prepare_cached(
@@ -1488,15 +1452,15 @@ fn append_events(
                 .and_then(|mut statement| {
                     statement.execute(params![
                         key,
-                        state.status.as_str_name(),
-                        state.stop_reason.as_str_name(),
-                        state.final_output
+                        projection.status.as_str_name(),
+                        projection.stop_reason.as_str_name(),
+                        projection.final_output
                     ])
                 })
                 .map_err(query_error("update a session's status")),
         )?;
     }
-    if finished {
+    if applied.finished {
         memory.sessions.remove(session_id);
     } else if let Some(remembered) = memory.sessions.get_mut(session_id) {
         *remembered = state;
@@ -1504,6 +1468,17 @@ fn append_events(
         memory.sessions.insert(session_id.to_owned(), state);
     }
     Ok(stored)
+}
+
+/// The error a refused append reports.
+fn refusal_error(session_id: &str, refusal: Refusal) -> StoreError {
+    match refusal {
+        Refusal::Finished => StoreError::SessionFinished(session_id.to_owned()),
+        Refusal::ApprovalNotPending { call_id } => StoreError::ApprovalNotPending {
+            session_id: session_id.to_owned(),
+            call_id,
+        },
+    }
 }
 
 /// One batch row to insert.
@@ -1569,11 +1544,11 @@ fn insert_batch(connection: &Connection, batch: &BatchInsert<'_>) -> Result<i64,
 fn write_approvals(
     connection: &Connection,
     key: i64,
-    added: &[(String, u32, u64)],
+    requested: &[RequestedApproval],
     resolved: &[String],
-    status: SessionStatus,
+    finished: bool,
 ) -> Result<(), StoreError> {
-    for (call_id, turn, seq) in added {
+    for RequestedApproval { call_id, turn, seq } in requested {
         connection
             .prepare_cached(
                 "INSERT OR REPLACE INTO pending_approvals (session_key, call_id, turn, seq) \
@@ -1590,7 +1565,7 @@ fn write_approvals(
             .and_then(|mut statement| statement.execute(params![key, call_id]))
             .map_err(query_error("resolve a pending approval"))?;
     }
-    if status == SessionStatus::Finished {
+    if finished {
         connection
             .prepare_cached("DELETE FROM pending_approvals WHERE session_key = ?1")
             .and_then(|mut statement| statement.execute([key]))
@@ -1795,24 +1770,10 @@ fn pending_approvals(
     connection: &Connection,
     session_id: &str,
 ) -> Result<Vec<PendingApproval>, StoreError> {
-    let Some(key) = session_key(connection, session_id)? else {
-        return Ok(Vec::new());
-    };
-    let mut statement = connection
-        .prepare_cached(
-            "SELECT call_id, turn FROM pending_approvals WHERE session_key = ?1 ORDER BY seq",
-        )
-        .map_err(query_error("read pending approvals"))?;
-    let rows = statement
-        .query_map([key], |row| {
-            Ok(PendingApproval {
-                call_id: row.get(0)?,
-                turn: row.get(1)?,
-            })
-        })
-        .map_err(query_error("read pending approvals"))?;
-    rows.collect::<Result<_, _>>()
-        .map_err(query_error("read pending approvals"))
+    match session_key(connection, session_id)? {
+        Some(key) => pending_approvals_of(connection, key),
+        None => Ok(Vec::new()),
+    }
 }
 
 fn list_sessions(
@@ -2053,6 +2014,7 @@ impl EventStore for SqliteStore {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    use harness_proto::control::v1::session_event::Kind;
     use harness_proto::control::v1::{
         ModelTextDelta, SessionFinished, SessionStarted, ToolStarted,
     };
