@@ -20,6 +20,8 @@
 //!   `approval_requested` is still pending, so a human and a timeout (or two
 //!   humans) cannot both resolve one call.
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod projection;
 pub mod sqlite;
 

@@ -502,6 +502,11 @@ impl SqliteStore {
         })
     }
 
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
     /// Runs `work` on the writer thread inside the next commit group.
     fn write<T, F>(&self, work: F) -> BoxFuture<'static, Result<T, StoreError>>
     where
@@ -2020,6 +2025,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::store::conformance::{self, StoreHarness};
 
     /// A WAL-mode database that never checkpoints by itself, holding
     /// `rows` rows of 16 KiB, and the path of its WAL.
@@ -2097,6 +2103,106 @@ mod tests {
         );
     }
 
+    /// SQLite stores in one temporary directory, for the conformance suite.
+    struct Harness {
+        dir: tempfile::TempDir,
+        opened: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Self {
+                dir: tempfile::tempdir().unwrap(),
+                opened: std::sync::atomic::AtomicUsize::new(0),
+            }
+        }
+
+        fn new_path(&self) -> PathBuf {
+            let number = self
+                .opened
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.dir.path().join(format!("store-{number}.db"))
+        }
+    }
+
+    impl StoreHarness for Harness {
+        type Store = SqliteStore;
+
+        fn open_fresh(&self) -> impl Future<Output = SqliteStore> + Send {
+            let path = self.new_path();
+            async move { SqliteStore::open(&path).await.unwrap() }
+        }
+
+        async fn reopen(&self, store: SqliteStore) -> SqliteStore {
+            let path = store.path().to_owned();
+            drop(store);
+            SqliteStore::open(&path).await.unwrap()
+        }
+
+        /// Opens a copy of the files as a crash leaves them (the WAL first,
+        /// so a checkpoint between the copies loses nothing), while the
+        /// store still runs; only then is it dropped.
+        fn reopen_after_crash(
+            &self,
+            store: SqliteStore,
+        ) -> impl Future<Output = SqliteStore> + Send {
+            let image = self.new_path();
+            async move {
+                let wal = |path: &Path| PathBuf::from(format!("{}-wal", path.display()));
+                std::fs::copy(wal(store.path()), wal(&image)).unwrap();
+                std::fs::copy(store.path(), &image).unwrap();
+                let reopened = SqliteStore::open(&image).await.unwrap();
+                drop(store);
+                reopened
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn conformance_create_is_idempotent_by_tenant_and_key() {
+        conformance::create_is_idempotent_by_tenant_and_key(&Harness::new()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_appends_are_numbered_without_gaps_and_read_back_by_seq() {
+        conformance::appends_are_numbered_without_gaps_and_read_back_by_seq(&Harness::new()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_followers_see_every_event_once_in_order() {
+        conformance::followers_see_every_event_once_in_order(&Harness::new()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_approvals_are_pending_until_resolved_once() {
+        conformance::approvals_are_pending_until_resolved_once(&Harness::new()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn conformance_concurrent_appends_to_many_sessions_lose_nothing() {
+        conformance::concurrent_appends_to_many_sessions_lose_nothing(&Harness::new()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_a_refused_write_does_not_fail_the_writes_beside_it() {
+        conformance::a_refused_write_does_not_fail_the_writes_beside_it(&Harness::new()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_sessions_list_cancel_and_record_their_sandbox() {
+        conformance::sessions_list_cancel_and_record_their_sandbox(&Harness::new()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_everything_committed_survives_a_clean_reopen() {
+        conformance::everything_committed_survives_a_clean_reopen(&Harness::new()).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_everything_committed_survives_a_crash() {
+        conformance::everything_committed_survives_a_crash(&Harness::new()).await;
+    }
+
     async fn open_temp() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("nested/cp.db"))
@@ -2124,112 +2230,6 @@ mod tests {
         Kind::TextDelta(ModelTextDelta {
             text: text.to_owned(),
         })
-    }
-
-    #[tokio::test]
-    async fn created_session_reads_back_as_pending() {
-        let (_dir, store) = open_temp().await;
-        let created = store.create_session(new_session("s1", None)).await.unwrap();
-        assert!(created.created);
-        let record = store
-            .get_session("default".to_owned(), "s1".to_owned())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(record, created.session);
-        assert_eq!(
-            (
-                record.status,
-                record.stop_reason,
-                record.last_seq,
-                record.input.as_str()
-            ),
-            (SessionStatus::Pending, StopReason::Unspecified, 0, "hello")
-        );
-        assert_eq!(record.metadata, new_session("s1", None).metadata);
-        assert_eq!(record.budget.max_turns, Some(5));
-    }
-
-    #[tokio::test]
-    async fn repeated_idempotency_key_returns_the_first_session() {
-        let (_dir, store) = open_temp().await;
-        let first = store
-            .create_session(new_session("s1", Some("k")))
-            .await
-            .unwrap();
-        let again = store
-            .create_session(new_session("s2", Some("k")))
-            .await
-            .unwrap();
-        assert!(first.created);
-        assert!(!again.created);
-        assert_eq!(again.session, first.session);
-        let other_tenant = NewSession {
-            tenant: "other".to_owned(),
-            ..new_session("s3", Some("k"))
-        };
-        assert!(store.create_session(other_tenant).await.unwrap().created);
-        let found = store
-            .find_by_idempotency_key("default".to_owned(), "k".to_owned())
-            .await
-            .unwrap();
-        assert_eq!(found.map(|s| s.session_id), Some("s1".to_owned()));
-    }
-
-    #[tokio::test]
-    async fn other_tenants_cannot_see_a_session() {
-        let (_dir, store) = open_temp().await;
-        store.create_session(new_session("s1", None)).await.unwrap();
-        let seen = store
-            .get_session("intruder".to_owned(), "s1".to_owned())
-            .await
-            .unwrap();
-        assert_eq!(seen, None);
-    }
-
-    #[tokio::test]
-    async fn concurrent_appends_get_gap_free_unique_sequence_numbers() {
-        let (_dir, store) = open_temp().await;
-        store.create_session(new_session("s1", None)).await.unwrap();
-        let appends =
-            (0..40).map(|i| store.append_event("s1".to_owned(), 1, delta(&i.to_string())));
-        let mut seqs: Vec<u64> = futures::future::try_join_all(appends)
-            .await
-            .unwrap()
-            .iter()
-            .map(|event| event.seq)
-            .collect();
-        seqs.sort_unstable();
-        assert_eq!(seqs, (1..=40).collect::<Vec<u64>>());
-        let stored: Vec<u64> = store
-            .read_events("s1".to_owned(), 0, 100)
-            .await
-            .unwrap()
-            .iter()
-            .map(|event| event.seq)
-            .collect();
-        assert_eq!(stored, seqs);
-    }
-
-    #[tokio::test]
-    async fn read_events_returns_exactly_those_after_the_cursor() {
-        let (_dir, store) = open_temp().await;
-        store.create_session(new_session("s1", None)).await.unwrap();
-        for text in ["a", "b", "c", "d"] {
-            store
-                .append_event("s1".to_owned(), 1, delta(text))
-                .await
-                .unwrap();
-        }
-        let events = store.read_events("s1".to_owned(), 2, 1).await.unwrap();
-        assert_eq!(
-            events
-                .iter()
-                .map(|e| (e.seq, e.kind.clone()))
-                .collect::<Vec<_>>(),
-            [(3, Some(delta("c")))]
-        );
-        assert_eq!(store.read_events("s1".to_owned(), 4, 10).await.unwrap(), []);
     }
 
     #[tokio::test]
@@ -2281,33 +2281,6 @@ mod tests {
         let late = store.append_event("s1".to_owned(), 1, delta("late")).await;
         assert!(matches!(late, Err(StoreError::SessionFinished(id)) if id == "s1"));
         assert_eq!(store.list_unfinished_sessions().await.unwrap(), []);
-    }
-
-    #[tokio::test]
-    async fn appending_to_an_unknown_session_fails() {
-        let (_dir, store) = open_temp().await;
-        let result = store.append_event("nope".to_owned(), 0, delta("x")).await;
-        assert!(matches!(result, Err(StoreError::UnknownSession(id)) if id == "nope"));
-    }
-
-    #[tokio::test]
-    async fn sequence_numbers_continue_after_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cp.db");
-        {
-            let store = SqliteStore::open(&path).await.unwrap();
-            store.create_session(new_session("s1", None)).await.unwrap();
-            store
-                .append_event("s1".to_owned(), 1, delta("a"))
-                .await
-                .unwrap();
-        }
-        let reopened = SqliteStore::open(&path).await.unwrap();
-        let event = reopened
-            .append_event("s1".to_owned(), 1, delta("b"))
-            .await
-            .unwrap();
-        assert_eq!(event.seq, 2);
     }
 
     /// The heads of a running session live in `FreshHeads` until saved;
@@ -2489,59 +2462,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sessions_list_newest_first_in_pages_with_filters() {
-        let (_dir, store) = open_temp().await;
-        for id in ["s1", "s2", "s3"] {
-            store.create_session(new_session(id, None)).await.unwrap();
-            // Distinct creation times make the expected order unambiguous.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let query = SessionQuery {
-            tenant: "default".to_owned(),
-            page_size: 2,
-            ..Default::default()
-        };
-        let first = store.list_sessions(query.clone()).await.unwrap();
-        let second = store
-            .list_sessions(SessionQuery {
-                page_token: first.next_page_token.clone(),
-                ..query.clone()
-            })
-            .await
-            .unwrap();
-        let ids = |page: &SessionPage| -> Vec<String> {
-            page.sessions.iter().map(|s| s.session_id.clone()).collect()
-        };
-        assert_eq!(ids(&first), ["s3", "s2"]);
-        assert_eq!(ids(&second), ["s1"]);
-        assert_eq!(second.next_page_token, None);
-        let other_agent = store
-            .list_sessions(SessionQuery {
-                agent: Some("other".to_owned()),
-                ..query.clone()
-            })
-            .await
-            .unwrap();
-        assert_eq!(ids(&other_agent), Vec::<String>::new());
-        let pending = store
-            .list_sessions(SessionQuery {
-                status: Some(SessionStatus::Pending),
-                page_size: 10,
-                ..query.clone()
-            })
-            .await
-            .unwrap();
-        assert_eq!(ids(&pending), ["s3", "s2", "s1"]);
-        let bad = store
-            .list_sessions(SessionQuery {
-                page_token: Some("garbage".to_owned()),
-                ..query
-            })
-            .await;
-        assert!(matches!(bad, Err(StoreError::BadPageToken(_))));
-    }
-
-    #[tokio::test]
     async fn a_version_1_database_is_migrated_with_its_sessions_and_events() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cp.db");
@@ -2656,99 +2576,6 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(session.last_seq, 3);
-    }
-
-    #[tokio::test]
-    async fn approvals_are_pending_until_resolved_once() {
-        let (_dir, store) = open_temp().await;
-        store.create_session(new_session("s1", None)).await.unwrap();
-        let requested = |call: &str| {
-            Kind::ApprovalRequested(harness_proto::control::v1::ApprovalRequested {
-                call_id: call.to_owned(),
-                ..Default::default()
-            })
-        };
-        let resolved = |call: &str| {
-            Kind::ApprovalResolved(harness_proto::control::v1::ApprovalResolved {
-                call_id: call.to_owned(),
-                ..Default::default()
-            })
-        };
-        store
-            .append_events(
-                "s1".to_owned(),
-                vec![
-                    NewEvent::new(2, requested("c1")),
-                    NewEvent::new(2, requested("c2")),
-                ],
-                Vec::new(),
-            )
-            .await
-            .unwrap();
-        let status = |store: SqliteStore| async move {
-            store
-                .get_session("default".to_owned(), "s1".to_owned())
-                .await
-                .unwrap()
-                .unwrap()
-                .status
-        };
-        assert_eq!(status(store.clone()).await, SessionStatus::AwaitingApproval);
-        store
-            .append_event("s1".to_owned(), 2, resolved("c1"))
-            .await
-            .unwrap();
-        // One still waits.
-        assert_eq!(status(store.clone()).await, SessionStatus::AwaitingApproval);
-        assert_eq!(
-            store.pending_approvals("s1".to_owned()).await.unwrap(),
-            [PendingApproval {
-                call_id: "c2".to_owned(),
-                turn: 2
-            }]
-        );
-        let twice = store.append_event("s1".to_owned(), 2, resolved("c1")).await;
-        assert!(matches!(twice, Err(StoreError::ApprovalNotPending { .. })));
-        store
-            .append_event("s1".to_owned(), 2, resolved("c2"))
-            .await
-            .unwrap();
-        assert_eq!(status(store.clone()).await, SessionStatus::Running);
-        assert_eq!(store.pending_approvals("s1".to_owned()).await.unwrap(), []);
-    }
-
-    #[tokio::test]
-    async fn cancellation_is_recorded_once_and_refused_after_the_end() {
-        let (_dir, store) = open_temp().await;
-        store.create_session(new_session("s1", None)).await.unwrap();
-        store
-            .request_cancel("s1".to_owned(), "first".to_owned())
-            .await
-            .unwrap();
-        store
-            .request_cancel("s1".to_owned(), "second".to_owned())
-            .await
-            .unwrap();
-        let session = store
-            .get_session("default".to_owned(), "s1".to_owned())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(session.cancel_reason.as_deref(), Some("first"));
-        store
-            .append_event(
-                "s1".to_owned(),
-                0,
-                Kind::Finished(SessionFinished::default()),
-            )
-            .await
-            .unwrap();
-        let late = store
-            .request_cancel("s1".to_owned(), "late".to_owned())
-            .await;
-        assert!(matches!(late, Err(StoreError::SessionFinished(_))));
-        let unknown = store.request_cancel("nope".to_owned(), String::new()).await;
-        assert!(matches!(unknown, Err(StoreError::UnknownSession(_))));
     }
 
     #[tokio::test]
