@@ -20,6 +20,7 @@
 //!   `approval_requested` is still pending, so a human and a timeout (or two
 //!   humans) cannot both resolve one call.
 
+pub mod change_feed;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod projection;
@@ -35,6 +36,7 @@ use harness_proto::control::v1::{
     BudgetLimits, BudgetUsage, Session, SessionEvent, SessionStatus, StopReason,
 };
 
+pub use change_feed::{ChangeFeed, ChangeSubscription, FeedClosed, InProcessChangeFeed};
 pub use sqlite::{SqliteOptions, SqliteStore, SqliteSynchronous};
 
 /// A session to create.
