@@ -115,7 +115,7 @@ pub struct SqliteOptions {
     /// How hard each commit works to reach the disk.
     pub synchronous: SqliteSynchronous,
     /// Size past which the checkpoint thread truncates the WAL (see
-    /// [`checkpoint_once`]).
+    /// `checkpoint::checkpoint_once`).
     pub max_wal_bytes: u64,
 }
 
