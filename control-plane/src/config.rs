@@ -14,6 +14,7 @@ use crate::budget::ModelPrice;
 use crate::provider::circuit::BreakerSettings;
 use crate::provider::http::HttpSettings;
 use crate::provider::retry::RetryPolicy;
+pub use crate::store::sqlite::SqliteSynchronous;
 
 /// Settings of one control-plane process.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -64,17 +65,6 @@ pub struct ControlPlaneConfig {
     /// (and optionally `cached-input-usd-per-mtok`). A model without a price
     /// costs 0, and an agent with a cost budget must have one.
     pub prices: BTreeMap<String, ModelPrice>,
-}
-
-/// `sqlite-synchronous`: see [`ControlPlaneConfig::sqlite_synchronous`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum SqliteSynchronous {
-    /// WAL commits without a disk flush: survives process crashes.
-    #[default]
-    Normal,
-    /// A disk flush per commit: also survives power loss.
-    Full,
 }
 
 /// The `[providers]` table.

@@ -1,9 +1,10 @@
 //! Small facts about session events shared by the store, the loop and the
-//! transcript: each kind's name, and how an event changes a session's usage
-//! and status.
+//! transcript: each kind's name, and how an event changes a session's usage.
+//! How events move a session's status is the store's projection
+//! ([`crate::store::projection`]).
 
 use harness_proto::control::v1::session_event::Kind;
-use harness_proto::control::v1::{BudgetUsage, SessionStatus, StopReason, TurnCompleted};
+use harness_proto::control::v1::{BudgetUsage, TurnCompleted};
 
 /// The snake_case name of an event kind, as in the proto's `oneof kind`.
 pub fn kind_name(kind: &Kind) -> &'static str {
@@ -55,27 +56,6 @@ pub fn apply_turn_to_usage(usage: &mut BudgetUsage, turn: &TurnCompleted) {
             .cached_input_tokens
             .saturating_add(turn_usage.cached_input_tokens);
         usage.cost_micros = usage.cost_micros.saturating_add(turn_usage.cost_micros);
-    }
-}
-
-/// The session status after `kind`, if it changes it.
-pub fn status_after(kind: &Kind) -> Option<SessionStatus> {
-    match kind {
-        Kind::Started(_) | Kind::ApprovalResolved(_) | Kind::UserMessage(_) => {
-            Some(SessionStatus::Running)
-        }
-        Kind::ApprovalRequested(_) => Some(SessionStatus::AwaitingApproval),
-        Kind::WaitingForInput(_) => Some(SessionStatus::WaitingForInput),
-        Kind::Finished(_) => Some(SessionStatus::Finished),
-        _ => None,
-    }
-}
-
-/// The stop reason and final output a `finished` event records.
-pub fn outcome_of(kind: &Kind) -> Option<(StopReason, &str)> {
-    match kind {
-        Kind::Finished(finished) => Some((finished.stop_reason(), finished.final_output.as_str())),
-        _ => None,
     }
 }
 

@@ -1,15 +1,15 @@
 //! The event log as the loop and the API see it: the [`EventStore`] plus live
 //! change notification, and the reader behind `StreamEvents`.
 //!
-//! Followers never receive in-memory copies of events. Each session has a
-//! `watch` channel carrying its latest sequence number; a follower marks the
-//! channel seen, reads everything after its cursor from the store, and only
-//! then waits for a change. An append that lands between the read and the wait
-//! still flips the channel, so nothing is missed, and since every event comes
-//! from the store in `seq` order after the cursor, nothing is sent twice.
+//! Followers never receive in-memory copies of events. Appends are announced
+//! on a [`ChangeFeed`] (in one process: a `watch` channel per followed
+//! session); a follower marks its subscription seen, reads everything after
+//! its cursor from the store, and only then waits for a change. An append
+//! that lands between the read and the wait still wakes it, so nothing is
+//! missed, and since every event comes from the store in `seq` order after
+//! the cursor, nothing is sent twice (a spurious wake-up costs one read).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use futures::stream::BoxStream;
 use harness_proto::control::v1::session_event::Kind;
@@ -18,7 +18,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::crash_hook;
-use crate::store::{EventStore, NewEvent, StepRecord, StoreError};
+use crate::store::{
+    ChangeFeed, ChangeSubscription, EventStore, InProcessChangeFeed, NewEvent, StepRecord,
+    StoreError,
+};
 
 /// Events read from the store per query while catching up.
 const READ_BATCH: usize = 256;
@@ -49,25 +52,48 @@ pub enum FollowMode {
     UntilFinished,
 }
 
-type Watchers = Arc<Mutex<HashMap<String, watch::Sender<u64>>>>;
-
 /// The event store with live notification of appends.
 #[derive(Debug, Clone)]
 pub struct EventLog {
     store: Arc<dyn EventStore>,
-    watchers: Watchers,
+    changes: Arc<dyn ChangeFeed>,
     shutdown: watch::Receiver<bool>,
 }
 
 impl EventLog {
-    /// Wraps `store`; followers end with [`FollowError::ShuttingDown`] once
-    /// `shutdown` turns true.
+    /// Wraps `store`, announcing appends within this process; followers end
+    /// with [`FollowError::ShuttingDown`] once `shutdown` turns true.
     pub fn new(store: Arc<dyn EventStore>, shutdown: watch::Receiver<bool>) -> Self {
+        Self::with_change_feed(store, Arc::new(InProcessChangeFeed::new()), shutdown)
+    }
+
+    /// Wraps `store`, announcing appends and cancellations on `changes`
+    /// (shared with other replicas, for one).
+    pub fn with_change_feed(
+        store: Arc<dyn EventStore>,
+        changes: Arc<dyn ChangeFeed>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             store,
-            watchers: Arc::default(),
+            changes,
             shutdown,
         }
+    }
+
+    /// Where changes to sessions are announced.
+    pub fn change_feed(&self) -> &Arc<dyn ChangeFeed> {
+        &self.changes
+    }
+
+    /// Records that the session is to be cancelled (see
+    /// [`EventStore::request_cancel`]), then wakes whoever watches it.
+    pub async fn request_cancel(&self, session_id: &str, reason: &str) -> Result<(), StoreError> {
+        self.store
+            .request_cancel(session_id.to_owned(), reason.to_owned())
+            .await?;
+        self.changes.notify(&[session_id]);
+        Ok(())
     }
 
     /// The underlying store.
@@ -104,10 +130,7 @@ impl EventLog {
             .await?;
         if let (Some(first), Some(last)) = (stored.first(), stored.last()) {
             crash_hook::events_committed(first.seq, last.seq);
-            let watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(sender) = watchers.get(session_id) {
-                sender.send_replace(last.seq);
-            }
+            self.changes.notify(&[session_id]);
         }
         Ok(stored)
     }
@@ -125,7 +148,7 @@ impl EventLog {
         let (sender, receiver) = mpsc::channel(FOLLOWER_BUFFER);
         let follower = Follower {
             store: Arc::clone(&self.store),
-            subscription: self.subscribe(session_id),
+            subscription: self.changes.subscribe(session_id),
             shutdown: self.shutdown.clone(),
             tenant: tenant.to_owned(),
             session_id: session_id.to_owned(),
@@ -136,44 +159,11 @@ impl EventLog {
         tokio::spawn(follower.run());
         Box::pin(ReceiverStream::new(receiver))
     }
-
-    fn subscribe(&self, session_id: &str) -> Subscription {
-        let mut watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
-        let sender = watchers
-            .entry(session_id.to_owned())
-            .or_insert_with(|| watch::channel(0).0);
-        Subscription {
-            changes: sender.subscribe(),
-            session_id: session_id.to_owned(),
-            watchers: Arc::clone(&self.watchers),
-        }
-    }
-}
-
-/// A follower's view of one session's watch channel; the channel is dropped
-/// with its last subscriber.
-struct Subscription {
-    changes: watch::Receiver<u64>,
-    session_id: String,
-    watchers: Watchers,
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        let mut watchers = self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
-        // Our own receiver is still alive here, so 1 means "only us".
-        let only_us = watchers
-            .get(&self.session_id)
-            .is_some_and(|sender| sender.receiver_count() <= 1);
-        if only_us {
-            watchers.remove(&self.session_id);
-        }
-    }
 }
 
 struct Follower {
     store: Arc<dyn EventStore>,
-    subscription: Subscription,
+    subscription: Box<dyn ChangeSubscription>,
     shutdown: watch::Receiver<bool>,
     tenant: String,
     session_id: String,
@@ -214,7 +204,7 @@ impl Follower {
 
     /// Sends every stored event after the cursor and says what to do next.
     async fn forward_new_events(&mut self) -> Result<Next, FollowError> {
-        self.subscription.changes.borrow_and_update();
+        self.subscription.mark_seen();
         let batch = self
             .store
             .read_events(self.session_id.clone(), self.cursor, READ_BATCH)
@@ -267,7 +257,7 @@ impl Follower {
             return false;
         }
         tokio::select! {
-            changed = self.subscription.changes.changed() => changed.is_ok(),
+            changed = self.subscription.changed() => changed.is_ok(),
             _ = self.shutdown.changed() => {
                 let _ = self.sender.send(Err(FollowError::ShuttingDown)).await;
                 false
@@ -286,10 +276,22 @@ mod tests {
     use futures::StreamExt;
     use harness_proto::control::v1::{ModelTextDelta, SessionFinished, SessionStarted};
 
+    use std::collections::HashMap;
+
     use super::*;
     use crate::store::{NewSession, SqliteStore};
 
     async fn log_with_session() -> (tempfile::TempDir, EventLog, watch::Sender<bool>) {
+        let (dir, log, shutdown, _) = log_with_feed().await;
+        (dir, log, shutdown)
+    }
+
+    async fn log_with_feed() -> (
+        tempfile::TempDir,
+        EventLog,
+        watch::Sender<bool>,
+        InProcessChangeFeed,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("cp.db")).await.unwrap();
         store
@@ -305,11 +307,9 @@ mod tests {
             .await
             .unwrap();
         let (shutdown_sender, shutdown) = watch::channel(false);
-        (
-            dir,
-            EventLog::new(Arc::new(store), shutdown),
-            shutdown_sender,
-        )
+        let feed = InProcessChangeFeed::new();
+        let log = EventLog::with_change_feed(Arc::new(store), Arc::new(feed.clone()), shutdown);
+        (dir, log, shutdown_sender, feed)
     }
 
     fn delta(i: usize) -> Kind {
@@ -376,20 +376,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn watch_channel_is_released_with_its_last_follower() {
-        let (_dir, log, _shutdown) = log_with_session().await;
+    async fn a_session_is_unwatched_once_its_last_follower_ends() {
+        let (_dir, log, _shutdown, feed) = log_with_feed().await;
         let stream = log.follow("default", "s1", 0, FollowMode::UntilIdle);
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert_eq!(log.watchers.lock().unwrap().len(), 1);
+        assert_eq!(feed.watched_sessions(), 1);
         log.append("s1", 0, finished()).await.unwrap();
         let _: Vec<_> = stream.collect().await;
         // The follower task drops its subscription as it returns.
         for _ in 0..100 {
-            if log.watchers.lock().unwrap().is_empty() {
+            if feed.watched_sessions() == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(log.watchers.lock().unwrap().len(), 0);
+        assert_eq!(feed.watched_sessions(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_recorded_cancellation_wakes_the_sessions_watchers() {
+        let (_dir, log, _shutdown, feed) = log_with_feed().await;
+        let mut watcher = feed.subscribe("s1");
+        watcher.mark_seen();
+        log.request_cancel("s1", "enough").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watcher.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        let session = log
+            .store()
+            .get_session("default".to_owned(), "s1".to_owned())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.cancel_reason.as_deref(), Some("enough"));
     }
 }

@@ -13,16 +13,21 @@
 //!   atomically: all or nothing.
 //! - `finished` is the last event: appending after it fails.
 //! - The session row (status, stop reason, final output, usage, pending
-//!   approvals) is derived from the events in the same transaction that
-//!   appends them, so the row never disagrees with the log.
+//!   approvals) is derived from the events by [`projection`], the one set of
+//!   rules every backend applies, in the same transaction that appends them,
+//!   so the row never disagrees with the log.
 //! - An `approval_resolved` event is accepted only for a call whose
 //!   `approval_requested` is still pending, so a human and a timeout (or two
 //!   humans) cannot both resolve one call.
 
+pub mod change_feed;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+pub mod projection;
 pub mod sqlite;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::future::BoxFuture;
@@ -31,7 +36,8 @@ use harness_proto::control::v1::{
     BudgetLimits, BudgetUsage, Session, SessionEvent, SessionStatus, StopReason,
 };
 
-pub use sqlite::{SqliteOptions, SqliteStore};
+pub use change_feed::{ChangeFeed, ChangeSubscription, FeedClosed, InProcessChangeFeed};
+pub use sqlite::{SqliteOptions, SqliteStore, SqliteSynchronous};
 
 /// A session to create.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,63 +197,56 @@ pub struct PendingApproval {
     pub turn: u32,
 }
 
+/// The error of a storage backend (SQLite's, PostgreSQL's, ...), boxed so
+/// that [`StoreError`] names none of them.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A backend error shared by every write of a commit group.
+pub type SharedBackendError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database's directory could not be created.
-    #[error("cannot create database directory {path}")]
-    CreateDir {
-        /// The directory.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The database could not be opened or configured.
-    #[error("cannot open database {path}")]
+    /// The store could not be opened or configured.
+    #[error("cannot open the store at {location}: {step} failed")]
     Open {
-        /// The database file.
-        path: PathBuf,
-        /// The SQLite error.
+        /// Where the store lives (a file, a database URL without secrets).
+        location: String,
+        /// What was being done, e.g. "creating its directory".
+        step: &'static str,
+        /// The backend's error.
         #[source]
-        source: rusqlite::Error,
-    },
-    /// A database thread could not be started.
-    #[error("cannot start a database thread for {path}")]
-    Thread {
-        /// The database file.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
+        source: BackendError,
     },
     /// A schema migration failed.
-    #[error("database migration to schema version {version} failed")]
+    #[error("store migration to schema version {version} failed")]
     Migrate {
         /// The version being migrated to.
         version: usize,
-        /// The SQLite error.
+        /// The backend's error.
         #[source]
-        source: rusqlite::Error,
+        source: BackendError,
     },
-    /// The database was written by a newer control plane.
+    /// The store was written by a newer control plane.
     #[error(
-        "database schema version {found} is newer than this control plane supports ({supported}); upgrade the control plane"
+        "store schema version {found} is newer than this control plane supports ({supported}); upgrade the control plane"
     )]
     SchemaTooNew {
-        /// Version found in the database.
+        /// Version found in the store.
         found: usize,
         /// Newest version this binary knows.
         supported: usize,
     },
-    /// A query failed.
-    #[error("database error while trying to {operation}")]
-    Query {
-        /// What was being done.
-        operation: &'static str,
-        /// The SQLite error.
+    /// A read or write failed in the backend.
+    #[error("store error while trying to {step}{}", of_session(session.as_deref()))]
+    Backend {
+        /// What was being done, e.g. "append events".
+        step: &'static str,
+        /// The session it was done for, when there is one.
+        session: Option<String>,
+        /// The backend's error.
         #[source]
-        source: rusqlite::Error,
+        source: BackendError,
     },
     /// No session with this id.
     #[error("no session {0}")]
@@ -270,24 +269,46 @@ pub enum StoreError {
     #[error("step records for session {0} came without an event")]
     StepsWithoutEvents(String),
     /// Committing a group of writes failed; none of them took effect.
-    #[error("database commit failed")]
-    Commit(#[source] std::sync::Arc<rusqlite::Error>),
+    #[error("store commit failed")]
+    Commit(#[source] SharedBackendError),
     /// Another write of the same commit group failed while writing, so the
     /// group was rolled back; nothing of this write took effect.
-    #[error("the database write was rolled back with the rest of its commit group")]
+    #[error("the store write was rolled back with the rest of its commit group")]
     GroupRolledBack,
-    /// The writer thread is gone (the store is shutting down or crashed).
-    #[error("the database writer has stopped")]
+    /// The writer is gone (the store is shutting down or crashed).
+    #[error("the store's writer has stopped")]
     WriterGone,
     /// A page token that this store did not issue.
     #[error("invalid page token {0:?}")]
     BadPageToken(String),
-    /// A previous operation panicked while holding the connection.
-    #[error("the database connection is unusable after an earlier failure")]
-    Poisoned,
     /// The blocking task running the query failed.
-    #[error("database task failed")]
+    #[error("store task failed")]
     Task(#[source] tokio::task::JoinError),
+}
+
+impl StoreError {
+    /// The error with `session_id` as its session, if it is a
+    /// [`StoreError::Backend`] error without one.
+    #[must_use]
+    pub fn for_session(self, session_id: &str) -> Self {
+        match self {
+            Self::Backend {
+                step,
+                session: None,
+                source,
+            } => Self::Backend {
+                step,
+                session: Some(session_id.to_owned()),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+/// " of session X" for a [`StoreError::Backend`] message, if there is one.
+fn of_session(session: Option<&str>) -> String {
+    session.map_or_else(String::new, |session| format!(" of session {session}"))
 }
 
 /// Durable storage of sessions and events.
@@ -377,4 +398,28 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_error_names_its_step_and_session_and_keeps_its_source() {
+        let error = StoreError::Backend {
+            step: "append events",
+            session: None,
+            source: "disk full".into(),
+        }
+        .for_session("s1");
+        assert_eq!(
+            crate::error_report::error_chain(&error),
+            "store error while trying to append events of session s1: disk full"
+        );
+        // A session already named is kept.
+        assert_eq!(
+            error.for_session("s2").to_string(),
+            "store error while trying to append events of session s1"
+        );
+    }
 }
