@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use harness_daemon::paths::HOME_VARIABLE;
 use harness_proto::control::v1::control_service_client::ControlServiceClient;
 use harness_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient;
 use tokio::process::{Child, Command};
@@ -303,6 +304,8 @@ fn remove_cgroup_parent(parent: &str) {
 fn spawn_sandboxd(dir: &Path, endpoint: &str, tools_dir: &Path) -> anyhow::Result<Child> {
     spawn_logged(
         Command::new(binary("sandboxd")?)
+            // Every default path (the compile cache, say) inside the cluster's dir.
+            .env(HOME_VARIABLE, dir)
             .arg("serve")
             .arg("--config")
             .arg(dir.join("sandboxd.toml"))
@@ -327,6 +330,7 @@ fn spawn_control_plane(
 ) -> anyhow::Result<Child> {
     let mut command = Command::new(binary("control-plane")?);
     command
+        .env(HOME_VARIABLE, dir)
         .arg("serve")
         .arg("--listen")
         .arg(endpoint)
