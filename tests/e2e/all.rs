@@ -7,6 +7,7 @@ mod support;
 
 mod confinement;
 mod crash;
+mod defaults;
 mod health;
 mod process;
 mod session;
