@@ -182,6 +182,9 @@ pub async fn run<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    // Refuse a listener the policy forbids before opening anything.
+    harness_daemon::listener::check_exposures(&config.listen, config.exposure())
+        .map_err(ServerError::Listen)?;
     disable_transparent_huge_pages();
     let plane = ControlPlane::open(config).await?;
     let listeners = bind(config).await?;

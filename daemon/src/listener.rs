@@ -85,6 +85,14 @@ pub fn check_exposure(address: &ListenAddress, exposure: Exposure) -> Result<(),
     }
 }
 
+/// Applies the exposure policy to every address, so a daemon can refuse a
+/// bad listen list before it does anything else.
+pub fn check_exposures(addresses: &[ListenAddress], exposure: Exposure) -> Result<(), ListenError> {
+    addresses
+        .iter()
+        .try_for_each(|address| check_exposure(address, exposure))
+}
+
 /// A bound listening socket.
 #[derive(Debug)]
 pub struct Listener {
@@ -121,6 +129,9 @@ impl Listener {
                     .await
                     .map_err(bind_error)?;
                 let bound = listener.local_addr().map_err(bind_error)?;
+                if address.is_remote_tcp() {
+                    tracing::warn!(address = %bound, "listening on TCP off loopback without authentication (insecure-listen): anyone who can reach this address can call the daemon");
+                }
                 Ok(Self {
                     socket: Socket::Tcp(listener),
                     address: ListenAddress::Tcp(bound),
@@ -168,9 +179,7 @@ impl Listeners {
         exposure: Exposure,
     ) -> Result<Self, ListenError> {
         // Refuse a bad exposure before binding anything.
-        for address in addresses {
-            check_exposure(address, exposure)?;
-        }
+        check_exposures(addresses, exposure)?;
         let mut listeners = Vec::with_capacity(addresses.len());
         for address in addresses {
             listeners.push(Listener::bind_with(address, exposure).await?);

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use harness_daemon::ListenAddress;
+use harness_daemon::listener::check_exposures;
 use harness_daemon::logging::LogFormat;
 use harness_daemon::shutdown::shutdown_signal;
 use harness_sandboxd::config::SandboxdConfig;
@@ -99,6 +100,8 @@ fn main() -> anyhow::Result<()> {
 fn run(args: &ServeArgs) -> anyhow::Result<()> {
     harness_daemon::logging::init(args.log_format)?;
     let config = args.config()?;
+    // Refuse a listener the policy forbids before probing or starting anything.
+    check_exposures(&config.listen, config.exposure())?;
     raise_open_file_limit();
     // Probe before the runtime starts threads, so the probe's fork happens in
     // a single-threaded process.

@@ -11,3 +11,4 @@ mod defaults;
 mod health;
 mod process;
 mod session;
+mod tcp;
