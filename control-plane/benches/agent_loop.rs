@@ -157,15 +157,21 @@ async fn start_sandboxd() -> InProcessSandboxd {
     )
     .unwrap();
     let config = SandboxdConfig {
-        listen: format!("unix:{}", dir.path().join("sandboxd.sock").display()),
+        listen: vec![
+            format!("unix:{}", dir.path().join("sandboxd.sock").display())
+                .parse()
+                .unwrap(),
+        ],
         state_dir: dir.path().join("state"),
+        // A fresh compile cache per run: <state-dir>/cache.
+        cache_dir: None,
         tools_dir,
         ..SandboxdConfig::default()
     };
     let daemon = Sandboxd::start(config.clone(), HostProbe::default())
         .await
         .unwrap();
-    let listener = Listener::bind(&config.listen).await.unwrap();
+    let listener = Listener::bind(&config.listen[0]).await.unwrap();
     let endpoint = listener.endpoint();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve(daemon, listener, async {

@@ -1,13 +1,16 @@
 //! The control plane's configuration file.
 //!
 //! A TOML file passed with `control-plane serve --config <file>`; every key is
-//! optional and command-line flags override the file. See
+//! optional and command-line flags override the file. Default paths all
+//! derive from `$HARNESS_HOME` (see [`harness_daemon::paths`]). See
 //! `control-plane/control-plane.sample.toml` for an annotated example.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use harness_daemon::config::{ConfigFileError, load_toml, parse_toml, string_or_list};
+use harness_daemon::{DefaultPaths, Exposure, ListenAddress};
 use serde::Deserialize;
 
 use crate::budget::ModelPrice;
@@ -20,20 +23,34 @@ pub use crate::store::sqlite::SqliteSynchronous;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct ControlPlaneConfig {
-    /// Where the gRPC API listens: `unix:/path/to.sock` for a Unix socket, or
-    /// `host:port` (e.g. `127.0.0.1:7070`) for TCP.
-    /// Default: `unix:/run/harness/control-plane.sock`.
-    pub listen: String,
+    /// Where the gRPC API listens: one address or a list, each
+    /// `unix:/path/to.sock` for a Unix socket or `ip:port` (e.g.
+    /// `127.0.0.1:7070`; port 0 picks a free one) for TCP. Every listener
+    /// serves the same services. Loopback TCP is for gRPC clients that cannot
+    /// use Unix sockets (Python grpcio, Java).
+    /// Default: `unix:/run/harness/control-plane.sock`
+    /// (`unix:$HARNESS_HOME/run/control-plane.sock`).
+    #[serde(deserialize_with = "string_or_list")]
+    pub listen: Vec<ListenAddress>,
+    /// Allow TCP listeners on addresses other hosts can reach (anything but
+    /// loopback). The control plane does not authenticate its callers yet,
+    /// so anyone who can reach such a port can start sessions: only set this
+    /// behind a network boundary you control. Default: false (a non-loopback
+    /// TCP listener is refused at start).
+    pub insecure_listen: bool,
     /// How to reach sandboxd: `unix:/path/to.sock`, or `http://host:port`.
     /// The control plane connects lazily, so it may start before sandboxd.
-    /// Default: `unix:/run/sandboxd.sock`.
+    /// Default: `unix:/run/harness/sandboxd.sock`
+    /// (`unix:$HARNESS_HOME/run/sandboxd.sock`), where sandboxd listens by
+    /// default.
     pub sandboxd: String,
     /// The SQLite database holding sessions and their event logs. Created if
-    /// missing. Default: `/var/lib/harness/control-plane.db`.
+    /// missing. Default: `/var/lib/harness/control-plane.db`
+    /// (`$HARNESS_HOME/lib/control-plane.db`).
     pub database: PathBuf,
     /// Directory of agent definitions, one `<name>.toml` per agent (files
     /// ending in `.script.toml` are scripted-provider replies, not agents).
-    /// Default: `/etc/harness/agents`.
+    /// Default: `/etc/harness/agents` (`$HARNESS_HOME/etc/agents`).
     pub agents_dir: PathBuf,
     /// Longest a single tool call may take, including the trip to sandboxd,
     /// e.g. `"60s"` or `"2m"`. Default: 60 seconds.
@@ -158,12 +175,22 @@ impl ProviderConfig {
 }
 
 impl Default for ControlPlaneConfig {
+    /// The defaults, with paths from this process's `$HARNESS_HOME`.
     fn default() -> Self {
+        Self::with_paths(&DefaultPaths::from_env())
+    }
+}
+
+impl ControlPlaneConfig {
+    /// The defaults, with the listen address, sandboxd endpoint, database
+    /// and agents directory taken from `paths`.
+    pub fn with_paths(paths: &DefaultPaths) -> Self {
         Self {
-            listen: "unix:/run/harness/control-plane.sock".to_owned(),
-            sandboxd: "unix:/run/sandboxd.sock".to_owned(),
-            database: PathBuf::from("/var/lib/harness/control-plane.db"),
-            agents_dir: PathBuf::from("/etc/harness/agents"),
+            listen: vec![paths.control_plane_listen()],
+            insecure_listen: false,
+            sandboxd: paths.sandboxd_endpoint(),
+            database: paths.control_plane_database.clone(),
+            agents_dir: paths.agents_dir.clone(),
             tool_timeout: Duration::from_secs(60),
             max_parallel_tool_calls: 4,
             sqlite_synchronous: SqliteSynchronous::Normal,
@@ -177,24 +204,10 @@ impl Default for ControlPlaneConfig {
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML or has unknown or mistyped keys.
-    #[error("invalid config file {path}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, with line and column.
-        #[source]
-        source: Box<toml::de::Error>,
-    },
+    /// The file could not be read, is not valid TOML, or has unknown or
+    /// mistyped keys (the error names the file, line and column).
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
     /// A value parsed but makes no sense.
     #[error("invalid config file {path}: {problem}")]
     Invalid {
@@ -208,20 +221,25 @@ pub enum ConfigError {
 impl ControlPlaneConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::validated(load_toml(path)?, path)
     }
 
     /// Parses and validates configuration text; `path` only names the source
     /// in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        Self::validated(parse_toml(text, path)?, path)
+    }
+
+    /// Whether `listen` may hold TCP addresses off loopback.
+    pub fn exposure(&self) -> Exposure {
+        if self.insecure_listen {
+            Exposure::AllowRemote
+        } else {
+            Exposure::LoopbackOnly
+        }
+    }
+
+    fn validated(config: Self, path: &Path) -> Result<Self, ConfigError> {
         config.validate().map_err(|problem| ConfigError::Invalid {
             path: path.to_owned(),
             problem,
@@ -277,8 +295,12 @@ mod tests {
         assert_eq!(
             config,
             ControlPlaneConfig {
-                listen: "127.0.0.1:7070".to_owned(),
-                sandboxd: "unix:/run/sandboxd.sock".to_owned(),
+                listen: vec![
+                    "unix:/run/harness/control-plane.sock".parse().unwrap(),
+                    "127.0.0.1:7070".parse().unwrap(),
+                ],
+                insecure_listen: false,
+                sandboxd: "unix:/run/harness/sandboxd.sock".to_owned(),
                 database: PathBuf::from("/var/lib/harness/control-plane.db"),
                 agents_dir: PathBuf::from("/etc/harness/agents"),
                 tool_timeout: Duration::from_secs(90),
@@ -326,13 +348,67 @@ mod tests {
     }
 
     #[test]
-    fn unknown_key_is_rejected_with_the_file_name() {
-        let error = ControlPlaneConfig::parse("listn = \"x\"", Path::new("/etc/cp.toml"))
-            .expect_err("typo is rejected");
-        assert!(matches!(error, ConfigError::Parse { .. }));
-        assert_eq!(error.to_string(), "invalid config file /etc/cp.toml");
-        let source = std::error::Error::source(&error).unwrap().to_string();
-        assert!(source.contains("listn"), "{source}");
+    fn unknown_key_is_rejected_with_the_file_line_and_column() {
+        let error = ControlPlaneConfig::parse(
+            "tool-timeout = \"1s\"\nlistn = \"x\"",
+            Path::new("/etc/cp.toml"),
+        )
+        .expect_err("typo is rejected");
+        assert!(matches!(error, ConfigError::File(_)));
+        let text = error.to_string();
+        assert!(
+            text.starts_with("/etc/cp.toml:2:1: unknown field `listn`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn default_paths_follow_harness_home() {
+        let config = ControlPlaneConfig::with_paths(&DefaultPaths::for_home(Some("/h".as_ref())));
+        assert_eq!(
+            (
+                config.listen,
+                config.sandboxd,
+                config.database,
+                config.agents_dir
+            ),
+            (
+                vec![ListenAddress::Unix(PathBuf::from(
+                    "/h/run/control-plane.sock"
+                ))],
+                "unix:/h/run/sandboxd.sock".to_owned(),
+                PathBuf::from("/h/lib/control-plane.db"),
+                PathBuf::from("/h/etc/agents")
+            )
+        );
+    }
+
+    #[test]
+    fn the_default_sandboxd_endpoint_is_where_sandboxd_listens() {
+        for home in [None, Some("/h".as_ref())] {
+            let paths = DefaultPaths::for_home(home);
+            let sandboxd = harness_sandboxd::config::SandboxdConfig::with_paths(&paths);
+            assert_eq!(
+                vec![ControlPlaneConfig::with_paths(&paths).sandboxd],
+                sandboxd
+                    .listen
+                    .iter()
+                    .map(ListenAddress::endpoint)
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn exposure_follows_insecure_listen() {
+        let parse = |text| ControlPlaneConfig::parse(text, Path::new("cp.toml")).unwrap();
+        assert_eq!(
+            [
+                parse("").exposure(),
+                parse("insecure-listen = true").exposure()
+            ],
+            [Exposure::LoopbackOnly, Exposure::AllowRemote]
+        );
     }
 
     #[test]

@@ -8,11 +8,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use harness_control_plane::config::ControlPlaneConfig;
 use harness_control_plane::transcript::{render_event, session_status_label, stop_reason_label};
 use harness_control_plane::{server, transport};
+use harness_daemon::logging::LogFormat;
+use harness_daemon::{DefaultPaths, ListenAddress};
 use harness_proto::control::v1 as control;
 use harness_proto::control::v1::control_service_client::ControlServiceClient;
 use tonic::transport::Channel;
@@ -33,14 +35,10 @@ struct Cli {
     /// Log format (logs go to stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Pretty, global = true)]
     log_format: LogFormat,
+    #[command(flatten)]
+    client: ClientArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Json,
-    Pretty,
 }
 
 #[derive(Debug, Subcommand)]
@@ -49,8 +47,6 @@ enum Command {
     Serve(ServeArgs),
     /// Start a session of an agent.
     Start {
-        #[command(flatten)]
-        client: ClientArgs,
         /// Agent name (see `agents`).
         #[arg(long)]
         agent: String,
@@ -70,8 +66,6 @@ enum Command {
     /// Print a session's events as a transcript, one line each: those
     /// recorded so far, or with --follow until it finishes.
     Events {
-        #[command(flatten)]
-        client: ClientArgs,
         /// Session id.
         session: String,
         /// Only events after this sequence number.
@@ -84,8 +78,6 @@ enum Command {
     },
     /// Allow a tool call that is awaiting approval.
     Approve {
-        #[command(flatten)]
-        client: ClientArgs,
         /// Session id.
         session: String,
         /// The call id (from the approval_requested event).
@@ -96,8 +88,6 @@ enum Command {
     },
     /// Deny a tool call that is awaiting approval; the model is told why.
     Deny {
-        #[command(flatten)]
-        client: ClientArgs,
         /// Session id.
         session: String,
         /// The call id (from the approval_requested event).
@@ -108,8 +98,6 @@ enum Command {
     },
     /// Cancel a session; running tool calls are stopped.
     Cancel {
-        #[command(flatten)]
-        client: ClientArgs,
         /// Session id.
         session: String,
         /// Why (recorded in the finished event).
@@ -118,15 +106,11 @@ enum Command {
     },
     /// Show one session.
     Get {
-        #[command(flatten)]
-        client: ClientArgs,
         /// Session id.
         session: String,
     },
     /// List sessions, newest first.
     List {
-        #[command(flatten)]
-        client: ClientArgs,
         /// Only sessions of this agent.
         #[arg(long)]
         agent: Option<String>,
@@ -139,10 +123,7 @@ enum Command {
         limit: u32,
     },
     /// List the agents the control plane can run.
-    Agents {
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    Agents,
 }
 
 /// Budget overrides of `start`.
@@ -188,9 +169,16 @@ struct ServeArgs {
     /// Configuration file (TOML); defaults apply without one.
     #[arg(long, env = "CONTROL_PLANE_CONFIG")]
     config: Option<PathBuf>,
-    /// Listen address, `unix:<path>` or `<ip>:<port>` (overrides the file).
+    /// Where to listen, `unix:<path>` or `<ip>:<port>`; repeat to listen on
+    /// several (e.g. `--listen unix:/run/harness/control-plane.sock --listen
+    /// 127.0.0.1:7070`). Replaces `listen` of the file.
+    #[arg(long, value_name = "ADDRESS")]
+    listen: Vec<ListenAddress>,
+    /// Allow TCP listeners off loopback. The control plane does not
+    /// authenticate its callers: anyone who can reach the port can start
+    /// sessions.
     #[arg(long)]
-    listen: Option<String>,
+    insecure_listen: bool,
     /// sandboxd endpoint, `unix:<path>` or `http://<host>:<port>` (overrides the file).
     #[arg(long)]
     sandboxd: Option<String>,
@@ -202,21 +190,29 @@ struct ServeArgs {
     agents_dir: Option<PathBuf>,
 }
 
+/// Where the client subcommands find the control plane; a global flag, so
+/// it goes before or after the subcommand.
 #[derive(Debug, clap::Args)]
 struct ClientArgs {
     /// Control plane endpoint, `unix:<path>` or `http://<host>:<port>`.
-    #[arg(
-        long,
-        env = "CONTROL_PLANE_ENDPOINT",
-        default_value = "unix:/run/harness/control-plane.sock"
-    )]
-    endpoint: String,
+    /// Default: `unix:/run/harness/control-plane.sock`
+    /// (`unix:$HARNESS_HOME/run/control-plane.sock`).
+    #[arg(long, global = true, env = "HARNESS_ENDPOINT", value_name = "ENDPOINT")]
+    endpoint: Option<String>,
 }
 
 impl ClientArgs {
+    /// The endpoint given, else the control plane's default socket.
+    fn endpoint(&self) -> String {
+        self.endpoint
+            .clone()
+            .unwrap_or_else(|| DefaultPaths::from_env().control_plane_endpoint())
+    }
+
     fn client(&self) -> anyhow::Result<ControlServiceClient<Channel>> {
-        let channel = transport::connect_lazy(&self.endpoint)
-            .with_context(|| format!("bad endpoint {}", self.endpoint))?;
+        let endpoint = self.endpoint();
+        let channel = transport::connect_lazy(&endpoint)
+            .with_context(|| format!("bad endpoint {endpoint}"))?;
         Ok(ControlServiceClient::new(channel))
     }
 }
@@ -224,11 +220,11 @@ impl ClientArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    harness_daemon::logging::init(cli.log_format)?;
+    let client = cli.client;
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Start {
-            client,
             agent,
             input,
             idempotency_key,
@@ -245,13 +241,11 @@ async fn main() -> anyhow::Result<()> {
             start(&client, request, follow).await
         }
         Command::Events {
-            client,
             session,
             after,
             follow,
         } => print_events(&client, session, after, follow).await,
         Command::Approve {
-            client,
             session,
             call,
             reason,
@@ -266,7 +260,6 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Command::Deny {
-            client,
             session,
             call,
             reason,
@@ -280,68 +273,61 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Cancel {
-            client,
-            session,
-            reason,
-        } => cancel(client.client()?, session, reason).await,
-        Command::Get { client, session } => get(client.client()?, session).await,
+        Command::Cancel { session, reason } => cancel(client.client()?, session, reason).await,
+        Command::Get { session } => get(client.client()?, session).await,
         Command::List {
-            client,
             agent,
             status,
             limit,
         } => list(client.client()?, agent, status, limit).await,
-        Command::Agents { client } => agents(client.client()?).await,
+        Command::Agents => agents(client.client()?).await,
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
-    }
-}
-
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(path) => ControlPlaneConfig::load(path)?,
-        None => ControlPlaneConfig::default(),
-    };
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
-    if let Some(sandboxd) = args.sandboxd {
-        config.sandboxd = sandboxd;
-    }
-    if let Some(database) = args.database {
-        config.database = database;
-    }
-    if let Some(agents_dir) = args.agents_dir {
-        config.agents_dir = agents_dir;
-    }
-    let shutdown = shutdown_signal()?;
-    server::run(&config, shutdown)
-        .await
-        .context("control plane failed")
-}
-
-/// Resolves on SIGTERM or SIGINT.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
+impl ServeArgs {
+    /// The config file (or the defaults) with the flags applied.
+    fn config(self) -> anyhow::Result<ControlPlaneConfig> {
+        let mut config = match &self.config {
+            Some(path) => ControlPlaneConfig::load(path)?,
+            None => ControlPlaneConfig::default(),
+        };
+        if !self.listen.is_empty() {
+            config.listen = self.listen;
         }
-    })
+        config.insecure_listen |= self.insecure_listen;
+        if let Some(sandboxd) = self.sandboxd {
+            config.sandboxd = sandboxd;
+        }
+        if let Some(database) = self.database {
+            config.database = database;
+        }
+        if let Some(agents_dir) = self.agents_dir {
+            config.agents_dir = agents_dir;
+        }
+        Ok(config)
+    }
+}
+
+/// Runs the daemon; once every listener is bound, prints one line per
+/// listener on stdout, `listening on <address>` (with the real port when
+/// asked for port 0), so a supervisor or test learns where it is.
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let shutdown =
+        harness_daemon::shutdown::shutdown_signal().context("cannot handle SIGTERM and SIGINT")?;
+    server::run(
+        &config,
+        async {
+            shutdown.await;
+        },
+        |addresses| {
+            for address in addresses {
+                println!("listening on {address}");
+            }
+        },
+    )
+    .await
+    .context("control plane failed")
 }
 
 async fn start(
@@ -599,4 +585,127 @@ fn rpc_error(rpc: &'static str) -> impl FnOnce(tonic::Status) -> anyhow::Error {
 
 fn optional<T: std::fmt::Display>(value: Option<T>) -> String {
     value.map_or_else(|| "-".to_owned(), |value| value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn endpoint_of(args: &[&str]) -> Option<String> {
+        Cli::try_parse_from(args).unwrap().client.endpoint
+    }
+
+    #[test]
+    fn endpoint_goes_before_or_after_the_subcommand() {
+        let start = ["start", "--agent", "demo", "--input", "hi", "--follow"];
+        let before: Vec<&str> = [
+            "control-plane",
+            "--endpoint",
+            "unix:/tmp/control-plane.sock",
+        ]
+        .into_iter()
+        .chain(start)
+        .collect();
+        let after: Vec<&str> = ["control-plane"]
+            .into_iter()
+            .chain(start)
+            .chain(["--endpoint", "unix:/tmp/control-plane.sock"])
+            .collect();
+        for args in [before, after] {
+            let cli = Cli::try_parse_from(&args).unwrap();
+            assert_eq!(
+                cli.client.endpoint.as_deref(),
+                Some("unix:/tmp/control-plane.sock"),
+                "{args:?}"
+            );
+            let Command::Start { agent, follow, .. } = cli.command else {
+                panic!("not start: {args:?}");
+            };
+            assert_eq!((agent.as_str(), follow), ("demo", true));
+        }
+    }
+
+    #[test]
+    fn endpoint_works_with_every_client_subcommand() {
+        for sub in [
+            &["agents"][..],
+            &["list", "--limit", "3"],
+            &["get", "s1"],
+            &["events", "s1", "--follow"],
+            &["cancel", "s1"],
+            &["approve", "s1", "c1"],
+            &["deny", "s1", "c1"],
+        ] {
+            let args: Vec<&str> = ["control-plane", "--endpoint", "http://127.0.0.1:7070"]
+                .into_iter()
+                .chain(sub.iter().copied())
+                .collect();
+            assert_eq!(
+                endpoint_of(&args).as_deref(),
+                Some("http://127.0.0.1:7070"),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_endpoint_the_default_socket_is_dialled() {
+        let cli = Cli::try_parse_from(["control-plane", "agents"]).unwrap();
+        // HARNESS_ENDPOINT may be set in the environment of a developer's shell.
+        if std::env::var_os("HARNESS_ENDPOINT").is_none() {
+            assert_eq!(cli.client.endpoint, None);
+            assert_eq!(
+                cli.client.endpoint(),
+                DefaultPaths::from_env().control_plane_endpoint()
+            );
+        }
+    }
+
+    #[test]
+    fn serve_listens_on_every_listen_flag() {
+        let cli = Cli::try_parse_from([
+            "control-plane",
+            "serve",
+            "--listen",
+            "unix:/tmp/cp.sock",
+            "--listen",
+            "127.0.0.1:0",
+            "--agents-dir",
+            "/agents",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        let config = args.config().unwrap();
+        assert_eq!(
+            (config.listen, config.insecure_listen, config.agents_dir),
+            (
+                vec![
+                    ListenAddress::Unix(PathBuf::from("/tmp/cp.sock")),
+                    "127.0.0.1:0".parse().unwrap()
+                ],
+                false,
+                PathBuf::from("/agents")
+            )
+        );
+    }
+
+    #[test]
+    fn insecure_listen_is_a_flag() {
+        let cli = Cli::try_parse_from([
+            "control-plane",
+            "serve",
+            "--listen",
+            "0.0.0.0:7070",
+            "--insecure-listen",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert!(args.config().unwrap().insecure_listen);
+    }
 }

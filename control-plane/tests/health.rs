@@ -59,6 +59,7 @@ async fn reflection_lists_only_the_services_this_server_serves() {
         [
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
             "harness.control.v1.ControlService",
         ]
     );

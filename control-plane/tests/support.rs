@@ -381,7 +381,7 @@ impl TestPlane {
             Sockets::Unix => format!("unix:{}", dir.path().join("run/cp.sock").display()),
         };
         let config = ControlPlaneConfig {
-            listen: listen.clone(),
+            listen: vec![listen.parse().unwrap()],
             sandboxd: sandbox_endpoint,
             database: dir.path().join("state/cp.db"),
             agents_dir,
@@ -391,7 +391,7 @@ impl TestPlane {
         };
         let plane = ControlPlane::open(&config).await.unwrap();
         let listener = Listener::bind(&listen.parse().unwrap()).await.unwrap();
-        let endpoint = match listener.local_address().unwrap() {
+        let endpoint = match listener.local_address().clone() {
             ListenAddress::Tcp(address) => format!("http://{address}"),
             unix @ ListenAddress::Unix(_) => unix.to_string(),
         };

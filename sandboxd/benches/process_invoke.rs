@@ -212,8 +212,14 @@ async fn run() {
     let dir = tempfile::tempdir().unwrap();
     let parent = format!("/harness-bench-{}", std::process::id());
     let config = SandboxdConfig {
-        listen: format!("unix:{}", dir.path().join("bench.sock").display()),
+        listen: vec![
+            format!("unix:{}", dir.path().join("bench.sock").display())
+                .parse()
+                .unwrap(),
+        ],
         state_dir: dir.path().join("state"),
+        // A fresh compile cache per run: <state-dir>/cache.
+        cache_dir: None,
         tools_dir: dir.path().join("tools"),
         ..SandboxdConfig::default()
     };
@@ -228,7 +234,7 @@ async fn run() {
         Sandboxd::start(config.clone(), harness_sandboxd::probe::probe_host())
             .await
             .unwrap();
-    let listener = Listener::bind(&config.listen).await.unwrap();
+    let listener = Listener::bind(&config.listen[0]).await.unwrap();
     let endpoint = listener.endpoint();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(Arc::clone(&daemon), listener, async {

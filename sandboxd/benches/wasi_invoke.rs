@@ -104,8 +104,14 @@ async fn run() {
     let component = harness_tool_artifacts::test_tool_path("misbehave");
     std::fs::copy(&component, tools.join("misbehave.wasm")).unwrap();
     let config = SandboxdConfig {
-        listen: format!("unix:{}", dir.path().join("bench.sock").display()),
+        listen: vec![
+            format!("unix:{}", dir.path().join("bench.sock").display())
+                .parse()
+                .unwrap(),
+        ],
         state_dir: dir.path().join("state"),
+        // A fresh compile cache per run: <state-dir>/cache.
+        cache_dir: None,
         tools_dir: tools,
         max_sessions: 20_000,
         workspace_storage: common::workspace_storage(SandboxdConfig::default().workspace_storage),
@@ -171,7 +177,7 @@ async fn run() {
     }
 
     // 2. Over gRPC on a Unix socket, one caller.
-    let listener = Listener::bind(&config.listen).await.unwrap();
+    let listener = Listener::bind(&config.listen[0]).await.unwrap();
     let endpoint = listener.endpoint();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(Arc::clone(&daemon), listener, async {

@@ -1,56 +1,54 @@
-//! Daemon configuration: a TOML file, every key optional.
+//! Daemon configuration: a TOML file, every key optional; flags of
+//! `sandboxd serve` override it.
 //!
-//! Defaults are written out in [`SandboxdConfig::default`]; see
-//! `sandboxd/sandboxd.sample.toml` for a commented example.
+//! Defaults are written out in [`SandboxdConfig::with_paths`]; the default
+//! paths all derive from `$HARNESS_HOME` (see [`harness_daemon::paths`]).
+//! See `sandboxd/sandboxd.sample.toml` for a commented example.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use harness_daemon::config::{ConfigFileError, load_toml, parse_toml, string_or_list};
+use harness_daemon::{DefaultPaths, Exposure, ListenAddress};
 use serde::Deserialize;
 
-/// Errors reading the configuration file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this schema.
-    #[error("invalid config file {path}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: Box<toml::de::Error>,
-    },
-}
+/// Errors reading the configuration file: they name the file, and the line
+/// and column of a mistake.
+pub type ConfigError = ConfigFileError;
 
 /// sandboxd configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct SandboxdConfig {
-    /// Where to serve gRPC: `unix:/path/to.sock` (the default,
-    /// `unix:/run/sandboxd/sandboxd.sock`) or a TCP `host:port` such as
-    /// `127.0.0.1:7071`. Prefer the Unix socket on a single host: its file
-    /// permissions decide who may call sandboxd.
-    pub listen: String,
+    /// Where to serve gRPC: one address or a list, each `unix:/path/to.sock`
+    /// or a TCP `ip:port` such as `127.0.0.1:7071` (port 0 picks a free
+    /// one). Every listener serves the same services. Prefer the Unix socket
+    /// on a single host: its file permissions (0660) decide who may call
+    /// sandboxd. Loopback TCP is for gRPC clients that cannot use Unix
+    /// sockets (Python grpcio, Java). Default
+    /// `unix:/run/harness/sandboxd.sock` (`unix:$HARNESS_HOME/run/sandboxd.sock`).
+    #[serde(deserialize_with = "string_or_list")]
+    pub listen: Vec<ListenAddress>,
+    /// Allow TCP listeners on addresses other hosts can reach (anything but
+    /// loopback). sandboxd does not authenticate its callers, so anyone who
+    /// can reach such a port can run tool calls: only set this behind a
+    /// network boundary you control. Default false: sandboxd refuses to
+    /// start with a non-loopback TCP listener.
+    pub insecure_listen: bool,
     /// Directory for session workspaces and daemon state. Anything found under
     /// `<state-dir>/sessions` at start-up was left by a crashed instance and is
-    /// deleted. Default `/var/lib/sandboxd`.
+    /// deleted. Default `/var/lib/harness/sandboxd`
+    /// (`$HARNESS_HOME/lib/sandboxd`).
     pub state_dir: PathBuf,
     /// Directory of tool components (`*.wasm`, wasm32-wasip2 components).
-    /// Default `/var/lib/sandboxd/tools`.
+    /// Default `/var/lib/harness/sandboxd/tools`
+    /// (`$HARNESS_HOME/lib/sandboxd/tools`).
     pub tools_dir: PathBuf,
     /// Directory for compiled components (`.cwasm`), keyed by content digest
-    /// and engine version. Default `<state-dir>/cache`.
+    /// and engine version. Default `/var/cache/harness/sandboxd`
+    /// (`$HARNESS_HOME/cache/sandboxd`).
     pub cache_dir: Option<PathBuf>,
     /// Maximum number of sessions held at once. Default 10000.
     pub max_sessions: u32,
@@ -180,12 +178,22 @@ impl Default for ProcessConfig {
 }
 
 impl Default for SandboxdConfig {
+    /// The defaults, with paths from this process's `$HARNESS_HOME`.
     fn default() -> Self {
+        Self::with_paths(&DefaultPaths::from_env())
+    }
+}
+
+impl SandboxdConfig {
+    /// The defaults, with the listen address, state, tools and cache
+    /// directories taken from `paths`.
+    pub fn with_paths(paths: &DefaultPaths) -> Self {
         Self {
-            listen: "unix:/run/sandboxd/sandboxd.sock".to_owned(),
-            state_dir: PathBuf::from("/var/lib/sandboxd"),
-            tools_dir: PathBuf::from("/var/lib/sandboxd/tools"),
-            cache_dir: None,
+            listen: vec![paths.sandboxd_listen()],
+            insecure_listen: false,
+            state_dir: paths.sandboxd_state_dir.clone(),
+            tools_dir: paths.sandboxd_tools_dir.clone(),
+            cache_dir: Some(paths.sandboxd_cache_dir.clone()),
             max_sessions: 10_000,
             default_ttl: Duration::from_secs(3600),
             default_idle_timeout: Duration::from_secs(15 * 60),
@@ -206,24 +214,24 @@ impl Default for SandboxdConfig {
             process: ProcessConfig::default(),
         }
     }
-}
 
-impl SandboxdConfig {
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })
+        load_toml(path)
     }
 
-    /// Parses config text.
-    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
-        toml::from_str(text)
+    /// Parses config text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        parse_toml(text, path)
+    }
+
+    /// Whether `listen` may hold TCP addresses off loopback.
+    pub fn exposure(&self) -> Exposure {
+        if self.insecure_listen {
+            Exposure::AllowRemote
+        } else {
+            Exposure::LoopbackOnly
+        }
     }
 
     /// The directory holding session workspaces.
@@ -255,15 +263,23 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    fn parse(text: &str) -> Result<SandboxdConfig, ConfigError> {
+        SandboxdConfig::parse(text, Path::new("sandboxd.toml"))
+    }
+
     #[test]
     fn sample_config_parses_to_the_documented_values() {
         let sample = include_str!("../sandboxd.sample.toml");
-        let parsed = SandboxdConfig::parse(sample).unwrap();
+        let parsed = parse(sample).unwrap();
         let expected = SandboxdConfig {
-            listen: "unix:/run/sandboxd/sandboxd.sock".to_owned(),
-            state_dir: PathBuf::from("/var/lib/sandboxd"),
-            tools_dir: PathBuf::from("/var/lib/sandboxd/tools"),
-            cache_dir: Some(PathBuf::from("/var/cache/sandboxd")),
+            listen: vec![
+                "unix:/run/harness/sandboxd.sock".parse().unwrap(),
+                "127.0.0.1:7071".parse().unwrap(),
+            ],
+            insecure_listen: false,
+            state_dir: PathBuf::from("/var/lib/harness/sandboxd"),
+            tools_dir: PathBuf::from("/var/lib/harness/sandboxd/tools"),
+            cache_dir: Some(PathBuf::from("/var/cache/harness/sandboxd")),
             max_sessions: 2000,
             default_ttl: Duration::from_secs(2 * 3600),
             default_idle_timeout: Duration::from_secs(10 * 60),
@@ -302,15 +318,54 @@ mod tests {
 
     #[test]
     fn empty_config_is_the_default() {
+        assert_eq!(parse("").unwrap(), SandboxdConfig::default());
+    }
+
+    #[test]
+    fn default_paths_follow_harness_home() {
+        let config = SandboxdConfig::with_paths(&DefaultPaths::for_home(Some("/h".as_ref())));
         assert_eq!(
-            SandboxdConfig::parse("").unwrap(),
-            SandboxdConfig::default()
+            (
+                config.listen,
+                config.state_dir,
+                config.tools_dir,
+                config.cache_dir
+            ),
+            (
+                vec![ListenAddress::Unix(PathBuf::from("/h/run/sandboxd.sock"))],
+                PathBuf::from("/h/lib/sandboxd"),
+                PathBuf::from("/h/lib/sandboxd/tools"),
+                Some(PathBuf::from("/h/cache/sandboxd"))
+            )
         );
     }
 
     #[test]
-    fn unknown_keys_are_rejected() {
-        let err = SandboxdConfig::parse("listne = \"x\"").unwrap_err();
-        assert!(err.to_string().contains("listne"), "{err}");
+    fn one_listen_address_is_a_list_of_one() {
+        assert_eq!(
+            parse("listen = \"127.0.0.1:7071\"").unwrap().listen,
+            vec![ListenAddress::Tcp(([127, 0, 0, 1], 7071).into())]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_file_and_line() {
+        let err = parse("max-sessions = 1\nlistne = \"x\"").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("sandboxd.toml:2:1: unknown field `listne`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn exposure_follows_insecure_listen() {
+        assert_eq!(
+            [
+                parse("").unwrap().exposure(),
+                parse("insecure-listen = true").unwrap().exposure()
+            ],
+            [Exposure::LoopbackOnly, Exposure::AllowRemote]
+        );
     }
 }

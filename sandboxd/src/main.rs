@@ -1,4 +1,8 @@
 //! The `sandboxd` binary: parse flags, load config, probe the host, serve.
+//!
+//! Once every listener is bound it prints one line per listener on stdout,
+//! `listening on <address>` (`unix:/path` or `ip:port`, with the real port
+//! when asked for port 0), so a supervisor or test learns where it is.
 
 // A command-line program reports to its operator on stdout by design.
 #![allow(clippy::print_stdout)]
@@ -6,10 +10,14 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use harness_daemon::ListenAddress;
+use harness_daemon::listener::check_exposures;
+use harness_daemon::logging::LogFormat;
+use harness_daemon::shutdown::shutdown_signal;
 use harness_sandboxd::config::SandboxdConfig;
 use harness_sandboxd::probe::probe_host;
-use harness_sandboxd::server::{Listener, serve};
+use harness_sandboxd::server::{bind, serve};
 use harness_sandboxd::service::Sandboxd;
 
 /// sandboxd: runs agent tool calls in WASI and namespaced-process sandboxes.
@@ -35,9 +43,15 @@ struct ServeArgs {
     /// Config file (TOML). Without it, built-in defaults apply.
     #[arg(long, env = "SANDBOXD_CONFIG")]
     config: Option<PathBuf>,
-    /// Override `listen` (unix:/path or host:port).
+    /// Where to listen, `unix:<path>` or `<ip>:<port>`; repeat to listen on
+    /// several (e.g. `--listen unix:/run/harness/sandboxd.sock --listen
+    /// 127.0.0.1:7071`). Replaces `listen` of the config file.
+    #[arg(long, value_name = "ADDRESS")]
+    listen: Vec<ListenAddress>,
+    /// Allow TCP listeners off loopback. sandboxd does not authenticate its
+    /// callers: anyone who can reach the port can run tool calls.
     #[arg(long)]
-    listen: Option<String>,
+    insecure_listen: bool,
     /// Override `state-dir`.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -49,10 +63,25 @@ struct ServeArgs {
     log_format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Pretty,
-    Json,
+impl ServeArgs {
+    /// The config file (or the defaults) with the flags applied.
+    fn config(&self) -> anyhow::Result<SandboxdConfig> {
+        let mut config = match &self.config {
+            Some(path) => SandboxdConfig::load(path)?,
+            None => SandboxdConfig::default(),
+        };
+        if !self.listen.is_empty() {
+            config.listen.clone_from(&self.listen);
+        }
+        config.insecure_listen |= self.insecure_listen;
+        if let Some(state_dir) = &self.state_dir {
+            config.state_dir.clone_from(state_dir);
+        }
+        if let Some(tools_dir) = &self.tools_dir {
+            config.tools_dir.clone_from(tools_dir);
+        }
+        Ok(config)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,26 +92,16 @@ fn main() -> anyhow::Result<()> {
             println!("{:#?}", probe.to_proto());
             Ok(())
         }
-        Some(Command::Serve(args)) => run(args),
-        None => run(cli.serve),
+        Some(Command::Serve(args)) => run(&args),
+        None => run(&cli.serve),
     }
 }
 
-fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
-    let mut config = match &args.config {
-        Some(path) => SandboxdConfig::load(path)?,
-        None => SandboxdConfig::default(),
-    };
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
-    if let Some(state_dir) = args.state_dir {
-        config.state_dir = state_dir;
-    }
-    if let Some(tools_dir) = args.tools_dir {
-        config.tools_dir = tools_dir;
-    }
+fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    harness_daemon::logging::init(args.log_format)?;
+    let config = args.config()?;
+    // Refuse a listener the policy forbids before probing or starting anything.
+    check_exposures(&config.listen, config.exposure())?;
     raise_open_file_limit();
     // Probe before the runtime starts threads, so the probe's fork happens in
     // a single-threaded process.
@@ -95,6 +114,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start tokio")?;
     runtime.block_on(async move {
+        let shutdown = shutdown_signal().context("cannot handle SIGTERM and SIGINT")?;
         let daemon = Sandboxd::start(config.clone(), host).await?;
         let tools = daemon.wasi.list_tools();
         tracing::info!(
@@ -102,9 +122,15 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
             load_errors = tools.load_errors.len(),
             "tools loaded"
         );
-        let listener = Listener::bind(&config.listen).await?;
-        tracing::info!(endpoint = %listener.endpoint(), "sandboxd listening");
-        serve(daemon, listener, shutdown_signal()).await?;
+        let listeners = bind(&config).await?;
+        for address in listeners.addresses() {
+            tracing::info!(%address, "sandboxd listening");
+            println!("listening on {address}");
+        }
+        serve(daemon, listeners, async {
+            shutdown.await;
+        })
+        .await?;
         tracing::info!("sandboxd stopped");
         anyhow::Ok(())
     })
@@ -126,29 +152,63 @@ fn raise_open_file_limit() {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop sandboxd with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-}
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    use super::*;
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(args).unwrap();
+        match cli.command {
+            Some(Command::Serve(serve)) => serve,
+            None => cli.serve,
+            Some(Command::Probe) => panic!("probe"),
+        }
+    }
+
+    #[test]
+    fn listen_repeats_and_replaces_the_configured_addresses() {
+        for prefix in [&["sandboxd"][..], &["sandboxd", "serve"][..]] {
+            let args: Vec<&str> = prefix
+                .iter()
+                .copied()
+                .chain([
+                    "--listen",
+                    "unix:/tmp/s.sock",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--tools-dir",
+                    "/t",
+                ])
+                .collect();
+            let config = serve_args(&args).config().unwrap();
+            assert_eq!(
+                config.listen,
+                vec![
+                    ListenAddress::Unix(PathBuf::from("/tmp/s.sock")),
+                    "127.0.0.1:0".parse().unwrap()
+                ]
+            );
+            assert_eq!(config.tools_dir, PathBuf::from("/t"));
+            assert!(!config.insecure_listen);
+        }
+    }
+
+    #[test]
+    fn insecure_listen_is_explicit() {
+        let config = serve_args(&["sandboxd", "--listen", "0.0.0.0:7071", "--insecure-listen"])
+            .config()
+            .unwrap();
+        assert_eq!(config.exposure(), harness_daemon::Exposure::AllowRemote);
+    }
+
+    #[test]
+    fn a_bad_listen_address_is_rejected_by_the_parser() {
+        let error = Cli::try_parse_from(["sandboxd", "--listen", "localhost"]).unwrap_err();
+        assert!(
+            error.to_string().contains("is not a listen address"),
+            "{error}"
+        );
     }
 }

@@ -126,7 +126,11 @@ impl TestDaemon {
             std::fs::copy(&src, tools_dir.join(format!("{name}.wasm"))).unwrap();
         }
         let mut config = SandboxdConfig {
-            listen: format!("unix:{}", dir.path().join("sandboxd.sock").display()),
+            listen: vec![
+                format!("unix:{}", dir.path().join("sandboxd.sock").display())
+                    .parse()
+                    .unwrap(),
+            ],
             state_dir: dir.path().join("state"),
             tools_dir,
             // One compile cache for the whole test run keeps tests fast.
@@ -135,7 +139,7 @@ impl TestDaemon {
         };
         prepare(&mut config);
         let daemon = Sandboxd::start(config.clone(), host).await.unwrap();
-        let listener = Listener::bind(&config.listen).await.unwrap();
+        let listener = Listener::bind(&config.listen[0]).await.unwrap();
         let endpoint = listener.endpoint();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(serve(Arc::clone(&daemon), listener, async {

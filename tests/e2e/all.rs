@@ -7,6 +7,8 @@ mod support;
 
 mod confinement;
 mod crash;
+mod defaults;
 mod health;
 mod process;
 mod session;
+mod tcp;

@@ -4,12 +4,21 @@
 //!
 //! Binaries are found next to the running executable (`target/<profile>/`);
 //! `cargo test --workspace` builds them, and the demo builds them itself.
+//!
+//! Each daemon's stderr (its log) goes to `<dir>/<name>.log`, appended over
+//! restarts; its stdout goes to `<dir>/<name>.out`, rewritten at each start.
+//! A daemon prints `listening on <address>` there for every listener once
+//! they are all bound (with the real port for `127.0.0.1:0`):
+//! [`announced_addresses`] reads them back.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use harness_daemon::ListenAddress;
+use harness_daemon::paths::HOME_VARIABLE;
 use harness_proto::control::v1::control_service_client::ControlServiceClient;
 use harness_proto::sandbox::v1::sandbox_service_client::SandboxServiceClient;
 use tokio::process::{Child, Command};
@@ -24,6 +33,13 @@ pub struct Cluster {
     pub sandboxd_endpoint: String,
     /// `unix:` endpoint of the control plane.
     pub control_endpoint: String,
+    /// sandboxd's loopback TCP listener, with
+    /// [`ClusterOptions::loopback_tcp`] (stock gRPC clients dial
+    /// `127.0.0.1:<port>`; [`connect`] takes `http://127.0.0.1:<port>`).
+    pub sandboxd_tcp: Option<SocketAddr>,
+    /// The control plane's loopback TCP listener, with
+    /// [`ClusterOptions::loopback_tcp`].
+    pub control_tcp: Option<SocketAddr>,
     /// The cgroup (path from each hierarchy's root) under which this
     /// cluster's sandboxd makes session cgroups; its own, because sandboxd
     /// sweeps every session cgroup under its parent when it starts.
@@ -45,6 +61,11 @@ pub struct ClusterOptions {
     /// Environment variables of the first control-plane process (e.g. the
     /// `HARNESS_CRASH_AT` test hook).
     pub control_plane_env: Vec<(String, String)>,
+    /// Also listen on loopback TCP (`--listen 127.0.0.1:0`, a free port
+    /// each), beside the Unix sockets; the ports are in
+    /// [`Cluster::sandboxd_tcp`] and [`Cluster::control_tcp`] and stay the
+    /// same over restarts.
+    pub loopback_tcp: bool,
 }
 
 impl ClusterOptions {
@@ -54,6 +75,7 @@ impl ClusterOptions {
             agents_dir: agents_dir.to_owned(),
             tools: None,
             control_plane_env: Vec::new(),
+            loopback_tcp: false,
         }
     }
 }
@@ -130,13 +152,15 @@ impl Cluster {
             dir.path().join("sandboxd.toml"),
             format!("[process]\ncgroup-parent = \"{cgroup_parent}\"\n"),
         )?;
-        let sandboxd = spawn_sandboxd(dir.path(), &sandboxd_endpoint, &tools_dir)?;
+        let tcp = options.loopback_tcp.then_some(LOOPBACK_ANY_PORT);
+        let sandboxd = spawn_sandboxd(dir.path(), &sandboxd_endpoint, tcp, &tools_dir)?;
         let mut cluster = Self {
             cgroup_parent,
             tools_dir,
             control_plane: spawn_control_plane(
                 dir.path(),
                 &control_endpoint,
+                tcp,
                 &sandboxd_endpoint,
                 &options.agents_dir,
                 &options.control_plane_env,
@@ -144,20 +168,42 @@ impl Cluster {
             dir,
             sandboxd_endpoint,
             control_endpoint,
+            sandboxd_tcp: None,
+            control_tcp: None,
             agents_dir: options.agents_dir,
             sandboxd,
         };
-        wait_healthy(&cluster.sandboxd_endpoint, START_DEADLINE)
-            .await
-            .with_context(|| cluster.logs())?;
+        cluster.wait_sandboxd_healthy().await?;
         cluster.wait_control_plane_healthy().await?;
+        if options.loopback_tcp {
+            cluster.sandboxd_tcp = Some(cluster.announced_tcp("sandboxd")?);
+            cluster.control_tcp = Some(cluster.announced_tcp("control-plane")?);
+        }
         Ok(cluster)
+    }
+
+    async fn wait_sandboxd_healthy(&mut self) -> anyhow::Result<()> {
+        wait_healthy(&self.sandboxd_endpoint, START_DEADLINE)
+            .await
+            .with_context(|| self.logs())
     }
 
     async fn wait_control_plane_healthy(&mut self) -> anyhow::Result<()> {
         wait_healthy(&self.control_endpoint, START_DEADLINE)
             .await
             .with_context(|| self.logs())
+    }
+
+    /// The TCP address daemon `name` announced (it is healthy, so it has
+    /// announced every listener).
+    fn announced_tcp(&self, name: &str) -> anyhow::Result<SocketAddr> {
+        announced_addresses(&self.dir.path().join(format!("{name}.out")))?
+            .into_iter()
+            .find_map(|address| match address {
+                ListenAddress::Tcp(tcp) => Some(tcp),
+                ListenAddress::Unix(_) => None,
+            })
+            .with_context(|| format!("{name} announced no TCP listener\n{}", self.logs()))
     }
 
     /// Kills the control plane with SIGKILL (nothing flushed, nothing
@@ -196,6 +242,7 @@ impl Cluster {
         self.control_plane = spawn_control_plane(
             self.dir.path(),
             &self.control_endpoint,
+            self.control_tcp,
             &self.sandboxd_endpoint,
             &self.agents_dir,
             env,
@@ -218,10 +265,13 @@ impl Cluster {
         if matches!(self.sandboxd.try_wait(), Ok(None)) {
             bail!("sandboxd is still running; kill it first");
         }
-        self.sandboxd = spawn_sandboxd(self.dir.path(), &self.sandboxd_endpoint, &self.tools_dir)?;
-        wait_healthy(&self.sandboxd_endpoint, START_DEADLINE)
-            .await
-            .with_context(|| self.logs())
+        self.sandboxd = spawn_sandboxd(
+            self.dir.path(),
+            &self.sandboxd_endpoint,
+            self.sandboxd_tcp,
+            &self.tools_dir,
+        )?;
+        self.wait_sandboxd_healthy().await
     }
 
     /// Directories of one sandbox session's cgroups, one per hierarchy
@@ -261,15 +311,9 @@ impl Cluster {
             .join(sandbox_session_id)
     }
 
-    /// Both daemons' logs, for failure messages.
+    /// Both daemons' logs and stdout, for failure messages.
     pub fn logs(&self) -> String {
-        let read =
-            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        format!(
-            "--- sandboxd.log ---\n{}\n--- control-plane.log ---\n{}",
-            read("sandboxd.log"),
-            read("control-plane.log")
-        )
+        daemon_logs(self.dir.path(), &["sandboxd", "control-plane"])
     }
 
     /// Stops both daemons with SIGTERM (SIGKILL after 10 s) and removes the
@@ -300,19 +344,39 @@ fn remove_cgroup_parent(parent: &str) {
     }
 }
 
-fn spawn_sandboxd(dir: &Path, endpoint: &str, tools_dir: &Path) -> anyhow::Result<Child> {
-    spawn_logged(
+/// `--listen 127.0.0.1:0`: a free loopback port.
+const LOOPBACK_ANY_PORT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// `--listen` flags: the Unix socket, and TCP if asked.
+fn listen_args(unix_endpoint: &str, tcp: Option<SocketAddr>) -> Vec<String> {
+    let mut args = vec!["--listen".to_owned(), unix_endpoint.to_owned()];
+    if let Some(tcp) = tcp {
+        args.extend(["--listen".to_owned(), tcp.to_string()]);
+    }
+    args
+}
+
+fn spawn_sandboxd(
+    dir: &Path,
+    endpoint: &str,
+    tcp: Option<SocketAddr>,
+    tools_dir: &Path,
+) -> anyhow::Result<Child> {
+    spawn_daemon(
         Command::new(binary("sandboxd")?)
+            // Every default path (the compile cache, say) inside the cluster's dir.
+            .env(HOME_VARIABLE, dir)
             .arg("serve")
             .arg("--config")
             .arg(dir.join("sandboxd.toml"))
-            .arg("--listen")
-            .arg(endpoint)
+            .args(listen_args(endpoint, tcp))
             .arg("--state-dir")
             .arg(dir.join("sandboxd-state"))
             .arg("--tools-dir")
             .arg(tools_dir),
-        &dir.join("sandboxd.log"),
+        dir,
+        "sandboxd",
     )
 }
 
@@ -321,15 +385,16 @@ fn spawn_sandboxd(dir: &Path, endpoint: &str, tools_dir: &Path) -> anyhow::Resul
 fn spawn_control_plane(
     dir: &Path,
     endpoint: &str,
+    tcp: Option<SocketAddr>,
     sandboxd_endpoint: &str,
     agents_dir: &Path,
     env: &[(String, String)],
 ) -> anyhow::Result<Child> {
     let mut command = Command::new(binary("control-plane")?);
     command
+        .env(HOME_VARIABLE, dir)
         .arg("serve")
-        .arg("--listen")
-        .arg(endpoint)
+        .args(listen_args(endpoint, tcp))
         .arg("--sandboxd")
         .arg(sandboxd_endpoint)
         .arg("--database")
@@ -337,25 +402,64 @@ fn spawn_control_plane(
         .arg("--agents-dir")
         .arg(agents_dir)
         .envs(env.iter().map(|(name, value)| (name, value)));
-    spawn_logged(&mut command, &dir.join("control-plane.log"))
+    spawn_daemon(&mut command, dir, "control-plane")
 }
 
-fn spawn_logged(command: &mut Command, log: &Path) -> anyhow::Result<Child> {
-    let file = std::fs::OpenOptions::new()
+/// Starts `command` (killed when the handle drops) with its stderr appended
+/// to `<dir>/<name>.log` and its stdout written to `<dir>/<name>.out`.
+pub fn spawn_daemon(command: &mut Command, dir: &Path, name: &str) -> anyhow::Result<Child> {
+    let log = dir.join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log)
+        .open(&log)
         .with_context(|| format!("cannot create {}", log.display()))?;
+    let out = dir.join(format!("{name}.out"));
+    let out =
+        std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     command
         .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file)
+        .stdout(out)
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {:?}", command.as_std().get_program()))
 }
 
-async fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
+/// The `.log` and `.out` files of daemons `names` in `dir`, for failure
+/// messages.
+pub fn daemon_logs(dir: &Path, names: &[&str]) -> String {
+    let read = |file: String| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    names
+        .iter()
+        .map(|name| {
+            format!(
+                "--- {name}.log ---\n{}\n--- {name}.out ---\n{}",
+                read(format!("{name}.log")),
+                read(format!("{name}.out"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The addresses a daemon announced on stdout (`listening on <address>`
+/// lines in `stdout_file`), in order.
+pub fn announced_addresses(stdout_file: &Path) -> anyhow::Result<Vec<ListenAddress>> {
+    let text = std::fs::read_to_string(stdout_file)
+        .with_context(|| format!("cannot read {}", stdout_file.display()))?;
+    text.lines()
+        .filter_map(|line| line.strip_prefix("listening on "))
+        .map(|address| {
+            address
+                .parse()
+                .with_context(|| format!("bad announcement in {}", stdout_file.display()))
+        })
+        .collect()
+}
+
+/// Sends SIGTERM, waits 10 s, then SIGKILLs; returns the exit status.
+pub async fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
     if let Some(pid) = child.id() {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

@@ -452,13 +452,4 @@ fn list_components(dir: &Path) -> std::io::Result<Vec<(PathBuf, FileSignature)>>
 
 /// Renders an error with its sources, so a skipped component's report says
 /// why all the way down.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
+pub use harness_daemon::error_chain;
