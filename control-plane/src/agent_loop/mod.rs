@@ -230,34 +230,7 @@ impl AgentLoop {
                 "resuming an interrupted session"
             );
         }
-        let wall_deadline = session
-            .budget
-            .max_wall_clock
-            .map(|limit| session.created_at + harness_proto::duration_from_proto(&limit));
-        let resumed_calls = state
-            .open
-            .iter()
-            .flat_map(|open| &open.calls)
-            .filter(|call| call.in_flight())
-            .map(|call| call.call.call_id.clone())
-            .collect();
-        let mut run = SessionRun {
-            agent_loop: self,
-            sandbox_session_id: session.sandbox_session_id.clone(),
-            last_seq: session.last_seq,
-            session,
-            agent,
-            cancel,
-            state,
-            staged: Vec::new(),
-            staged_steps: Vec::new(),
-            sandbox_lost: false,
-            tools: Arc::default(),
-            schemas: HashMap::new(),
-            plans: HashMap::new(),
-            resumed_calls,
-            wall_deadline,
-        };
+        let mut run = self.session_run(session, agent, cancel, state);
         let ending = match run.execute().await {
             Ok(ending) => ending,
             Err(LoopError::Store(error)) => {
@@ -282,6 +255,83 @@ impl AgentLoop {
         };
         if let Err(error) = run.finish(ending).await {
             tracing::error!(session_id, error = %error_chain(&error), "could not record the end of a session");
+        }
+    }
+
+    /// Closes a session whose loop panicked, with stop reason error and
+    /// `message`: from its log as it is now, like any other ending
+    /// (interrupted calls, sandbox teardown, `finished`). A session already
+    /// finished, or a log that cannot be read, is left as it is.
+    pub async fn close_after_panic(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        agent: Arc<Agent>,
+        message: String,
+    ) {
+        let session = match self
+            .log
+            .store()
+            .get_session(tenant.to_owned(), session_id.to_owned())
+            .await
+        {
+            Ok(Some(session)) => session,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::error!(session_id, error = %error_chain(&error), "cannot read a panicked session; it resumes at the next start");
+                return;
+            }
+        };
+        let state = match load_state(&self.log, &session, &agent).await {
+            Ok(state) if state.finished => return,
+            Ok(state) => state,
+            Err(error) => {
+                tracing::error!(session_id, error = %error_chain(&error), "cannot load a panicked session's log; it resumes at the next start");
+                return;
+            }
+        };
+        let (_cancel, cancel) = watch::channel(None);
+        let mut run = self.session_run(session, agent, cancel, state);
+        if let Err(error) = run.finish(Ending::Error(message)).await {
+            tracing::error!(session_id, error = %error_chain(&error), "could not record the end of a panicked session");
+        }
+    }
+
+    /// A run of `session` from `state` (its log replayed).
+    fn session_run(
+        &self,
+        session: SessionRecord,
+        agent: Arc<Agent>,
+        cancel: CancelSignal,
+        state: SessionState,
+    ) -> SessionRun<'_> {
+        let wall_deadline = session
+            .budget
+            .max_wall_clock
+            .map(|limit| session.created_at + harness_proto::duration_from_proto(&limit));
+        let resumed_calls = state
+            .open
+            .iter()
+            .flat_map(|open| &open.calls)
+            .filter(|call| call.in_flight())
+            .map(|call| call.call.call_id.clone())
+            .collect();
+        SessionRun {
+            agent_loop: self,
+            sandbox_session_id: session.sandbox_session_id.clone(),
+            last_seq: session.last_seq,
+            session,
+            agent,
+            cancel,
+            state,
+            staged: Vec::new(),
+            staged_steps: Vec::new(),
+            sandbox_lost: false,
+            tools: Arc::default(),
+            schemas: HashMap::new(),
+            plans: HashMap::new(),
+            resumed_calls,
+            wall_deadline,
         }
     }
 }

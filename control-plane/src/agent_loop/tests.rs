@@ -1694,3 +1694,46 @@ async fn the_wall_clock_budget_stops_a_session_mid_tool_call() {
     );
     drop(harness.shutdown);
 }
+
+/// A provider whose every call panics: a bug in a loop's dependency.
+#[derive(Debug)]
+struct PanickingProvider;
+
+impl ModelProvider for PanickingProvider {
+    fn stream_turn(&self, _request: ModelRequest) -> ModelStream {
+        panic!("the test provider panics on purpose");
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_loop_leaves_the_running_map_and_finishes_with_an_error() {
+    let harness = Harness::with(
+        Arc::new(PanickingProvider),
+        definition(&["fast"]),
+        FakeSandbox::new(&["fast"]),
+    )
+    .await;
+    let session = harness.create_session(5).await;
+    let supervisor = crate::supervisor::SessionSupervisor::new(Arc::new(harness.agent_loop(1)));
+    supervisor.launch(session, harness.agent.clone());
+    assert!(supervisor.is_running("s1"));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while supervisor.is_running("s1") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the panicked session leaves the running map");
+    assert_eq!(
+        harness.summary().await,
+        [
+            "1 t0 started",
+            "2 t0 end STOP_REASON_ERROR \"\" \"session loop panicked: the test provider panics on purpose\"",
+        ]
+    );
+    assert_eq!(
+        harness.session().await.status,
+        control::SessionStatus::Finished
+    );
+    assert_eq!(harness.sandbox.calls(), ["create label=s1", "destroy sb-1"]);
+}
