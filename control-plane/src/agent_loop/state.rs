@@ -19,7 +19,6 @@ use crate::budget::{self, BudgetKind};
 use crate::event;
 use crate::provider::{Message, ToolCall};
 use crate::store::StepRecord;
-use crate::transcript::tool_error_kind_label;
 
 /// Step-record name of a turn's completed model call.
 pub fn model_step(turn: u32) -> String {
@@ -286,7 +285,7 @@ pub fn tool_result_message(finished: &control::ToolFinished) -> Message {
     let (content, is_error) = match &finished.outcome {
         Some(control::tool_finished::Outcome::OutputJson(json)) => (json.clone(), false),
         Some(control::tool_finished::Outcome::Error(error)) => (
-            format!("{}: {}", tool_error_kind_label(error.kind()), error.message),
+            format!("{}: {}", error_kind_for_model(error.kind()), error.message),
             true,
         ),
         None => ("no result".to_owned(), true),
@@ -296,6 +295,23 @@ pub fn tool_result_message(finished: &control::ToolFinished) -> Message {
         tool: finished.tool.clone(),
         content,
         is_error,
+    }
+}
+
+/// How an error kind is named to the model. Part of every later request, so
+/// it is spelled out here, not borrowed from the transcript's rendering for
+/// people: changing it would change replayed requests.
+fn error_kind_for_model(kind: control::ToolErrorKind) -> &'static str {
+    match kind {
+        control::ToolErrorKind::Unspecified => "unspecified",
+        control::ToolErrorKind::InvalidInput => "invalid_input",
+        control::ToolErrorKind::Denied => "denied",
+        control::ToolErrorKind::Timeout => "timeout",
+        control::ToolErrorKind::ResourceExhausted => "resource_exhausted",
+        control::ToolErrorKind::Failed => "failed",
+        control::ToolErrorKind::Internal => "internal",
+        control::ToolErrorKind::Interrupted => "interrupted",
+        control::ToolErrorKind::NotFound => "not_found",
     }
 }
 
@@ -403,6 +419,17 @@ mod tests {
             state.call_ids,
             HashSet::from(["c1".to_owned(), "c2".to_owned()])
         );
+    }
+
+    #[test]
+    fn error_kinds_are_named_to_the_model_as_the_transcript_names_them() {
+        for value in 0..=8 {
+            let kind = control::ToolErrorKind::try_from(value).unwrap();
+            assert_eq!(
+                error_kind_for_model(kind),
+                crate::transcript::tool_error_kind_label(kind)
+            );
+        }
     }
 
     #[test]

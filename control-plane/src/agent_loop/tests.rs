@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::future::BoxFuture;
 
 use super::*;
-use crate::agent::{AgentDefinition, ProviderKind, SandboxSettings};
+use crate::agent::{AgentDefinition, SandboxSettings};
 use crate::budget::ModelPrice;
 use crate::event;
 use crate::policy::PolicySettings;
+use crate::provider::ProviderKind;
 use crate::provider::scripted::ScriptedProvider;
 use crate::provider::{CompletedTurn, Message, ModelProvider, ModelStream, TokenUsage};
 use crate::sandbox::InvocationOutcome;
