@@ -35,6 +35,7 @@
 //! Nothing the loop stages before a crash has escaped the process, so
 //! re-deciding it after the restart is the same as deciding it once.
 
+pub mod resolved;
 pub mod state;
 pub mod tools;
 
@@ -51,8 +52,9 @@ use harness_proto::sandbox::v1 as sandbox;
 use prost::Message as _;
 use tokio::sync::{Semaphore, watch};
 
+use self::resolved::{ResolveError, SessionAgent};
 use self::state::{SessionState, invoke_step, model_step};
-use self::tools::{CallResult, DispatchRetry, ToolSchema};
+use self::tools::{CallResult, DispatchRetry};
 use crate::agent::Agent;
 use crate::budget::{self, BudgetKind};
 use crate::crash_hook;
@@ -61,7 +63,7 @@ use crate::event_log::{EventLog, FollowError, FollowMode};
 use crate::policy::Verdict;
 use crate::provider::{
     DeltaFilter, ModelRequest, ModelStreamEvent, ProviderError, STOP_MAX_TOKENS, STOP_PAUSE_TURN,
-    ToolCall, ToolDefinition,
+    ToolCall,
 };
 use crate::sandbox::{SandboxDispatch, SandboxError};
 use crate::store::{NewEvent, SessionRecord, StepRecord, StoreError};
@@ -117,31 +119,10 @@ pub enum LoopError {
     /// Listing sandboxd's tools failed.
     #[error("could not list sandboxd's tools")]
     ListTools(#[source] SandboxError),
-    /// The agent names a tool sandboxd does not have.
-    #[error("agent tool \"{tool}\" is not offered by sandboxd (it has: {available})")]
-    ToolUnavailable {
-        /// The missing tool.
-        tool: String,
-        /// What sandboxd offers, comma-separated.
-        available: String,
-    },
-    /// sandboxd described a tool with a schema that is not JSON.
-    #[error("sandboxd's input schema of tool \"{tool}\" is not valid JSON")]
-    BadToolSchema {
-        /// The tool.
-        tool: String,
-        /// The parse error.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// sandboxd described a tool with a schema that is not a JSON Schema.
-    #[error("sandboxd's input schema of tool \"{tool}\" is not a usable JSON Schema: {problem}")]
-    UnusableToolSchema {
-        /// The tool.
-        tool: String,
-        /// What the validator said.
-        problem: String,
-    },
+    /// The session's agent could not be resolved, or its record no longer
+    /// fits sandboxd or the agent's provider.
+    #[error(transparent)]
+    Agent(#[from] ResolveError),
     /// The model provider failed.
     #[error("model provider failed")]
     Provider(#[source] ProviderError),
@@ -217,6 +198,8 @@ impl AgentLoop {
     pub async fn run(&self, session: SessionRecord, agent: Arc<Agent>, cancel: CancelSignal) {
         let session_id = session.session_id.clone();
         let state = match load_state(&self.log, &session, &agent).await {
+            // Its end is recorded (the record handed in was older than the log).
+            Ok(state) if state.finished => return,
             Ok(state) => state,
             Err(error) => {
                 tracing::error!(session_id, error = %error_chain(&error), "cannot load the session's log; leaving it for the next start");
@@ -327,8 +310,6 @@ impl AgentLoop {
             staged: Vec::new(),
             staged_steps: Vec::new(),
             sandbox_lost: false,
-            tools: Arc::default(),
-            schemas: HashMap::new(),
             plans: HashMap::new(),
             resumed_calls,
             wall_deadline,
@@ -372,6 +353,9 @@ async fn load_state(
 struct SessionRun<'a> {
     agent_loop: &'a AgentLoop,
     session: SessionRecord,
+    /// The agent as loaded now: resolves a new session's record (and runs a
+    /// session whose log predates records); the loop itself runs as the
+    /// recorded [`SessionAgent`].
     agent: Arc<Agent>,
     cancel: CancelSignal,
     /// Everything recorded (or staged), applied in order.
@@ -383,8 +367,6 @@ struct SessionRun<'a> {
     sandbox_session_id: Option<String>,
     /// sandboxd lost the sandbox session; make a new one before dispatching.
     sandbox_lost: bool,
-    tools: Arc<Vec<ToolDefinition>>,
-    schemas: HashMap<String, ToolSchema>,
     /// Calls of the open turn whose result does not come from sandboxd.
     plans: HashMap<String, Plan>,
     /// Calls that were in flight when this process took the session over.
@@ -437,25 +419,18 @@ impl SessionRun<'_> {
     }
 
     async fn execute(&mut self) -> Result<Ending, LoopError> {
-        if !self.state.started {
-            let definition = &self.agent.definition;
-            let started = control::SessionStarted {
-                agent: definition.name.clone(),
-                provider: definition.provider.as_str().to_owned(),
-                model: definition.model.clone(),
-                input: self.session.input.clone(),
-                budget: Some(self.session.budget),
-            };
-            self.stage(0, Kind::Started(started));
-            self.flush().await?;
-        }
+        let offered = if self.state.started {
+            None
+        } else {
+            Some(self.record_start().await?)
+        };
         if let Some(reason) = self.session.cancel_reason.clone() {
             return Ok(Ending::Cancelled(reason));
         }
+        let agent = Arc::new(self.session_agent(offered).await?);
         if self.sandbox_session_id.is_none() {
-            self.create_sandbox().await?;
+            self.create_sandbox(&agent).await?;
         }
-        self.load_tools().await?;
         loop {
             let turn = match &self.state.open {
                 Some(open) => open.turn,
@@ -468,11 +443,72 @@ impl SessionRun<'_> {
                     turn
                 }
             };
-            self.run_turn(turn).await?;
+            self.run_turn(turn, &agent).await?;
             if let Some(ending) = self.ending_after_turn() {
                 return Ok(ending);
             }
         }
+    }
+
+    /// Records `started` with the agent resolved from its file and
+    /// sandboxd's tools; returns the tools sandboxd offered. A session whose
+    /// agent cannot be resolved still records `started` (without the
+    /// record), then fails.
+    async fn record_start(&mut self) -> Result<Vec<sandbox::Tool>, LoopError> {
+        let offered = self.list_tools().await;
+        let resolved = offered
+            .as_ref()
+            .ok()
+            .map(|offered| resolved::record(&self.agent, offered));
+        let definition = &self.agent.definition;
+        let started = control::SessionStarted {
+            agent: definition.name.clone(),
+            provider: definition.provider.as_str().to_owned(),
+            model: definition.model.clone(),
+            input: self.session.input.clone(),
+            budget: Some(self.session.budget),
+            resolved: resolved
+                .as_ref()
+                .and_then(|resolved| resolved.as_ref().ok())
+                .cloned(),
+        };
+        self.stage(0, Kind::Started(started));
+        self.flush().await?;
+        let offered = offered?;
+        resolved.transpose()?;
+        Ok(offered)
+    }
+
+    /// What the session runs as: rebuilt from the record in its `started`
+    /// event, after checking sandboxd still has the recorded tools (`offered`
+    /// if they were just listed). A log without a record (written before
+    /// records were) runs as the agent file is now.
+    async fn session_agent(
+        &mut self,
+        offered: Option<Vec<sandbox::Tool>>,
+    ) -> Result<SessionAgent, LoopError> {
+        let offered = match offered {
+            Some(offered) => offered,
+            None => self.list_tools().await?,
+        };
+        let record = match &self.state.resolved {
+            Some(record) => {
+                resolved::check_tools(record, &offered)?;
+                record.clone()
+            }
+            None => {
+                tracing::warn!(
+                    session_id = self.session.session_id,
+                    "the session's log has no resolved agent; it resumes as its agent file is now"
+                );
+                resolved::record(&self.agent, &offered)?
+            }
+        };
+        Ok(SessionAgent::from_record(
+            &self.session.agent,
+            &record,
+            &self.agent,
+        )?)
     }
 
     /// The ending if a budget is used up before the next model turn.
@@ -499,26 +535,26 @@ impl SessionRun<'_> {
         }
     }
 
-    async fn run_turn(&mut self, turn: u32) -> Result<(), LoopError> {
+    async fn run_turn(&mut self, turn: u32, agent: &SessionAgent) -> Result<(), LoopError> {
         let has_model = self
             .state
             .open
             .as_ref()
             .is_some_and(|open| open.model.is_some());
         if !has_model {
-            self.model_call(turn).await?;
+            self.model_call(turn, agent).await?;
         }
-        self.admit_calls(turn);
-        self.await_approvals(turn).await?;
-        self.start_calls(turn).await?;
+        self.admit_calls(turn, agent);
+        self.await_approvals(turn, agent).await?;
+        self.start_calls(turn, agent).await?;
         self.collect_results(turn).await?;
         self.close_turn(turn);
         Ok(())
     }
 
-    async fn create_sandbox(&mut self) -> Result<(), LoopError> {
+    async fn create_sandbox(&mut self, agent: &SessionAgent) -> Result<(), LoopError> {
         let request = sandbox::CreateSessionRequest {
-            policy: Some(self.agent.definition.sandbox.session_policy()),
+            policy: Some(agent.sandbox_policy.clone()),
             labels: HashMap::from([(SESSION_LABEL.to_owned(), self.session_id().to_owned())]),
         };
         let sandbox = Arc::clone(&self.agent_loop.sandbox);
@@ -535,56 +571,17 @@ impl SessionRun<'_> {
         Ok(())
     }
 
-    /// The agent's tools as sandboxd describes them, in the agent's order,
-    /// with their input schemas compiled.
-    async fn load_tools(&mut self) -> Result<(), LoopError> {
+    /// The tools sandboxd offers.
+    async fn list_tools(&mut self) -> Result<Vec<sandbox::Tool>, LoopError> {
         let sandbox = Arc::clone(&self.agent_loop.sandbox);
-        let offered = self
-            .retry_unreachable(|| sandbox.list_tools())
+        self.retry_unreachable(|| sandbox.list_tools())
             .await?
-            .map_err(LoopError::ListTools)?;
-        for name in &self.agent.definition.tools {
-            let tool = offered
-                .iter()
-                .find(|tool| &tool.name == name)
-                .ok_or_else(|| LoopError::ToolUnavailable {
-                    tool: name.clone(),
-                    available: offered
-                        .iter()
-                        .map(|tool| tool.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })?;
-            let input_schema: serde_json::Value = serde_json::from_str(&tool.input_schema_json)
-                .map_err(|source| LoopError::BadToolSchema {
-                    tool: name.clone(),
-                    source,
-                })?;
-            let validator = jsonschema::validator_for(&input_schema).map_err(|error| {
-                LoopError::UnusableToolSchema {
-                    tool: name.clone(),
-                    problem: error.to_string(),
-                }
-            })?;
-            self.schemas.insert(
-                name.clone(),
-                ToolSchema {
-                    name: name.clone(),
-                    validator,
-                },
-            );
-            Arc::make_mut(&mut self.tools).push(ToolDefinition {
-                name: tool.name.clone(),
-                description: tool.description.clone(),
-                input_schema,
-            });
-        }
-        Ok(())
+            .map_err(LoopError::ListTools)
     }
 
     /// Asks the model for turn `turn`; records its text as it streams and,
     /// once complete, its tool calls and the model step.
-    async fn model_call(&mut self, turn: u32) -> Result<(), LoopError> {
+    async fn model_call(&mut self, turn: u32, agent: &SessionAgent) -> Result<(), LoopError> {
         self.flush().await?;
         let recorded = self
             .state
@@ -593,13 +590,13 @@ impl SessionRun<'_> {
             .map(|open| open.recorded_text.clone())
             .unwrap_or_default();
         let request = ModelRequest {
-            model: self.agent.definition.model.clone(),
+            model: agent.model.clone(),
             messages: Arc::clone(&self.state.messages),
-            tools: Arc::clone(&self.tools),
-            max_output_tokens: self.agent.definition.max_tokens_per_turn,
+            tools: Arc::clone(&agent.tools),
+            max_output_tokens: agent.max_output_tokens,
         };
         let mut filter = DeltaFilter::new(recorded);
-        let mut stream = self.agent.provider.stream_turn(request);
+        let mut stream = agent.provider.stream_turn(request);
         let mut first = true;
         let completed = loop {
             let item = self.until_stopped(stream.next()).await?;
@@ -643,7 +640,7 @@ impl SessionRun<'_> {
             self.flush().await?;
         };
         let calls = self.unique_call_ids(turn, completed.tool_calls);
-        let cost_micros = self.agent.price.map_or(0, |price| {
+        let cost_micros = agent.price.map_or(0, |price| {
             price.cost_micros(
                 completed.usage.input_tokens,
                 completed.usage.cached_input_tokens,
@@ -718,7 +715,7 @@ impl SessionRun<'_> {
 
     /// Validates each undecided call and records policy's decision (and an
     /// approval request when policy asks).
-    fn admit_calls(&mut self, turn: u32) {
+    fn admit_calls(&mut self, turn: u32, agent: &SessionAgent) {
         let Some(open) = &self.state.open else {
             return;
         };
@@ -728,12 +725,10 @@ impl SessionRun<'_> {
             .filter(|call| call.decision.is_none() && call.finished.is_none())
             .map(|call| call.call.clone())
             .collect();
-        let agent = Arc::clone(&self.agent);
-        let definition = &agent.definition;
         for call in undecided {
-            let known = definition.tools.contains(&call.tool);
+            let known = agent.tool_names.contains(&call.tool);
             let arguments = if known {
-                match tools::validate_arguments(&call, self.schemas.get(&call.tool)) {
+                match tools::validate_arguments(&call, agent.schemas.get(&call.tool)) {
                     Ok(arguments) => arguments,
                     Err(problem) => {
                         self.plans
@@ -747,7 +742,7 @@ impl SessionRun<'_> {
             let decision =
                 agent
                     .policy
-                    .decide(&definition.name, &definition.tools, &call.tool, &arguments);
+                    .decide(&agent.name, &agent.tool_names, &call.tool, &arguments);
             let verdict = decision.verdict;
             let reason = decision.reason.clone();
             self.stage(
@@ -780,7 +775,7 @@ impl SessionRun<'_> {
 
     /// Waits until every approval of the turn is resolved, by a human
     /// (`ResolveApproval` records it in the log) or by its deadline.
-    async fn await_approvals(&mut self, turn: u32) -> Result<(), LoopError> {
+    async fn await_approvals(&mut self, turn: u32, agent: &SessionAgent) -> Result<(), LoopError> {
         if !self.waiting_for_approval() {
             return Ok(());
         }
@@ -829,7 +824,7 @@ impl SessionRun<'_> {
                         self.session.session_id.clone(),
                     )));
                 }
-                None => self.deny_overdue_approvals(turn).await?,
+                None => self.deny_overdue_approvals(turn, agent).await?,
             }
         }
         Ok(())
@@ -873,9 +868,13 @@ impl SessionRun<'_> {
 
     /// Denies every approval whose deadline has passed, unless someone
     /// resolved it in the meantime (the store refuses a second resolution).
-    async fn deny_overdue_approvals(&mut self, turn: u32) -> Result<(), LoopError> {
+    async fn deny_overdue_approvals(
+        &mut self,
+        turn: u32,
+        agent: &SessionAgent,
+    ) -> Result<(), LoopError> {
         let now = SystemTime::now();
-        let timeout = self.agent.policy.approval_timeout.unwrap_or_default();
+        let timeout = agent.policy.approval_timeout.unwrap_or_default();
         for (call_id, deadline) in self.approval_deadlines() {
             if deadline > now {
                 continue;
@@ -907,7 +906,7 @@ impl SessionRun<'_> {
 
     /// Records `tool_started` (and the request, as a step) for every allowed
     /// call the budget still permits, then writes everything before dispatch.
-    async fn start_calls(&mut self, turn: u32) -> Result<(), LoopError> {
+    async fn start_calls(&mut self, turn: u32, agent: &SessionAgent) -> Result<(), LoopError> {
         let Some(open) = &self.state.open else {
             return Ok(());
         };
@@ -930,7 +929,7 @@ impl SessionRun<'_> {
                 continue;
             }
             if self.sandbox_lost {
-                self.create_sandbox().await?;
+                self.create_sandbox(agent).await?;
                 self.sandbox_lost = false;
             }
             let sandbox_session_id = self.sandbox_session_id.clone().unwrap_or_default();

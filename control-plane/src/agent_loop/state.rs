@@ -107,6 +107,9 @@ impl OpenTurn {
 pub struct SessionState {
     /// `started` is recorded.
     pub started: bool,
+    /// The agent the session runs as, from `started` (absent in logs written
+    /// before it was recorded).
+    pub resolved: Option<control::ResolvedAgent>,
     /// `finished` is recorded.
     pub finished: bool,
     /// The conversation of closed turns (system prompt and input first);
@@ -147,15 +150,11 @@ pub enum ReplayError {
 
 impl SessionState {
     /// A session with nothing recorded yet: the system prompt and the input.
+    /// A `started` event carrying the resolved agent replaces the prompt
+    /// with the recorded one; `system_prompt` counts only for logs without.
     pub fn new(system_prompt: &str, input: &str) -> Self {
-        let system = (!system_prompt.is_empty()).then(|| Message::System {
-            text: system_prompt.to_owned(),
-        });
-        let user = Message::User {
-            text: input.to_owned(),
-        };
         Self {
-            messages: Arc::new(system.into_iter().chain([user]).collect()),
+            messages: Arc::new(opening(system_prompt, input)),
             ..Self::default()
         }
     }
@@ -172,7 +171,13 @@ impl SessionState {
     pub fn apply(&mut self, turn: u32, kind: &Kind) {
         event::apply_to_usage(&mut self.usage, kind);
         match kind {
-            Kind::Started(_) => self.started = true,
+            Kind::Started(started) => {
+                self.started = true;
+                if let Some(resolved) = &started.resolved {
+                    self.messages = Arc::new(opening(&resolved.system_prompt, &started.input));
+                    self.resolved = Some(resolved.clone());
+                }
+            }
             Kind::TextDelta(delta) => self.open_turn(turn).recorded_text.push_str(&delta.text),
             Kind::ToolCallRequested(requested) => {
                 self.call_ids.insert(requested.call_id.clone());
@@ -278,6 +283,17 @@ impl SessionState {
         }
         usage
     }
+}
+
+/// The conversation's first messages: the system prompt (if any) and the input.
+fn opening(system_prompt: &str, input: &str) -> Vec<Message> {
+    let system = (!system_prompt.is_empty()).then(|| Message::System {
+        text: system_prompt.to_owned(),
+    });
+    let user = Message::User {
+        text: input.to_owned(),
+    };
+    system.into_iter().chain([user]).collect()
 }
 
 /// The conversation entry the model sees for a finished call.

@@ -41,6 +41,7 @@ struct FakeSandbox {
     schemas: HashMap<&'static str, &'static str>,
     behaviours: HashMap<&'static str, Behaviour>,
     log: Mutex<Vec<String>>,
+    policies: Mutex<Vec<sandbox::SessionPolicy>>,
     recorded: Mutex<HashMap<String, InvocationOutcome>>,
     executions: AtomicUsize,
     running: AtomicUsize,
@@ -114,6 +115,10 @@ impl SandboxDispatch for FakeSandbox {
             .unwrap_or_default();
         let number = self.sessions.fetch_add(1, Ordering::SeqCst) + 1;
         self.note(format!("create label={label}"));
+        self.policies
+            .lock()
+            .unwrap()
+            .push(request.policy.unwrap_or_default());
         Box::pin(async move { Ok(format!("sb-{number}")) })
     }
 
@@ -209,6 +214,10 @@ struct RecordingProvider {
 }
 
 impl ModelProvider for RecordingProvider {
+    fn endpoint(&self) -> String {
+        self.inner.endpoint()
+    }
+
     fn stream_turn(&self, request: ModelRequest) -> ModelStream {
         self.requests.lock().unwrap().push(request.clone());
         self.inner.stream_turn(request)
@@ -403,6 +412,33 @@ impl Harness {
             agent,
             shutdown,
         }
+    }
+
+    /// The agent file edited: later runs load `definition` (same provider).
+    fn edit_agent(&mut self, definition: AgentDefinition) {
+        self.agent = Arc::new(Agent::new(definition, self.provider.clone()).unwrap());
+    }
+
+    /// What each model request carried, by the turn it asked for.
+    fn request_bodies(&self) -> Vec<(usize, String)> {
+        self.provider
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|request| {
+                let turn = request
+                    .messages
+                    .iter()
+                    .filter(|message| matches!(message, Message::Assistant { .. }))
+                    .count();
+                let body = format!(
+                    "{} {:?} {:?} {:?}",
+                    request.model, request.max_output_tokens, request.tools, request.messages
+                );
+                (turn, body)
+            })
+            .collect()
     }
 
     fn priced(mut self, price: ModelPrice) -> Self {
@@ -937,7 +973,8 @@ async fn a_tool_sandboxd_lacks_fails_the_session_before_the_first_turn() {
             "2 t0 end STOP_REASON_ERROR \"\" \"agent tool \\\"exec\\\" is not offered by sandboxd (it has: fast)\"",
         ]
     );
-    assert_eq!(harness.sandbox.calls(), ["create label=s1", "destroy sb-1"]);
+    // No sandbox session is made for an agent that cannot run.
+    assert!(harness.sandbox.calls().is_empty());
     assert!(harness.provider.requests.lock().unwrap().is_empty());
 }
 
@@ -1737,4 +1774,96 @@ async fn a_panicking_loop_leaves_the_running_map_and_finishes_with_an_error() {
         control::SessionStatus::Finished
     );
     assert_eq!(harness.sandbox.calls(), ["create label=s1", "destroy sb-1"]);
+}
+
+/// The steps agent, and the same file edited: another prompt, model, token
+/// cap, tool order, policy and sandbox memory.
+fn original_and_edited() -> (AgentDefinition, AgentDefinition) {
+    let mut original = definition(&["fast", "slow"]);
+    original.max_tokens_per_turn = Some(512);
+    original.sandbox.memory_bytes = 1 << 20;
+    let mut edited = definition(&["slow", "fast"]);
+    edited.system_prompt = "Be verbose.".to_owned();
+    edited.model = "another-model".to_owned();
+    edited.max_tokens_per_turn = Some(64);
+    edited.sandbox.memory_bytes = 2 << 20;
+    edited.policy = toml::from_str("default = \"deny\"").unwrap();
+    (original, edited)
+}
+
+#[tokio::test]
+async fn a_resumed_session_sends_the_requests_of_its_original_agent_after_the_file_changed() {
+    let (original, edited) = original_and_edited();
+    let provider = || -> Arc<dyn ModelProvider> {
+        Arc::new(ScriptedProvider::new(
+            toml::from_str(STEPS_SCRIPT).unwrap(),
+            "test.script.toml",
+        ))
+    };
+    let reference = Harness::with(provider(), original.clone(), steps_sandbox()).await;
+    reference.run(10, 2).await;
+    let expected = reference.summary().await;
+    let expected_requests: HashMap<usize, String> =
+        reference.request_bodies().into_iter().collect();
+    assert_eq!(expected_requests.len(), 4);
+    for crash_after in 1..expected.len() as u64 {
+        let mut harness = Harness::with(provider(), original.clone(), steps_sandbox()).await;
+        harness.create_session(10).await;
+        harness.run_and_crash_after(crash_after).await;
+        harness.edit_agent(edited.clone());
+        harness.resume().await;
+        assert_eq!(
+            harness.summary().await,
+            expected,
+            "crash after event {crash_after}"
+        );
+        for (turn, body) in harness.request_bodies() {
+            assert_eq!(
+                Some(&body),
+                expected_requests.get(&turn),
+                "request for turn {} after a crash after event {crash_after}",
+                turn + 1
+            );
+        }
+        let policies = harness.sandbox.policies.lock().unwrap().clone();
+        assert_eq!(
+            policies,
+            [original.sandbox.session_policy()],
+            "crash after event {crash_after}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_tool_whose_schema_changed_while_the_session_was_down_fails_it() {
+    let mut harness = Harness::new(STEPS_SCRIPT, &["fast", "slow"], steps_sandbox()).await;
+    harness.create_session(10).await;
+    // Event 6 is call_1_0's tool_started.
+    harness.run_and_crash_after(6).await;
+    harness.sandbox = Arc::new(steps_sandbox().with_schema("slow", r#"{"type":"string"}"#));
+    harness.resume().await;
+    assert_eq!(
+        harness.last().await,
+        "8 t1 end STOP_REASON_ERROR \"First a single step.\" \"tool \\\"slow\\\" changed its input \
+         schema since the session started, so the session cannot resume with the requests it made \
+         before (recorded: {\\\"type\\\":\\\"object\\\"}; sandboxd now: {\\\"type\\\":\\\"string\\\"})\""
+    );
+    // Nothing ran: the in-flight call is closed as interrupted.
+    assert_eq!(harness.sandbox.executions(), 0);
+}
+
+#[tokio::test]
+async fn a_session_whose_agent_changed_provider_kind_fails_on_resume() {
+    let mut harness = Harness::new(STEPS_SCRIPT, &["fast", "slow"], steps_sandbox()).await;
+    harness.create_session(10).await;
+    harness.run_and_crash_after(1).await;
+    let mut edited = definition(&["fast", "slow"]);
+    edited.provider = ProviderKind::Openai;
+    harness.edit_agent(edited);
+    harness.resume().await;
+    assert_eq!(
+        harness.last().await,
+        "2 t0 end STOP_REASON_ERROR \"\" \"the session started on provider \\\"scripted\\\" but its \
+         agent now uses \\\"openai\\\"; another wire format cannot continue the session's requests\""
+    );
 }

@@ -175,6 +175,13 @@ pub type ModelStream = BoxStream<'static, Result<ModelStreamEvent, ProviderError
 pub trait ModelProvider: Send + Sync + std::fmt::Debug {
     /// Starts one model call. Errors are delivered through the stream.
     fn stream_turn(&self, request: ModelRequest) -> ModelStream;
+
+    /// Where model calls go, for the session record and logs, e.g.
+    /// `"openai http://127.0.0.1:8000/v1"`. Providers answering inside this
+    /// process (tests) keep the default.
+    fn endpoint(&self) -> String {
+        "in-process".to_owned()
+    }
 }
 
 /// Why a model call failed.
