@@ -9,4 +9,5 @@ mod confinement;
 mod crash;
 mod health;
 mod process;
+mod replay;
 mod session;
