@@ -35,6 +35,7 @@
 //! Nothing the loop stages before a crash has escaped the process, so
 //! re-deciding it after the restart is the same as deciding it once.
 
+pub mod executor;
 pub mod resolved;
 pub mod state;
 pub mod tools;
@@ -52,8 +53,9 @@ use harness_proto::sandbox::v1 as sandbox;
 use prost::Message as _;
 use tokio::sync::{Semaphore, watch};
 
+use self::executor::{CallTarget, DispatchSettings, Executors, HarnessRegistry};
 use self::resolved::{ResolveError, SessionAgent};
-use self::state::{SessionState, invoke_step, model_step};
+use self::state::{SessionState, model_step};
 use self::tools::{CallResult, DispatchRetry};
 use crate::agent::Agent;
 use crate::budget::{self, BudgetKind};
@@ -165,6 +167,7 @@ enum Ending {
 pub struct AgentLoop {
     log: EventLog,
     sandbox: Arc<dyn SandboxDispatch>,
+    executors: Executors,
     settings: LoopSettings,
 }
 
@@ -179,10 +182,22 @@ enum Plan {
 }
 
 impl AgentLoop {
-    /// A loop writing to `log` and running tools on `sandbox`.
+    /// A loop writing to `log` and running tools on `sandbox` (and no
+    /// harness tools).
     pub fn new(log: EventLog, sandbox: Arc<dyn SandboxDispatch>, settings: LoopSettings) -> Self {
+        Self::with_harness_tools(log, sandbox, settings, HarnessRegistry::default())
+    }
+
+    /// A loop that also runs the tools of `harness_tools` itself.
+    pub fn with_harness_tools(
+        log: EventLog,
+        sandbox: Arc<dyn SandboxDispatch>,
+        settings: LoopSettings,
+        harness_tools: HarnessRegistry,
+    ) -> Self {
         Self {
             log,
+            executors: Executors::new(Arc::clone(&sandbox), harness_tools),
             sandbox,
             settings,
         }
@@ -456,10 +471,13 @@ impl SessionRun<'_> {
     /// record), then fails.
     async fn record_start(&mut self) -> Result<Vec<sandbox::Tool>, LoopError> {
         let offered = self.list_tools().await;
-        let resolved = offered
-            .as_ref()
-            .ok()
-            .map(|offered| resolved::record(&self.agent, offered));
+        let resolved = offered.as_ref().ok().map(|offered| {
+            resolved::record(
+                &self.agent,
+                offered,
+                self.agent_loop.executors.harness_tools(),
+            )
+        });
         let definition = &self.agent.definition;
         let started = control::SessionStarted {
             agent: definition.name.clone(),
@@ -493,7 +511,7 @@ impl SessionRun<'_> {
         };
         let record = match &self.state.resolved {
             Some(record) => {
-                resolved::check_tools(record, &offered)?;
+                resolved::check_tools(record, &offered, self.agent_loop.executors.harness_tools())?;
                 record.clone()
             }
             None => {
@@ -501,7 +519,11 @@ impl SessionRun<'_> {
                     session_id = self.session.session_id,
                     "the session's log has no resolved agent; it resumes as its agent file is now"
                 );
-                resolved::record(&self.agent, &offered)?
+                resolved::record(
+                    &self.agent,
+                    &offered,
+                    self.agent_loop.executors.harness_tools(),
+                )?
             }
         };
         Ok(SessionAgent::from_record(
@@ -932,30 +954,24 @@ impl SessionRun<'_> {
                 self.create_sandbox(agent).await?;
                 self.sandbox_lost = false;
             }
-            let sandbox_session_id = self.sandbox_session_id.clone().unwrap_or_default();
             let invocation_id = format!("{}:{}", self.session_id(), call_id);
-            let request = sandbox::InvokeRequest {
-                session_id: sandbox_session_id.clone(),
-                invocation_id: invocation_id.clone(),
-                target: Some(sandbox::invoke_request::Target::Wasi(sandbox::WasiCall {
-                    tool: call.tool.clone(),
-                    input_json: call.arguments_json,
-                })),
-                timeout: Some(harness_proto::duration_to_proto(
-                    self.agent_loop.settings.tool_timeout,
-                )),
-            };
-            self.staged_steps.push(StepRecord {
-                step: invoke_step(&call_id),
-                payload: request.encode_to_vec(),
-            });
+            let request = self.agent_loop.executors.request(
+                agent.executor_of(&call.tool),
+                &call,
+                CallTarget {
+                    invocation_id: &invocation_id,
+                    sandbox_session_id: self.sandbox_session_id.as_deref().unwrap_or_default(),
+                    timeout: self.agent_loop.settings.tool_timeout,
+                },
+            );
+            self.staged_steps.push(request.step_record(&call_id));
             self.stage(
                 turn,
                 Kind::ToolStarted(control::ToolStarted {
                     call_id: call_id.clone(),
+                    sandbox_session_id: request.sandbox_session_id().to_owned(),
                     invocation_id,
                     tool: call.tool,
-                    sandbox_session_id,
                 }),
             );
             if let Some(call) = self
@@ -964,7 +980,7 @@ impl SessionRun<'_> {
                 .as_mut()
                 .and_then(|open| open.call_mut(&call_id))
             {
-                call.invoke = Some(request);
+                call.request = Some(request);
             }
         }
         self.flush().await
@@ -1006,15 +1022,16 @@ impl SessionRun<'_> {
             .calls
             .iter()
             .filter(|call| call.finished.is_none() && call.in_flight())
-            .map(|call| {
-                let request = call.invoke.clone().unwrap_or_default();
-                tools::dispatch(
-                    Arc::clone(&self.agent_loop.sandbox),
-                    Arc::clone(&slots),
+            .map(|call| match call.request.clone() {
+                Some(request) => self.agent_loop.executors.dispatch(
                     request,
-                    deadline,
-                    settings.dispatch_retry,
-                )
+                    DispatchSettings {
+                        slots: Arc::clone(&slots),
+                        deadline,
+                        retry: settings.dispatch_retry,
+                    },
+                ),
+                None => Box::pin(std::future::ready(CallResult::MissingRequest)),
             })
             .collect();
         for (call, in_flight) in calls {

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use harness_proto::control::v1 as control;
 use harness_proto::sandbox::v1 as sandbox;
 
+use super::executor::HarnessRegistry;
 use super::tools::ToolSchema;
 use crate::agent::Agent;
 use crate::budget::ModelPrice;
@@ -27,12 +28,20 @@ use crate::provider::{ModelProvider, ToolDefinition};
 /// Why a session's agent cannot be resolved or rebuilt from its record.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    /// The agent names a tool sandboxd does not have.
+    /// The agent names a tool neither the harness nor sandboxd has.
     #[error("agent tool \"{tool}\" is not offered by sandboxd (it has: {available})")]
     ToolUnavailable {
         /// The missing tool.
         tool: String,
         /// What sandboxd offers, comma-separated.
+        available: String,
+    },
+    /// A harness tool the session started with is no longer registered.
+    #[error("harness tool \"{tool}\" is no longer registered (the harness has: {available})")]
+    HarnessToolGone {
+        /// The tool.
+        tool: String,
+        /// The registered harness tools, comma-separated.
         available: String,
     },
     /// A tool's input schema is not JSON.
@@ -93,6 +102,8 @@ pub struct SessionAgent {
     pub max_output_tokens: Option<u32>,
     /// The tools' names, in the model's order.
     pub tool_names: Vec<String>,
+    /// The executor of each tool.
+    pub executors: HashMap<String, control::ToolExecutor>,
     /// The tools as the model sees them (shared by every request).
     pub tools: Arc<Vec<ToolDefinition>>,
     /// Compiled input schemas, by tool name.
@@ -107,24 +118,21 @@ pub struct SessionAgent {
     pub provider: Arc<dyn ModelProvider>,
 }
 
-/// The record of `agent` for a new session: its tools as sandboxd
-/// describes them (`offered`), in the agent's order.
+/// The record of `agent` for a new session: its tools in the agent's order,
+/// each bound to the harness if `harness` has it, else to sandboxd (as
+/// `offered` describes it).
 pub fn record(
     agent: &Agent,
     offered: &[sandbox::Tool],
+    harness: &HarnessRegistry,
 ) -> Result<control::ResolvedAgent, ResolveError> {
     let definition = &agent.definition;
     let tools = definition
         .tools
         .iter()
-        .map(|name| {
-            let tool = find_tool(offered, name)?;
-            Ok(control::ResolvedTool {
-                name: tool.name.clone(),
-                description: tool.description.clone(),
-                input_schema_json: tool.input_schema_json.clone(),
-                digest: tool.digest.clone(),
-            })
+        .map(|name| match harness.describe(name) {
+            Some(tool) => Ok(tool),
+            None => find_tool(offered, name).map(sandbox_tool),
         })
         .collect::<Result<_, ResolveError>>()?;
     Ok(control::ResolvedAgent {
@@ -140,15 +148,40 @@ pub fn record(
     })
 }
 
-/// Checks that sandboxd still offers every recorded tool with the recorded
-/// input schema (the requests the session sent depend on it, and sandboxd
-/// validates calls against it).
+/// A sandboxd tool as a session records it.
+fn sandbox_tool(tool: &sandbox::Tool) -> control::ResolvedTool {
+    control::ResolvedTool {
+        name: tool.name.clone(),
+        description: tool.description.clone(),
+        input_schema_json: tool.input_schema_json.clone(),
+        digest: tool.digest.clone(),
+        executor: control::ToolExecutor::Sandbox.into(),
+    }
+}
+
+/// Checks that each recorded tool's executor (sandboxd, as `offered`
+/// describes its tools, or `harness`) still has it with the recorded input
+/// schema: the requests the session sent depend on it, and calls are
+/// validated against it.
 pub fn check_tools(
     record: &control::ResolvedAgent,
     offered: &[sandbox::Tool],
+    harness: &HarnessRegistry,
 ) -> Result<(), ResolveError> {
     for recorded in &record.tools {
-        let current = find_tool(offered, &recorded.name)?;
+        let current = match recorded.executor() {
+            control::ToolExecutor::Sandbox => {
+                find_tool(offered, &recorded.name).map(sandbox_tool)?
+            }
+            control::ToolExecutor::Harness => {
+                harness
+                    .describe(&recorded.name)
+                    .ok_or_else(|| ResolveError::HarnessToolGone {
+                        tool: recorded.name.clone(),
+                        available: harness.names().collect::<Vec<_>>().join(", "),
+                    })?
+            }
+        };
         if current.input_schema_json != recorded.input_schema_json {
             return Err(ResolveError::ToolSchemaChanged {
                 tool: recorded.name.clone(),
@@ -186,6 +219,13 @@ fn find_tool<'a>(
 }
 
 impl SessionAgent {
+    /// The executor of tool `name`. Only the session's own tools are ever
+    /// started (policy denies the rest); anything else is sandboxd's, as
+    /// every tool was before there were executors.
+    pub fn executor_of(&self, name: &str) -> control::ToolExecutor {
+        self.executors.get(name).copied().unwrap_or_default()
+    }
+
     /// What session `name` runs as, from its record; model calls go to
     /// `current`'s provider, which must be of the recorded kind.
     pub fn from_record(
@@ -244,6 +284,11 @@ impl SessionAgent {
             model: record.model.clone(),
             max_output_tokens: record.max_tokens_per_turn,
             tool_names: record.tools.iter().map(|tool| tool.name.clone()).collect(),
+            executors: record
+                .tools
+                .iter()
+                .map(|tool| (tool.name.clone(), tool.executor()))
+                .collect(),
             tools: Arc::new(tools),
             schemas,
             policy,

@@ -25,9 +25,72 @@ pub fn model_step(turn: u32) -> String {
     format!("model:{turn:08}")
 }
 
+/// Step-record prefix of a sandboxd call's request (the only kind of tool
+/// step before harness tools, so it keeps its name).
+const SANDBOX_STEP: &str = "invoke:";
+/// Step-record prefix of a harness tool call's request.
+const HARNESS_STEP: &str = "harness:";
+
 /// Step-record name of a call's sandboxd request.
 pub fn invoke_step(call_id: &str) -> String {
-    format!("invoke:{call_id}")
+    format!("{SANDBOX_STEP}{call_id}")
+}
+
+/// The exact request of one tool call, recorded as its step before it runs
+/// and tagged (by the step's name) with the executor that runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolRequest {
+    /// An `Invoke` for sandboxd.
+    Sandbox(sandbox::InvokeRequest),
+    /// A call of a tool the control plane runs itself.
+    Harness(control::HarnessToolCall),
+}
+
+impl ToolRequest {
+    /// The sandbox session it runs in (none for harness tools).
+    pub fn sandbox_session_id(&self) -> &str {
+        match self {
+            Self::Sandbox(request) => &request.session_id,
+            Self::Harness(_) => "",
+        }
+    }
+
+    /// Its invocation id.
+    pub fn invocation_id(&self) -> &str {
+        match self {
+            Self::Sandbox(request) => &request.invocation_id,
+            Self::Harness(call) => &call.invocation_id,
+        }
+    }
+
+    /// The step record of call `call_id`.
+    pub fn step_record(&self, call_id: &str) -> StepRecord {
+        match self {
+            Self::Sandbox(request) => StepRecord {
+                step: invoke_step(call_id),
+                payload: request.encode_to_vec(),
+            },
+            Self::Harness(call) => StepRecord {
+                step: format!("{HARNESS_STEP}{call_id}"),
+                payload: call.encode_to_vec(),
+            },
+        }
+    }
+
+    /// The call id and request of a tool step record; `None` for another
+    /// kind of step.
+    fn from_step(step: &StepRecord) -> Option<(&str, Result<Self, prost::DecodeError>)> {
+        let payload = step.payload.as_slice();
+        if let Some(call_id) = step.step.strip_prefix(SANDBOX_STEP) {
+            let request = sandbox::InvokeRequest::decode(payload).map(Self::Sandbox);
+            return Some((call_id, request));
+        }
+        let call_id = step.step.strip_prefix(HARNESS_STEP)?;
+        Some((
+            call_id,
+            control::HarnessToolCall::decode(payload).map(Self::Harness),
+        ))
+    }
 }
 
 /// One tool call of the open turn and how far it got.
@@ -43,8 +106,8 @@ pub struct CallState {
     pub approval: Option<control::ApprovalResolved>,
     /// Dispatch, once recorded.
     pub started: Option<control::ToolStarted>,
-    /// The exact request sent to sandboxd (its step record).
-    pub invoke: Option<sandbox::InvokeRequest>,
+    /// The exact request of the call (its step record).
+    pub request: Option<ToolRequest>,
     /// The result, once recorded.
     pub finished: Option<control::ToolFinished>,
 }
@@ -57,7 +120,7 @@ impl CallState {
             approval_requested: None,
             approval: None,
             started: None,
-            invoke: None,
+            request: None,
             finished: None,
         }
     }
@@ -239,11 +302,10 @@ impl SessionState {
         if step.step == model_step(open.turn) {
             let record = control::TurnCompleted::decode(step.payload.as_slice()).map_err(bad)?;
             open.model = Some(ModelStep { record });
-        } else if let Some(call_id) = step.step.strip_prefix("invoke:")
+        } else if let Some((call_id, request)) = ToolRequest::from_step(step)
             && let Some(call) = open.call_mut(call_id)
         {
-            call.invoke =
-                Some(sandbox::InvokeRequest::decode(step.payload.as_slice()).map_err(bad)?);
+            call.request = Some(request.map_err(bad)?);
         }
         Ok(())
     }
@@ -473,8 +535,21 @@ mod tests {
                 payload: request.encode_to_vec(),
             })
             .unwrap();
+        let harness_call = control::HarnessToolCall {
+            invocation_id: "s:c2".to_owned(),
+            tool: "remember".to_owned(),
+            input_json: "{}".to_owned(),
+        };
+        state.apply(1, &requested("c2"));
+        let harness_step = ToolRequest::Harness(harness_call.clone()).step_record("c2");
+        assert_eq!(harness_step.step, "harness:c2");
+        state.apply_step(&harness_step).unwrap();
         let open = state.open.unwrap();
         assert_eq!(open.model, Some(ModelStep { record }));
-        assert_eq!(open.calls[0].invoke, Some(request));
+        assert_eq!(open.calls[0].request, Some(ToolRequest::Sandbox(request)));
+        assert_eq!(
+            open.calls[1].request,
+            Some(ToolRequest::Harness(harness_call))
+        );
     }
 }
