@@ -13,11 +13,14 @@ use crate::event;
 use crate::policy::PolicySettings;
 use crate::provider::ProviderKind;
 use crate::provider::scripted::ScriptedProvider;
-use crate::provider::{CompletedTurn, Message, ModelProvider, ModelStream, TokenUsage};
+use crate::provider::{
+    CompletedTurn, Message, ModelProvider, ModelRequest, ModelStream, ModelStreamEvent, TokenUsage,
+};
 use crate::sandbox::InvocationOutcome;
 use crate::store::{
     EventStore, NewSession, PendingApproval, SessionPage, SessionQuery, SqliteStore,
 };
+use prost::Message as _;
 
 /// How the fake sandbox answers one tool.
 #[derive(Debug, Clone)]
