@@ -50,6 +50,7 @@ use serde::Deserialize;
 use crate::budget::ModelPrice;
 use crate::policy::{Policy, PolicyError, PolicySettings};
 use crate::provider::ModelProvider;
+pub use crate::provider::ProviderKind;
 use crate::provider::factory::{FactoryError, ProviderFactory};
 use crate::provider::scripted::{ScriptError, ScriptedProvider};
 
@@ -57,29 +58,6 @@ use crate::provider::scripted::{ScriptError, ScriptedProvider};
 pub const DEFAULT_MAX_TURNS: u32 = 20;
 
 const SCRIPT_SUFFIX: &str = ".script.toml";
-
-/// The model provider an agent uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// Replies read from a script file (tests, offline demo).
-    Scripted,
-    /// OpenAI-compatible Chat Completions.
-    Openai,
-    /// Anthropic Messages.
-    Anthropic,
-}
-
-impl ProviderKind {
-    /// The name used in agent files and in `ListAgents`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Scripted => "scripted",
-            Self::Openai => "openai",
-            Self::Anthropic => "anthropic",
-        }
-    }
-}
 
 /// The `[sandbox]` table: the sandbox policy of the agent's sessions.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -542,7 +520,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::config::ProvidersConfig;
+    use crate::provider::config::ProvidersConfig;
 
     fn providers() -> ProviderFactory {
         let prices = BTreeMap::from([(

@@ -186,6 +186,24 @@ pub struct ModelPrice {
 }
 
 impl ModelPrice {
+    /// The price as recorded in a session's `started` event.
+    pub fn to_proto(&self) -> control::ModelPrice {
+        control::ModelPrice {
+            input_usd_per_mtok: self.input_usd_per_mtok,
+            cached_input_usd_per_mtok: self.cached_input_usd_per_mtok,
+            output_usd_per_mtok: self.output_usd_per_mtok,
+        }
+    }
+
+    /// The price a session recorded.
+    pub fn from_proto(recorded: &control::ModelPrice) -> Self {
+        Self {
+            input_usd_per_mtok: recorded.input_usd_per_mtok,
+            cached_input_usd_per_mtok: recorded.cached_input_usd_per_mtok,
+            output_usd_per_mtok: recorded.output_usd_per_mtok,
+        }
+    }
+
     /// Cost of one turn in micro-dollars, rounded up.
     pub fn cost_micros(
         &self,

@@ -58,6 +58,16 @@ impl Verdict {
             Self::Deny => control::Verdict::Deny,
         }
     }
+
+    /// The verdict a contract value names; none for `UNSPECIFIED`.
+    pub fn from_proto(verdict: control::Verdict) -> Option<Self> {
+        match verdict {
+            control::Verdict::Allow => Some(Self::Allow),
+            control::Verdict::Ask => Some(Self::Ask),
+            control::Verdict::Deny => Some(Self::Deny),
+            control::Verdict::Unspecified => None,
+        }
+    }
 }
 
 /// One `[[policy.rule]]`.
@@ -112,6 +122,60 @@ pub enum PolicyError {
         /// The rule's position.
         index: usize,
     },
+    /// A recorded policy names no verdict where one is needed.
+    #[error("recorded policy: {place} has no verdict")]
+    MissingVerdict {
+        /// `default` or `policy.rule[N]`.
+        place: String,
+    },
+}
+
+impl PolicySettings {
+    /// The settings as recorded in a session's `started` event.
+    pub fn to_proto(&self) -> control::ResolvedPolicy {
+        control::ResolvedPolicy {
+            default_verdict: self.default.to_proto().into(),
+            approval_timeout: self.approval_timeout.map(harness_proto::duration_to_proto),
+            rules: self
+                .rules
+                .iter()
+                .map(|rule| control::ResolvedPolicyRule {
+                    tool: rule.tool.clone(),
+                    when: rule.when.clone().into_iter().collect(),
+                    verdict: rule.verdict.to_proto().into(),
+                    reason: rule.reason.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The settings a session recorded (the inverse of [`Self::to_proto`]).
+    pub fn from_proto(recorded: &control::ResolvedPolicy) -> Result<Self, PolicyError> {
+        let verdict = |verdict, place: String| {
+            Verdict::from_proto(verdict).ok_or(PolicyError::MissingVerdict { place })
+        };
+        let rules = recorded
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| {
+                Ok(RuleSettings {
+                    tool: rule.tool.clone(),
+                    when: rule.when.clone().into_iter().collect(),
+                    verdict: verdict(rule.verdict(), format!("policy.rule[{index}]"))?,
+                    reason: rule.reason.clone(),
+                })
+            })
+            .collect::<Result<_, PolicyError>>()?;
+        Ok(Self {
+            default: verdict(recorded.default_verdict(), DEFAULT_RULE.to_owned())?,
+            approval_timeout: recorded
+                .approval_timeout
+                .as_ref()
+                .map(harness_proto::duration_from_proto),
+            rules,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1,9 +1,19 @@
 //! Running sessions in the background: launching the [`AgentLoop`] for new
 //! sessions, resuming the sessions a previous process left unfinished, and
 //! cancelling them.
+//!
+//! A session is in the running map exactly as long as its task lives: a
+//! guard owned by the task removes it, so a loop that panics (or a task
+//! that is aborted) never leaves a session "running" that nothing runs. A
+//! panic is caught and the session closed with stop reason error, saying
+//! the loop panicked and why.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::FutureExt as _;
 
 use harness_proto::control::v1 as control;
 use harness_proto::control::v1::session_event::Kind;
@@ -14,6 +24,31 @@ use crate::agent_loop::AgentLoop;
 use crate::store::{SessionRecord, StoreError};
 
 type Running = Arc<Mutex<HashMap<String, watch::Sender<Option<String>>>>>;
+
+/// Removes a session from the running map when its task ends, however it
+/// ends: returning, panicking, or aborted.
+struct RunningGuard {
+    running: Running,
+    session_id: String,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.session_id);
+    }
+}
+
+/// The text a panic was raised with (`panic!` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
 
 /// Starts sessions as background tasks and cancels them on request.
 #[derive(Debug)]
@@ -43,14 +78,32 @@ impl SessionSupervisor {
             }
             running.insert(session_id.clone(), cancel_sender);
         }
+        let guard = RunningGuard {
+            running: Arc::clone(&self.running),
+            session_id,
+        };
         let agent_loop = Arc::clone(&self.agent_loop);
-        let running = Arc::clone(&self.running);
         tokio::spawn(async move {
-            agent_loop.run(session, agent, cancel).await;
-            running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&session_id);
+            // Moved in, so it drops when the task ends, however it ends.
+            let guard = guard;
+            let tenant = session.tenant.clone();
+            let run = AssertUnwindSafe(agent_loop.run(session, Arc::clone(&agent), cancel));
+            let Err(payload) = run.catch_unwind().await else {
+                return;
+            };
+            let message = format!("session loop panicked: {}", panic_message(&*payload));
+            tracing::error!(
+                session_id = guard.session_id,
+                message,
+                "closing the session"
+            );
+            let close = agent_loop.close_after_panic(&tenant, &guard.session_id, agent, message);
+            if AssertUnwindSafe(close).catch_unwind().await.is_err() {
+                tracing::error!(
+                    session_id = guard.session_id,
+                    "closing a panicked session panicked too; it resumes at the next start"
+                );
+            }
         });
     }
 
@@ -124,5 +177,54 @@ impl SessionSupervisor {
             }
         }
         Ok(resumed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_aborted_task_leaves_the_running_map() {
+        let running: Running = Arc::default();
+        let (sender, _receiver) = watch::channel(None);
+        running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert("s1".to_owned(), sender);
+        let guard = RunningGuard {
+            running: Arc::clone(&running),
+            session_id: "s1".to_owned(),
+        };
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key("s1")
+        );
+        task.abort();
+        assert!(task.await.is_err_and(|error| error.is_cancelled()));
+        assert!(
+            running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn panic_messages_are_read_from_str_and_string_payloads() {
+        let from_str: Box<dyn Any + Send> = Box::new("static");
+        let from_string: Box<dyn Any + Send> = Box::new(String::from("formatted 1"));
+        let other: Box<dyn Any + Send> = Box::new(7_u8);
+        assert_eq!(
+            [&from_str, &from_string, &other].map(|payload| panic_message(&**payload)),
+            ["static", "formatted 1", "(no message)"]
+        );
     }
 }

@@ -337,6 +337,7 @@ mod tests {
                 model: "scripted-demo".to_owned(),
                 input: "Leave a note.".to_owned(),
                 budget: None,
+                resolved: None,
             }),
         );
         let delta = event(

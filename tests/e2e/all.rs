@@ -10,5 +10,6 @@ mod crash;
 mod defaults;
 mod health;
 mod process;
+mod replay;
 mod session;
 mod tcp;

@@ -33,8 +33,25 @@
 //! - a pending approval waits again, with its original deadline.
 //!
 //! Nothing the loop stages before a crash has escaped the process, so
-//! re-deciding it after the restart is the same as deciding it once.
+//! re-deciding it after the restart is the same as deciding it once. What
+//! the requests depend on besides the log — system prompt, model, tools and
+//! their schemas, policy, sandbox policy, price — is fixed when the session
+//! starts and recorded in its `started` event ([`resolved`]), so editing an
+//! agent file never changes a running session.
+//!
+//! **Files.** This one holds the loop's skeleton (start, turns, ending);
+//! each phase of a turn is an `impl SessionRun` of its own:
+//! `model_turn.rs` (the model call), `approvals.rs` (validation, policy,
+//! approval waits), `dispatch.rs` (recording and running calls through the
+//! [`executor`]s, results in call order), `sandbox_session.rs` (the sandbox
+//! session on sandboxd). [`state`] replays the log; [`tools`] maps results.
 
+mod approvals;
+mod dispatch;
+pub mod executor;
+mod model_turn;
+pub mod resolved;
+mod sandbox_session;
 pub mod state;
 pub mod tools;
 
@@ -42,27 +59,20 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::FutureExt;
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
 use harness_proto::control::v1 as control;
 use harness_proto::control::v1::session_event::Kind;
 use harness_proto::sandbox::v1 as sandbox;
-use prost::Message as _;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
-use self::state::{SessionState, invoke_step, model_step};
-use self::tools::{CallResult, DispatchRetry, ToolSchema};
+use self::executor::{Executors, HarnessRegistry};
+use self::resolved::{ResolveError, SessionAgent};
+use self::state::SessionState;
+use self::tools::DispatchRetry;
 use crate::agent::Agent;
 use crate::budget::{self, BudgetKind};
-use crate::crash_hook;
 use crate::error_report::error_chain;
-use crate::event_log::{EventLog, FollowError, FollowMode};
-use crate::policy::Verdict;
-use crate::provider::{
-    DeltaFilter, ModelRequest, ModelStreamEvent, ProviderError, STOP_MAX_TOKENS, STOP_PAUSE_TURN,
-    ToolCall, ToolDefinition,
-};
+use crate::event_log::{EventLog, FollowError};
+use crate::provider::{ProviderError, STOP_MAX_TOKENS, STOP_PAUSE_TURN, ToolCall};
 use crate::sandbox::{SandboxDispatch, SandboxError};
 use crate::store::{NewEvent, SessionRecord, StepRecord, StoreError};
 
@@ -117,31 +127,10 @@ pub enum LoopError {
     /// Listing sandboxd's tools failed.
     #[error("could not list sandboxd's tools")]
     ListTools(#[source] SandboxError),
-    /// The agent names a tool sandboxd does not have.
-    #[error("agent tool \"{tool}\" is not offered by sandboxd (it has: {available})")]
-    ToolUnavailable {
-        /// The missing tool.
-        tool: String,
-        /// What sandboxd offers, comma-separated.
-        available: String,
-    },
-    /// sandboxd described a tool with a schema that is not JSON.
-    #[error("sandboxd's input schema of tool \"{tool}\" is not valid JSON")]
-    BadToolSchema {
-        /// The tool.
-        tool: String,
-        /// The parse error.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// sandboxd described a tool with a schema that is not a JSON Schema.
-    #[error("sandboxd's input schema of tool \"{tool}\" is not a usable JSON Schema: {problem}")]
-    UnusableToolSchema {
-        /// The tool.
-        tool: String,
-        /// What the validator said.
-        problem: String,
-    },
+    /// The session's agent could not be resolved, or its record no longer
+    /// fits sandboxd or the agent's provider.
+    #[error(transparent)]
+    Agent(#[from] ResolveError),
     /// The model provider failed.
     #[error("model provider failed")]
     Provider(#[source] ProviderError),
@@ -184,6 +173,7 @@ enum Ending {
 pub struct AgentLoop {
     log: EventLog,
     sandbox: Arc<dyn SandboxDispatch>,
+    executors: Executors,
     settings: LoopSettings,
 }
 
@@ -198,10 +188,22 @@ enum Plan {
 }
 
 impl AgentLoop {
-    /// A loop writing to `log` and running tools on `sandbox`.
+    /// A loop writing to `log` and running tools on `sandbox` (and no
+    /// harness tools).
     pub fn new(log: EventLog, sandbox: Arc<dyn SandboxDispatch>, settings: LoopSettings) -> Self {
+        Self::with_harness_tools(log, sandbox, settings, HarnessRegistry::default())
+    }
+
+    /// A loop that also runs the tools of `harness_tools` itself.
+    pub fn with_harness_tools(
+        log: EventLog,
+        sandbox: Arc<dyn SandboxDispatch>,
+        settings: LoopSettings,
+        harness_tools: HarnessRegistry,
+    ) -> Self {
         Self {
             log,
+            executors: Executors::new(Arc::clone(&sandbox), harness_tools),
             sandbox,
             settings,
         }
@@ -217,6 +219,8 @@ impl AgentLoop {
     pub async fn run(&self, session: SessionRecord, agent: Arc<Agent>, cancel: CancelSignal) {
         let session_id = session.session_id.clone();
         let state = match load_state(&self.log, &session, &agent).await {
+            // Its end is recorded (the record handed in was older than the log).
+            Ok(state) if state.finished => return,
             Ok(state) => state,
             Err(error) => {
                 tracing::error!(session_id, error = %error_chain(&error), "cannot load the session's log; leaving it for the next start");
@@ -230,34 +234,7 @@ impl AgentLoop {
                 "resuming an interrupted session"
             );
         }
-        let wall_deadline = session
-            .budget
-            .max_wall_clock
-            .map(|limit| session.created_at + harness_proto::duration_from_proto(&limit));
-        let resumed_calls = state
-            .open
-            .iter()
-            .flat_map(|open| &open.calls)
-            .filter(|call| call.in_flight())
-            .map(|call| call.call.call_id.clone())
-            .collect();
-        let mut run = SessionRun {
-            agent_loop: self,
-            sandbox_session_id: session.sandbox_session_id.clone(),
-            last_seq: session.last_seq,
-            session,
-            agent,
-            cancel,
-            state,
-            staged: Vec::new(),
-            staged_steps: Vec::new(),
-            sandbox_lost: false,
-            tools: Arc::default(),
-            schemas: HashMap::new(),
-            plans: HashMap::new(),
-            resumed_calls,
-            wall_deadline,
-        };
+        let mut run = self.session_run(session, agent, cancel, state);
         let ending = match run.execute().await {
             Ok(ending) => ending,
             Err(LoopError::Store(error)) => {
@@ -282,6 +259,81 @@ impl AgentLoop {
         };
         if let Err(error) = run.finish(ending).await {
             tracing::error!(session_id, error = %error_chain(&error), "could not record the end of a session");
+        }
+    }
+
+    /// Closes a session whose loop panicked, with stop reason error and
+    /// `message`: from its log as it is now, like any other ending
+    /// (interrupted calls, sandbox teardown, `finished`). A session already
+    /// finished, or a log that cannot be read, is left as it is.
+    pub async fn close_after_panic(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        agent: Arc<Agent>,
+        message: String,
+    ) {
+        let session = match self
+            .log
+            .store()
+            .get_session(tenant.to_owned(), session_id.to_owned())
+            .await
+        {
+            Ok(Some(session)) => session,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::error!(session_id, error = %error_chain(&error), "cannot read a panicked session; it resumes at the next start");
+                return;
+            }
+        };
+        let state = match load_state(&self.log, &session, &agent).await {
+            Ok(state) if state.finished => return,
+            Ok(state) => state,
+            Err(error) => {
+                tracing::error!(session_id, error = %error_chain(&error), "cannot load a panicked session's log; it resumes at the next start");
+                return;
+            }
+        };
+        let (_cancel, cancel) = watch::channel(None);
+        let mut run = self.session_run(session, agent, cancel, state);
+        if let Err(error) = run.finish(Ending::Error(message)).await {
+            tracing::error!(session_id, error = %error_chain(&error), "could not record the end of a panicked session");
+        }
+    }
+
+    /// A run of `session` from `state` (its log replayed).
+    fn session_run(
+        &self,
+        session: SessionRecord,
+        agent: Arc<Agent>,
+        cancel: CancelSignal,
+        state: SessionState,
+    ) -> SessionRun<'_> {
+        let wall_deadline = session
+            .budget
+            .max_wall_clock
+            .map(|limit| session.created_at + harness_proto::duration_from_proto(&limit));
+        let resumed_calls = state
+            .open
+            .iter()
+            .flat_map(|open| &open.calls)
+            .filter(|call| call.in_flight())
+            .map(|call| call.call.call_id.clone())
+            .collect();
+        SessionRun {
+            agent_loop: self,
+            sandbox_session_id: session.sandbox_session_id.clone(),
+            last_seq: session.last_seq,
+            session,
+            agent,
+            cancel,
+            state,
+            staged: Vec::new(),
+            staged_steps: Vec::new(),
+            sandbox_lost: false,
+            plans: HashMap::new(),
+            resumed_calls,
+            wall_deadline,
         }
     }
 }
@@ -322,6 +374,9 @@ async fn load_state(
 struct SessionRun<'a> {
     agent_loop: &'a AgentLoop,
     session: SessionRecord,
+    /// The agent as loaded now: resolves a new session's record (and runs a
+    /// session whose log predates records); the loop itself runs as the
+    /// recorded [`SessionAgent`].
     agent: Arc<Agent>,
     cancel: CancelSignal,
     /// Everything recorded (or staged), applied in order.
@@ -333,8 +388,6 @@ struct SessionRun<'a> {
     sandbox_session_id: Option<String>,
     /// sandboxd lost the sandbox session; make a new one before dispatching.
     sandbox_lost: bool,
-    tools: Arc<Vec<ToolDefinition>>,
-    schemas: HashMap<String, ToolSchema>,
     /// Calls of the open turn whose result does not come from sandboxd.
     plans: HashMap<String, Plan>,
     /// Calls that were in flight when this process took the session over.
@@ -387,25 +440,18 @@ impl SessionRun<'_> {
     }
 
     async fn execute(&mut self) -> Result<Ending, LoopError> {
-        if !self.state.started {
-            let definition = &self.agent.definition;
-            let started = control::SessionStarted {
-                agent: definition.name.clone(),
-                provider: definition.provider.as_str().to_owned(),
-                model: definition.model.clone(),
-                input: self.session.input.clone(),
-                budget: Some(self.session.budget),
-            };
-            self.stage(0, Kind::Started(started));
-            self.flush().await?;
-        }
+        let offered = if self.state.started {
+            None
+        } else {
+            Some(self.record_start().await?)
+        };
         if let Some(reason) = self.session.cancel_reason.clone() {
             return Ok(Ending::Cancelled(reason));
         }
+        let agent = Arc::new(self.session_agent(offered).await?);
         if self.sandbox_session_id.is_none() {
-            self.create_sandbox().await?;
+            self.create_sandbox(&agent).await?;
         }
-        self.load_tools().await?;
         loop {
             let turn = match &self.state.open {
                 Some(open) => open.turn,
@@ -418,11 +464,79 @@ impl SessionRun<'_> {
                     turn
                 }
             };
-            self.run_turn(turn).await?;
+            self.run_turn(turn, &agent).await?;
             if let Some(ending) = self.ending_after_turn() {
                 return Ok(ending);
             }
         }
+    }
+
+    /// Records `started` with the agent resolved from its file and
+    /// sandboxd's tools; returns the tools sandboxd offered. A session whose
+    /// agent cannot be resolved still records `started` (without the
+    /// record), then fails.
+    async fn record_start(&mut self) -> Result<Vec<sandbox::Tool>, LoopError> {
+        let offered = self.list_tools().await;
+        let resolved = offered.as_ref().ok().map(|offered| {
+            resolved::record(
+                &self.agent,
+                offered,
+                self.agent_loop.executors.harness_tools(),
+            )
+        });
+        let definition = &self.agent.definition;
+        let started = control::SessionStarted {
+            agent: definition.name.clone(),
+            provider: definition.provider.as_str().to_owned(),
+            model: definition.model.clone(),
+            input: self.session.input.clone(),
+            budget: Some(self.session.budget),
+            resolved: resolved
+                .as_ref()
+                .and_then(|resolved| resolved.as_ref().ok())
+                .cloned(),
+        };
+        self.stage(0, Kind::Started(started));
+        self.flush().await?;
+        let offered = offered?;
+        resolved.transpose()?;
+        Ok(offered)
+    }
+
+    /// What the session runs as: rebuilt from the record in its `started`
+    /// event, after checking sandboxd still has the recorded tools (`offered`
+    /// if they were just listed). A log without a record (written before
+    /// records were) runs as the agent file is now.
+    async fn session_agent(
+        &mut self,
+        offered: Option<Vec<sandbox::Tool>>,
+    ) -> Result<SessionAgent, LoopError> {
+        let offered = match offered {
+            Some(offered) => offered,
+            None => self.list_tools().await?,
+        };
+        let record = match &self.state.resolved {
+            Some(record) => {
+                resolved::check_tools(record, &offered, self.agent_loop.executors.harness_tools())?;
+                record.clone()
+            }
+            None => {
+                tracing::warn!(
+                    session_id = self.session.session_id,
+                    "the session's log has no resolved agent; it resumes as its agent file is now"
+                );
+                resolved::record(
+                    &self.agent,
+                    &offered,
+                    self.agent_loop.executors.harness_tools(),
+                )?
+            }
+        };
+        Ok(SessionAgent::from_record(
+            &self.session.agent,
+            &record,
+            &self.agent,
+        )?)
     }
 
     /// The ending if a budget is used up before the next model turn.
@@ -449,569 +563,20 @@ impl SessionRun<'_> {
         }
     }
 
-    async fn run_turn(&mut self, turn: u32) -> Result<(), LoopError> {
+    async fn run_turn(&mut self, turn: u32, agent: &SessionAgent) -> Result<(), LoopError> {
         let has_model = self
             .state
             .open
             .as_ref()
             .is_some_and(|open| open.model.is_some());
         if !has_model {
-            self.model_call(turn).await?;
+            self.model_call(turn, agent).await?;
         }
-        self.admit_calls(turn);
-        self.await_approvals(turn).await?;
-        self.start_calls(turn).await?;
+        self.admit_calls(turn, agent);
+        self.await_approvals(turn, agent).await?;
+        self.start_calls(turn, agent).await?;
         self.collect_results(turn).await?;
         self.close_turn(turn);
-        Ok(())
-    }
-
-    async fn create_sandbox(&mut self) -> Result<(), LoopError> {
-        let request = sandbox::CreateSessionRequest {
-            policy: Some(self.agent.definition.sandbox.session_policy()),
-            labels: HashMap::from([(SESSION_LABEL.to_owned(), self.session_id().to_owned())]),
-        };
-        let sandbox = Arc::clone(&self.agent_loop.sandbox);
-        let sandbox_session_id = self
-            .retry_unreachable(|| sandbox.create_session(request.clone()))
-            .await?
-            .map_err(LoopError::CreateSandbox)?;
-        self.sandbox_session_id = Some(sandbox_session_id.clone());
-        self.agent_loop
-            .log
-            .store()
-            .set_sandbox_session(self.session_id().to_owned(), sandbox_session_id)
-            .await?;
-        Ok(())
-    }
-
-    /// The agent's tools as sandboxd describes them, in the agent's order,
-    /// with their input schemas compiled.
-    async fn load_tools(&mut self) -> Result<(), LoopError> {
-        let sandbox = Arc::clone(&self.agent_loop.sandbox);
-        let offered = self
-            .retry_unreachable(|| sandbox.list_tools())
-            .await?
-            .map_err(LoopError::ListTools)?;
-        for name in &self.agent.definition.tools {
-            let tool = offered
-                .iter()
-                .find(|tool| &tool.name == name)
-                .ok_or_else(|| LoopError::ToolUnavailable {
-                    tool: name.clone(),
-                    available: offered
-                        .iter()
-                        .map(|tool| tool.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                })?;
-            let input_schema: serde_json::Value = serde_json::from_str(&tool.input_schema_json)
-                .map_err(|source| LoopError::BadToolSchema {
-                    tool: name.clone(),
-                    source,
-                })?;
-            let validator = jsonschema::validator_for(&input_schema).map_err(|error| {
-                LoopError::UnusableToolSchema {
-                    tool: name.clone(),
-                    problem: error.to_string(),
-                }
-            })?;
-            self.schemas.insert(
-                name.clone(),
-                ToolSchema {
-                    name: name.clone(),
-                    validator,
-                },
-            );
-            Arc::make_mut(&mut self.tools).push(ToolDefinition {
-                name: tool.name.clone(),
-                description: tool.description.clone(),
-                input_schema,
-            });
-        }
-        Ok(())
-    }
-
-    /// Asks the model for turn `turn`; records its text as it streams and,
-    /// once complete, its tool calls and the model step.
-    async fn model_call(&mut self, turn: u32) -> Result<(), LoopError> {
-        self.flush().await?;
-        let recorded = self
-            .state
-            .open
-            .as_ref()
-            .map(|open| open.recorded_text.clone())
-            .unwrap_or_default();
-        let request = ModelRequest {
-            model: self.agent.definition.model.clone(),
-            messages: Arc::clone(&self.state.messages),
-            tools: Arc::clone(&self.tools),
-            max_output_tokens: self.agent.definition.max_tokens_per_turn,
-        };
-        let mut filter = DeltaFilter::new(recorded);
-        let mut stream = self.agent.provider.stream_turn(request);
-        let mut first = true;
-        let completed = loop {
-            let item = self.until_stopped(stream.next()).await?;
-            if first {
-                crash_hook::model_response_started();
-                first = false;
-            }
-            // Take whatever else is ready, to write it in one go.
-            let mut items = vec![item];
-            while matches!(items.last(), Some(Some(Ok(ModelStreamEvent::TextDelta(_))))) {
-                match stream.next().now_or_never() {
-                    Some(next) => items.push(next),
-                    None => break,
-                }
-            }
-            let mut done = None;
-            for item in items {
-                match item {
-                    Some(Ok(ModelStreamEvent::TextDelta(text))) => {
-                        if let Some(new) = filter.feed(&text) {
-                            self.stage(
-                                turn,
-                                Kind::TextDelta(control::ModelTextDelta { text: new }),
-                            );
-                        }
-                    }
-                    Some(Ok(ModelStreamEvent::Completed(completed))) => done = Some(completed),
-                    Some(Err(error)) => {
-                        self.flush().await?;
-                        return Err(LoopError::Provider(error));
-                    }
-                    None => {
-                        self.flush().await?;
-                        return Err(LoopError::Provider(ProviderError::Incomplete));
-                    }
-                }
-            }
-            if let Some(completed) = done {
-                break completed;
-            }
-            self.flush().await?;
-        };
-        let calls = self.unique_call_ids(turn, completed.tool_calls);
-        let cost_micros = self.agent.price.map_or(0, |price| {
-            price.cost_micros(
-                completed.usage.input_tokens,
-                completed.usage.cached_input_tokens,
-                completed.usage.output_tokens,
-            )
-        });
-        let record = control::TurnCompleted {
-            turn,
-            assistant_text: completed.text,
-            tool_calls: u32::try_from(calls.len()).unwrap_or(u32::MAX),
-            usage: Some(control::TurnUsage {
-                input_tokens: completed.usage.input_tokens,
-                output_tokens: completed.usage.output_tokens,
-                cached_input_tokens: completed.usage.cached_input_tokens,
-                cost_micros,
-            }),
-            model_stop_reason: completed.stop_reason,
-        };
-        // A turn with tool calls is replayed from this record after a crash;
-        // a final answer is recorded by its `turn_completed`, written with the
-        // next batch.
-        if !calls.is_empty() {
-            self.staged_steps.push(StepRecord {
-                step: model_step(turn),
-                payload: record.encode_to_vec(),
-            });
-        }
-        self.state.open_turn(turn).model = Some(state::ModelStep { record });
-        for call in calls {
-            self.stage(
-                turn,
-                Kind::ToolCallRequested(control::ToolCallRequested {
-                    call_id: call.call_id,
-                    tool: call.tool,
-                    arguments_json: call.arguments_json,
-                }),
-            );
-        }
-        Ok(())
-    }
-
-    /// Call ids the model gave, made unique in the session (they key the
-    /// invocation ids sandboxd de-duplicates by, and the model's own
-    /// references): a missing, odd or repeated id becomes `call_<turn>_<n>`.
-    fn unique_call_ids(&self, turn: u32, calls: Vec<ToolCall>) -> Vec<ToolCall> {
-        // A turn has few calls: a list beats hashing.
-        let mut this_turn: Vec<String> = Vec::with_capacity(calls.len());
-        calls
-            .into_iter()
-            .enumerate()
-            .map(|(index, mut call)| {
-                let used = |id: &str| {
-                    self.state.call_ids.contains(id) || this_turn.iter().any(|used| used == id)
-                };
-                let usable = !call.call_id.is_empty()
-                    && call.call_id.len() <= MAX_CALL_ID_LEN
-                    && !call.call_id.chars().any(char::is_control);
-                if !usable || used(&call.call_id) {
-                    let mut id = format!("call_{turn}_{index}");
-                    let mut n = 1;
-                    while used(&id) {
-                        id = format!("call_{turn}_{index}_{n}");
-                        n += 1;
-                    }
-                    call.call_id = id;
-                }
-                this_turn.push(call.call_id.clone());
-                call
-            })
-            .collect()
-    }
-
-    /// Validates each undecided call and records policy's decision (and an
-    /// approval request when policy asks).
-    fn admit_calls(&mut self, turn: u32) {
-        let Some(open) = &self.state.open else {
-            return;
-        };
-        let undecided: Vec<ToolCall> = open
-            .calls
-            .iter()
-            .filter(|call| call.decision.is_none() && call.finished.is_none())
-            .map(|call| call.call.clone())
-            .collect();
-        let agent = Arc::clone(&self.agent);
-        let definition = &agent.definition;
-        for call in undecided {
-            let known = definition.tools.contains(&call.tool);
-            let arguments = if known {
-                match tools::validate_arguments(&call, self.schemas.get(&call.tool)) {
-                    Ok(arguments) => arguments,
-                    Err(problem) => {
-                        self.plans
-                            .insert(call.call_id.clone(), Plan::Invalid(problem));
-                        continue;
-                    }
-                }
-            } else {
-                serde_json::Value::Null
-            };
-            let decision =
-                agent
-                    .policy
-                    .decide(&definition.name, &definition.tools, &call.tool, &arguments);
-            let verdict = decision.verdict;
-            let reason = decision.reason.clone();
-            self.stage(
-                turn,
-                Kind::PolicyDecision(control::PolicyDecision {
-                    call_id: call.call_id.clone(),
-                    verdict: verdict.to_proto().into(),
-                    rule: decision.rule,
-                    reason: decision.reason,
-                }),
-            );
-            if verdict == Verdict::Ask {
-                let deadline = agent
-                    .policy
-                    .approval_timeout
-                    .map(|timeout| harness_proto::timestamp_to_proto(SystemTime::now() + timeout));
-                self.stage(
-                    turn,
-                    Kind::ApprovalRequested(control::ApprovalRequested {
-                        call_id: call.call_id,
-                        tool: call.tool,
-                        arguments_json: call.arguments_json,
-                        reason,
-                        deadline,
-                    }),
-                );
-            }
-        }
-    }
-
-    /// Waits until every approval of the turn is resolved, by a human
-    /// (`ResolveApproval` records it in the log) or by its deadline.
-    async fn await_approvals(&mut self, turn: u32) -> Result<(), LoopError> {
-        if !self.waiting_for_approval() {
-            return Ok(());
-        }
-        self.flush().await?;
-        let mut resolutions = self.agent_loop.log.follow(
-            &self.session.tenant,
-            &self.session.session_id,
-            self.last_seq,
-            FollowMode::UntilFinished,
-        );
-        while self.waiting_for_approval() {
-            let deadline = self.next_approval_deadline();
-            let timer = async move {
-                match deadline {
-                    Some(deadline) => {
-                        let wait = deadline
-                            .duration_since(SystemTime::now())
-                            .unwrap_or_default();
-                        tokio::time::sleep(wait).await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            let next = self
-                .until_stopped(async {
-                    tokio::select! {
-                        event = resolutions.next() => Some(event),
-                        () = timer => None,
-                    }
-                })
-                .await?;
-            match next {
-                Some(Some(Ok(event))) => {
-                    self.last_seq = self.last_seq.max(event.seq);
-                    if let Some(Kind::ApprovalResolved(resolved)) = &event.kind
-                        && self.is_awaiting(&resolved.call_id)
-                    {
-                        self.state
-                            .apply(event.turn, &Kind::ApprovalResolved(resolved.clone()));
-                    }
-                }
-                Some(Some(Err(FollowError::ShuttingDown))) => return Err(LoopError::ShuttingDown),
-                Some(Some(Err(error))) => return Err(LoopError::Approval(error)),
-                Some(None) => {
-                    return Err(LoopError::Approval(FollowError::SessionGone(
-                        self.session.session_id.clone(),
-                    )));
-                }
-                None => self.deny_overdue_approvals(turn).await?,
-            }
-        }
-        Ok(())
-    }
-
-    fn waiting_for_approval(&self) -> bool {
-        self.state
-            .open
-            .as_ref()
-            .is_some_and(|open| open.calls.iter().any(state::CallState::awaiting_approval))
-    }
-
-    fn is_awaiting(&self, call_id: &str) -> bool {
-        self.state.open.as_ref().is_some_and(|open| {
-            open.calls
-                .iter()
-                .any(|call| call.call.call_id == call_id && call.awaiting_approval())
-        })
-    }
-
-    fn approval_deadlines(&self) -> Vec<(String, SystemTime)> {
-        self.state
-            .open
-            .iter()
-            .flat_map(|open| &open.calls)
-            .filter(|call| call.awaiting_approval())
-            .filter_map(|call| {
-                let deadline = call.approval_requested.as_ref()?.deadline?;
-                let deadline = SystemTime::try_from(deadline).ok()?;
-                Some((call.call.call_id.clone(), deadline))
-            })
-            .collect()
-    }
-
-    fn next_approval_deadline(&self) -> Option<SystemTime> {
-        self.approval_deadlines()
-            .into_iter()
-            .map(|(_, deadline)| deadline)
-            .min()
-    }
-
-    /// Denies every approval whose deadline has passed, unless someone
-    /// resolved it in the meantime (the store refuses a second resolution).
-    async fn deny_overdue_approvals(&mut self, turn: u32) -> Result<(), LoopError> {
-        let now = SystemTime::now();
-        let timeout = self.agent.policy.approval_timeout.unwrap_or_default();
-        for (call_id, deadline) in self.approval_deadlines() {
-            if deadline > now {
-                continue;
-            }
-            let resolved = control::ApprovalResolved {
-                call_id: call_id.clone(),
-                decision: control::ApprovalDecision::Deny.into(),
-                reason: format!("no decision within {}", humantime::format_duration(timeout)),
-                resolved_by: "timeout".to_owned(),
-            };
-            let kind = Kind::ApprovalResolved(resolved);
-            match self
-                .agent_loop
-                .log
-                .append(&self.session.session_id, turn, kind.clone())
-                .await
-            {
-                Ok(event) => {
-                    self.last_seq = self.last_seq.max(event.seq);
-                    self.state.apply(turn, &kind);
-                }
-                // A human was quicker; their resolution arrives through the log.
-                Err(StoreError::ApprovalNotPending { .. }) => {}
-                Err(error) => return Err(error.into()),
-            }
-        }
-        Ok(())
-    }
-
-    /// Records `tool_started` (and the request, as a step) for every allowed
-    /// call the budget still permits, then writes everything before dispatch.
-    async fn start_calls(&mut self, turn: u32) -> Result<(), LoopError> {
-        let Some(open) = &self.state.open else {
-            return Ok(());
-        };
-        let pending: Vec<(ToolCall, Option<String>)> = open
-            .calls
-            .iter()
-            .filter(|call| call.started.is_none() && call.finished.is_none())
-            .filter(|call| !self.plans.contains_key(&call.call.call_id))
-            .map(|call| (call.call.clone(), refusal(call)))
-            .collect();
-        for (call, refused) in pending {
-            let call_id = call.call_id.clone();
-            if let Some(denial) = refused {
-                self.plans.insert(call_id, Plan::Denied(denial));
-                continue;
-            }
-            if let Some(kind) = self.dispatch_budget_stop() {
-                let message = format!("not run: {}", self.exhausted_message(kind));
-                self.plans.insert(call_id, Plan::Denied(message));
-                continue;
-            }
-            if self.sandbox_lost {
-                self.create_sandbox().await?;
-                self.sandbox_lost = false;
-            }
-            let sandbox_session_id = self.sandbox_session_id.clone().unwrap_or_default();
-            let invocation_id = format!("{}:{}", self.session_id(), call_id);
-            let request = sandbox::InvokeRequest {
-                session_id: sandbox_session_id.clone(),
-                invocation_id: invocation_id.clone(),
-                target: Some(sandbox::invoke_request::Target::Wasi(sandbox::WasiCall {
-                    tool: call.tool.clone(),
-                    input_json: call.arguments_json,
-                })),
-                timeout: Some(harness_proto::duration_to_proto(
-                    self.agent_loop.settings.tool_timeout,
-                )),
-            };
-            self.staged_steps.push(StepRecord {
-                step: invoke_step(&call_id),
-                payload: request.encode_to_vec(),
-            });
-            self.stage(
-                turn,
-                Kind::ToolStarted(control::ToolStarted {
-                    call_id: call_id.clone(),
-                    invocation_id,
-                    tool: call.tool,
-                    sandbox_session_id,
-                }),
-            );
-            if let Some(call) = self
-                .state
-                .open
-                .as_mut()
-                .and_then(|open| open.call_mut(&call_id))
-            {
-                call.invoke = Some(request);
-            }
-        }
-        self.flush().await
-    }
-
-    /// A budget (other than turns, which limit model calls) used up, counting
-    /// the open turn's model call.
-    fn dispatch_budget_stop(&self) -> Option<BudgetKind> {
-        let usage = self.state.usage_with_open_turn();
-        let elapsed = self.elapsed();
-        budget::ALL_KINDS
-            .into_iter()
-            .filter(|kind| *kind != BudgetKind::Turns)
-            .find(|kind| {
-                kind.limit(&self.session.budget)
-                    .is_some_and(|limit| kind.used(&usage, elapsed) >= limit)
-            })
-    }
-
-    /// Dispatches the calls in flight (bounded), and records every call's
-    /// result in call order.
-    async fn collect_results(&mut self, turn: u32) -> Result<(), LoopError> {
-        let Some(open) = &self.state.open else {
-            return Ok(());
-        };
-        let calls: Vec<(ToolCall, bool)> = open
-            .calls
-            .iter()
-            .filter(|call| call.finished.is_none())
-            .map(|call| (call.call.clone(), call.in_flight()))
-            .collect();
-        let settings = self.agent_loop.settings;
-        let slots = Arc::new(Semaphore::new(settings.max_parallel_tool_calls.max(1)));
-        let deadline = settings.tool_timeout + SANDBOX_ANSWER_GRACE;
-        // All calls are polled; the semaphore bounds how many run at once (in
-        // call order: it is fair), and `FuturesOrdered` yields results in
-        // call order, which is the order they are recorded in.
-        let mut dispatches: FuturesOrdered<_> = open
-            .calls
-            .iter()
-            .filter(|call| call.finished.is_none() && call.in_flight())
-            .map(|call| {
-                let request = call.invoke.clone().unwrap_or_default();
-                tools::dispatch(
-                    Arc::clone(&self.agent_loop.sandbox),
-                    Arc::clone(&slots),
-                    request,
-                    deadline,
-                    settings.dispatch_retry,
-                )
-            })
-            .collect();
-        for (call, in_flight) in calls {
-            let call_id = call.call_id.clone();
-            let finished = if in_flight {
-                let result = match dispatches.next().now_or_never() {
-                    Some(result) => result,
-                    None => {
-                        // Write what is recorded before waiting.
-                        self.flush().await?;
-                        self.until_stopped(dispatches.next()).await?
-                    }
-                };
-                let result = result.unwrap_or(CallResult::Failed(SandboxError::MissingResult));
-                if let CallResult::Outcome(outcome) = &result {
-                    for chunk in &outcome.output {
-                        self.stage(turn, Kind::ToolOutput(tools::tool_output(&call_id, chunk)));
-                    }
-                }
-                if matches!(result, CallResult::SandboxLost(_)) {
-                    self.sandbox_lost = true;
-                }
-                let resumed = self.resumed_calls.contains(&call_id);
-                let finished = tools::finished_from_failure(&call, &result, resumed);
-                if let CallResult::Failed(source) = result {
-                    self.stage(turn, Kind::ToolFinished(finished));
-                    return Err(LoopError::Dispatch { call_id, source });
-                }
-                finished
-            } else {
-                let (kind, message) = match self.plans.get(&call_id) {
-                    Some(Plan::Invalid(message)) => {
-                        (control::ToolErrorKind::InvalidInput, message.clone())
-                    }
-                    Some(Plan::Denied(message)) => {
-                        (control::ToolErrorKind::Denied, message.clone())
-                    }
-                    None => (
-                        control::ToolErrorKind::Internal,
-                        "the call was neither dispatched nor refused".to_owned(),
-                    ),
-                };
-                tools::finished_with_error(&call, kind, message)
-            };
-            self.stage(turn, Kind::ToolFinished(finished));
-        }
         Ok(())
     }
 
@@ -1038,33 +603,6 @@ impl SessionRun<'_> {
         );
         for warning in warnings {
             self.stage(turn, Kind::BudgetWarning(warning));
-        }
-    }
-
-    /// Calls sandboxd, trying again while it is unreachable (it may be
-    /// starting, e.g. when both daemons restart together).
-    async fn retry_unreachable<T, F, Fut>(
-        &mut self,
-        mut call: F,
-    ) -> Result<Result<T, SandboxError>, LoopError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, SandboxError>>,
-    {
-        let retry = self.agent_loop.settings.dispatch_retry;
-        let mut wait = retry.backoff;
-        let mut attempt = 1;
-        loop {
-            let result = self.until_stopped(call()).await?;
-            match &result {
-                Err(error) if error.is_unreachable() && attempt < retry.attempts => {
-                    tracing::warn!(session_id = self.session.session_id, attempt, error = %error_chain(error), "sandboxd unreachable; trying again");
-                    self.until_stopped(tokio::time::sleep(wait)).await?;
-                    wait = wait.saturating_mul(2);
-                    attempt += 1;
-                }
-                _ => return Ok(result),
-            }
         }
     }
 
@@ -1152,49 +690,6 @@ impl SessionRun<'_> {
                 ..self.state.usage
             }),
         }
-    }
-
-    /// Best effort: a failure is logged, and sandboxd's TTL cleans up.
-    async fn destroy_sandbox(&mut self) {
-        let Some(sandbox_session_id) = self.sandbox_session_id.take() else {
-            return;
-        };
-        let reason = format!("control-plane session {} ended", self.session.session_id);
-        if let Err(error) = self
-            .agent_loop
-            .sandbox
-            .destroy_session(sandbox_session_id.clone(), reason)
-            .await
-        {
-            tracing::warn!(
-                session_id = self.session.session_id,
-                sandbox_session_id,
-                error = %error_chain(&error),
-                "could not destroy the sandbox session"
-            );
-        }
-    }
-}
-
-/// Why an undispatched call may not run (policy or a human said no).
-fn refusal(call: &state::CallState) -> Option<String> {
-    let Some(decision) = &call.decision else {
-        return Some("no policy decision was recorded for this call".to_owned());
-    };
-    match decision.verdict() {
-        control::Verdict::Allow => None,
-        control::Verdict::Ask => match &call.approval {
-            Some(approval) if approval.decision() == control::ApprovalDecision::Allow => None,
-            Some(approval) if approval.reason.is_empty() => {
-                Some(format!("denied by {}", approval.resolved_by))
-            }
-            Some(approval) => Some(format!(
-                "denied by {}: {}",
-                approval.resolved_by, approval.reason
-            )),
-            None => Some("approval was never given".to_owned()),
-        },
-        control::Verdict::Deny | control::Verdict::Unspecified => Some(decision.reason.clone()),
     }
 }
 

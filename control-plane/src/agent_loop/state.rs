@@ -19,16 +19,78 @@ use crate::budget::{self, BudgetKind};
 use crate::event;
 use crate::provider::{Message, ToolCall};
 use crate::store::StepRecord;
-use crate::transcript::tool_error_kind_label;
 
 /// Step-record name of a turn's completed model call.
 pub fn model_step(turn: u32) -> String {
     format!("model:{turn:08}")
 }
 
+/// Step-record prefix of a sandboxd call's request (the only kind of tool
+/// step before harness tools, so it keeps its name).
+const SANDBOX_STEP: &str = "invoke:";
+/// Step-record prefix of a harness tool call's request.
+const HARNESS_STEP: &str = "harness:";
+
 /// Step-record name of a call's sandboxd request.
 pub fn invoke_step(call_id: &str) -> String {
-    format!("invoke:{call_id}")
+    format!("{SANDBOX_STEP}{call_id}")
+}
+
+/// The exact request of one tool call, recorded as its step before it runs
+/// and tagged (by the step's name) with the executor that runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolRequest {
+    /// An `Invoke` for sandboxd.
+    Sandbox(sandbox::InvokeRequest),
+    /// A call of a tool the control plane runs itself.
+    Harness(control::HarnessToolCall),
+}
+
+impl ToolRequest {
+    /// The sandbox session it runs in (none for harness tools).
+    pub fn sandbox_session_id(&self) -> &str {
+        match self {
+            Self::Sandbox(request) => &request.session_id,
+            Self::Harness(_) => "",
+        }
+    }
+
+    /// Its invocation id.
+    pub fn invocation_id(&self) -> &str {
+        match self {
+            Self::Sandbox(request) => &request.invocation_id,
+            Self::Harness(call) => &call.invocation_id,
+        }
+    }
+
+    /// The step record of call `call_id`.
+    pub fn step_record(&self, call_id: &str) -> StepRecord {
+        match self {
+            Self::Sandbox(request) => StepRecord {
+                step: invoke_step(call_id),
+                payload: request.encode_to_vec(),
+            },
+            Self::Harness(call) => StepRecord {
+                step: format!("{HARNESS_STEP}{call_id}"),
+                payload: call.encode_to_vec(),
+            },
+        }
+    }
+
+    /// The call id and request of a tool step record; `None` for another
+    /// kind of step.
+    fn from_step(step: &StepRecord) -> Option<(&str, Result<Self, prost::DecodeError>)> {
+        let payload = step.payload.as_slice();
+        if let Some(call_id) = step.step.strip_prefix(SANDBOX_STEP) {
+            let request = sandbox::InvokeRequest::decode(payload).map(Self::Sandbox);
+            return Some((call_id, request));
+        }
+        let call_id = step.step.strip_prefix(HARNESS_STEP)?;
+        Some((
+            call_id,
+            control::HarnessToolCall::decode(payload).map(Self::Harness),
+        ))
+    }
 }
 
 /// One tool call of the open turn and how far it got.
@@ -44,8 +106,8 @@ pub struct CallState {
     pub approval: Option<control::ApprovalResolved>,
     /// Dispatch, once recorded.
     pub started: Option<control::ToolStarted>,
-    /// The exact request sent to sandboxd (its step record).
-    pub invoke: Option<sandbox::InvokeRequest>,
+    /// The exact request of the call (its step record).
+    pub request: Option<ToolRequest>,
     /// The result, once recorded.
     pub finished: Option<control::ToolFinished>,
 }
@@ -58,7 +120,7 @@ impl CallState {
             approval_requested: None,
             approval: None,
             started: None,
-            invoke: None,
+            request: None,
             finished: None,
         }
     }
@@ -108,6 +170,9 @@ impl OpenTurn {
 pub struct SessionState {
     /// `started` is recorded.
     pub started: bool,
+    /// The agent the session runs as, from `started` (absent in logs written
+    /// before it was recorded).
+    pub resolved: Option<control::ResolvedAgent>,
     /// `finished` is recorded.
     pub finished: bool,
     /// The conversation of closed turns (system prompt and input first);
@@ -148,15 +213,11 @@ pub enum ReplayError {
 
 impl SessionState {
     /// A session with nothing recorded yet: the system prompt and the input.
+    /// A `started` event carrying the resolved agent replaces the prompt
+    /// with the recorded one; `system_prompt` counts only for logs without.
     pub fn new(system_prompt: &str, input: &str) -> Self {
-        let system = (!system_prompt.is_empty()).then(|| Message::System {
-            text: system_prompt.to_owned(),
-        });
-        let user = Message::User {
-            text: input.to_owned(),
-        };
         Self {
-            messages: Arc::new(system.into_iter().chain([user]).collect()),
+            messages: Arc::new(opening(system_prompt, input)),
             ..Self::default()
         }
     }
@@ -173,7 +234,13 @@ impl SessionState {
     pub fn apply(&mut self, turn: u32, kind: &Kind) {
         event::apply_to_usage(&mut self.usage, kind);
         match kind {
-            Kind::Started(_) => self.started = true,
+            Kind::Started(started) => {
+                self.started = true;
+                if let Some(resolved) = &started.resolved {
+                    self.messages = Arc::new(opening(&resolved.system_prompt, &started.input));
+                    self.resolved = Some(resolved.clone());
+                }
+            }
             Kind::TextDelta(delta) => self.open_turn(turn).recorded_text.push_str(&delta.text),
             Kind::ToolCallRequested(requested) => {
                 self.call_ids.insert(requested.call_id.clone());
@@ -235,11 +302,10 @@ impl SessionState {
         if step.step == model_step(open.turn) {
             let record = control::TurnCompleted::decode(step.payload.as_slice()).map_err(bad)?;
             open.model = Some(ModelStep { record });
-        } else if let Some(call_id) = step.step.strip_prefix("invoke:")
+        } else if let Some((call_id, request)) = ToolRequest::from_step(step)
             && let Some(call) = open.call_mut(call_id)
         {
-            call.invoke =
-                Some(sandbox::InvokeRequest::decode(step.payload.as_slice()).map_err(bad)?);
+            call.request = Some(request.map_err(bad)?);
         }
         Ok(())
     }
@@ -281,12 +347,23 @@ impl SessionState {
     }
 }
 
+/// The conversation's first messages: the system prompt (if any) and the input.
+fn opening(system_prompt: &str, input: &str) -> Vec<Message> {
+    let system = (!system_prompt.is_empty()).then(|| Message::System {
+        text: system_prompt.to_owned(),
+    });
+    let user = Message::User {
+        text: input.to_owned(),
+    };
+    system.into_iter().chain([user]).collect()
+}
+
 /// The conversation entry the model sees for a finished call.
 pub fn tool_result_message(finished: &control::ToolFinished) -> Message {
     let (content, is_error) = match &finished.outcome {
         Some(control::tool_finished::Outcome::OutputJson(json)) => (json.clone(), false),
         Some(control::tool_finished::Outcome::Error(error)) => (
-            format!("{}: {}", tool_error_kind_label(error.kind()), error.message),
+            format!("{}: {}", error_kind_for_model(error.kind()), error.message),
             true,
         ),
         None => ("no result".to_owned(), true),
@@ -296,6 +373,23 @@ pub fn tool_result_message(finished: &control::ToolFinished) -> Message {
         tool: finished.tool.clone(),
         content,
         is_error,
+    }
+}
+
+/// How an error kind is named to the model. Part of every later request, so
+/// it is spelled out here, not borrowed from the transcript's rendering for
+/// people: changing it would change replayed requests.
+fn error_kind_for_model(kind: control::ToolErrorKind) -> &'static str {
+    match kind {
+        control::ToolErrorKind::Unspecified => "unspecified",
+        control::ToolErrorKind::InvalidInput => "invalid_input",
+        control::ToolErrorKind::Denied => "denied",
+        control::ToolErrorKind::Timeout => "timeout",
+        control::ToolErrorKind::ResourceExhausted => "resource_exhausted",
+        control::ToolErrorKind::Failed => "failed",
+        control::ToolErrorKind::Internal => "internal",
+        control::ToolErrorKind::Interrupted => "interrupted",
+        control::ToolErrorKind::NotFound => "not_found",
     }
 }
 
@@ -406,6 +500,17 @@ mod tests {
     }
 
     #[test]
+    fn error_kinds_are_named_to_the_model_as_the_transcript_names_them() {
+        for value in 0..=8 {
+            let kind = control::ToolErrorKind::try_from(value).unwrap();
+            assert_eq!(
+                error_kind_for_model(kind),
+                crate::transcript::tool_error_kind_label(kind)
+            );
+        }
+    }
+
+    #[test]
     fn steps_of_the_open_turn_are_replayed() {
         let mut state = SessionState::new("", "go");
         state.apply(1, &requested("c1"));
@@ -430,8 +535,21 @@ mod tests {
                 payload: request.encode_to_vec(),
             })
             .unwrap();
+        let harness_call = control::HarnessToolCall {
+            invocation_id: "s:c2".to_owned(),
+            tool: "remember".to_owned(),
+            input_json: "{}".to_owned(),
+        };
+        state.apply(1, &requested("c2"));
+        let harness_step = ToolRequest::Harness(harness_call.clone()).step_record("c2");
+        assert_eq!(harness_step.step, "harness:c2");
+        state.apply_step(&harness_step).unwrap();
         let open = state.open.unwrap();
         assert_eq!(open.model, Some(ModelStep { record }));
-        assert_eq!(open.calls[0].invoke, Some(request));
+        assert_eq!(open.calls[0].request, Some(ToolRequest::Sandbox(request)));
+        assert_eq!(
+            open.calls[1].request,
+            Some(ToolRequest::Harness(harness_call))
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! Tool calls between the loop and sandboxd: argument validation before
+//! Tool calls between the loop and its executors (sandboxd mostly): argument validation before
 //! dispatch, the dispatch itself (bounded, retried while sandboxd is
 //! unreachable — safe, because the invocation id makes a repeat harmless),
 //! and turning results into `tool_finished` events.
@@ -10,6 +10,7 @@ use harness_proto::control::v1 as control;
 use harness_proto::sandbox::v1 as sandbox;
 use tokio::sync::Semaphore;
 
+use super::executor::HarnessToolError;
 use crate::error_report::error_chain;
 use crate::provider::ToolCall;
 use crate::sandbox::{InvocationOutcome, SandboxDispatch, SandboxError};
@@ -99,6 +100,10 @@ pub enum CallResult {
     Conflict(tonic::Status),
     /// sandboxd could not be reached.
     Failed(SandboxError),
+    /// A harness tool's output, or its error.
+    Harness(Result<String, HarnessToolError>),
+    /// The call was started without a recorded request, so nothing ran.
+    MissingRequest,
 }
 
 /// Sends one invocation and waits for its result, retrying while sandboxd
@@ -211,6 +216,22 @@ pub fn finished_from_failure(
 ) -> control::ToolFinished {
     let (kind, message) = match result {
         CallResult::Outcome(outcome) => return finished_from_result(call, &outcome.result),
+        CallResult::Harness(Ok(output_json)) => {
+            return control::ToolFinished {
+                call_id: call.call_id.clone(),
+                tool: call.tool.clone(),
+                outcome: Some(control::tool_finished::Outcome::OutputJson(
+                    output_json.clone(),
+                )),
+                wall_time: None,
+                peak_memory_bytes: 0,
+            };
+        }
+        CallResult::Harness(Err(error)) => (error.kind, error.message.clone()),
+        CallResult::MissingRequest => (
+            control::ToolErrorKind::Internal,
+            "the call was started without a recorded request, so it did not run".to_owned(),
+        ),
         CallResult::TimedOut(after) => (
             control::ToolErrorKind::Timeout,
             format!("no result from sandboxd within {}s", after.as_secs_f64()),

@@ -8,13 +8,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::ModelProvider;
 use super::anthropic::{self, AnthropicFormat};
+use super::config::{ProviderConfig, ProvidersConfig};
 use super::http::{HttpProvider, HttpProviderError, WireFormat};
 use super::openai::{self, OpenAiFormat};
-use crate::agent::ProviderKind;
+use super::{ModelProvider, ProviderKind};
 use crate::budget::ModelPrice;
-use crate::config::{ProviderConfig, ProvidersConfig};
 
 /// Reads an environment variable.
 pub type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;

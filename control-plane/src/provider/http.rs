@@ -207,6 +207,10 @@ enum AttemptEnd {
 }
 
 impl ModelProvider for HttpProvider {
+    fn endpoint(&self) -> String {
+        self.inner.endpoint.clone()
+    }
+
     fn stream_turn(&self, request: ModelRequest) -> ModelStream {
         let (sender, receiver) = mpsc::channel(64);
         let inner = Arc::clone(&self.inner);

@@ -20,6 +20,7 @@
 
 pub mod anthropic;
 pub mod circuit;
+pub mod config;
 pub mod factory;
 pub mod http;
 pub mod openai;
@@ -30,6 +31,30 @@ pub mod sse;
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
+use serde::Deserialize;
+
+/// The model provider an agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Replies read from a script file (tests, offline demo).
+    Scripted,
+    /// OpenAI-compatible Chat Completions.
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+impl ProviderKind {
+    /// The name used in agent files and in `ListAgents`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scripted => "scripted",
+            Self::Openai => "openai",
+            Self::Anthropic => "anthropic",
+        }
+    }
+}
 
 /// One entry of the conversation sent to the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +175,13 @@ pub type ModelStream = BoxStream<'static, Result<ModelStreamEvent, ProviderError
 pub trait ModelProvider: Send + Sync + std::fmt::Debug {
     /// Starts one model call. Errors are delivered through the stream.
     fn stream_turn(&self, request: ModelRequest) -> ModelStream;
+
+    /// Where model calls go, for the session record and logs, e.g.
+    /// `"openai http://127.0.0.1:8000/v1"`. Providers answering inside this
+    /// process (tests) keep the default.
+    fn endpoint(&self) -> String {
+        "in-process".to_owned()
+    }
 }
 
 /// Why a model call failed.

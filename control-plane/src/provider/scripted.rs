@@ -133,6 +133,10 @@ impl ScriptedProvider {
 }
 
 impl ModelProvider for ScriptedProvider {
+    fn endpoint(&self) -> String {
+        format!("scripted {}", self.source)
+    }
+
     fn stream_turn(&self, request: ModelRequest) -> ModelStream {
         let turns_taken = request
             .messages

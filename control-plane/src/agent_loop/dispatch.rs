@@ -1,0 +1,182 @@
+//! Dispatch: each admitted call's request recorded (tagged with its
+//! executor) before it runs, the calls run in parallel (bounded), and their
+//! results recorded in call order.
+
+use std::sync::Arc;
+
+use futures::FutureExt;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use harness_proto::control::v1 as control;
+use harness_proto::control::v1::session_event::Kind;
+use tokio::sync::Semaphore;
+
+use super::approvals::refusal;
+use super::executor::{CallTarget, DispatchSettings};
+use super::resolved::SessionAgent;
+use super::tools::{self, CallResult};
+use super::{LoopError, Plan, SANDBOX_ANSWER_GRACE, SessionRun};
+use crate::budget::{self, BudgetKind};
+use crate::provider::ToolCall;
+use crate::sandbox::SandboxError;
+
+impl SessionRun<'_> {
+    /// Records `tool_started` (and the request, as a step) for every allowed
+    /// call the budget still permits, then writes everything before dispatch.
+    pub(super) async fn start_calls(
+        &mut self,
+        turn: u32,
+        agent: &SessionAgent,
+    ) -> Result<(), LoopError> {
+        let Some(open) = &self.state.open else {
+            return Ok(());
+        };
+        let pending: Vec<(ToolCall, Option<String>)> = open
+            .calls
+            .iter()
+            .filter(|call| call.started.is_none() && call.finished.is_none())
+            .filter(|call| !self.plans.contains_key(&call.call.call_id))
+            .map(|call| (call.call.clone(), refusal(call)))
+            .collect();
+        for (call, refused) in pending {
+            let call_id = call.call_id.clone();
+            if let Some(denial) = refused {
+                self.plans.insert(call_id, Plan::Denied(denial));
+                continue;
+            }
+            if let Some(kind) = self.dispatch_budget_stop() {
+                let message = format!("not run: {}", self.exhausted_message(kind));
+                self.plans.insert(call_id, Plan::Denied(message));
+                continue;
+            }
+            if self.sandbox_lost {
+                self.create_sandbox(agent).await?;
+                self.sandbox_lost = false;
+            }
+            let invocation_id = format!("{}:{}", self.session_id(), call_id);
+            let request = self.agent_loop.executors.request(
+                agent.executor_of(&call.tool),
+                &call,
+                CallTarget {
+                    invocation_id: &invocation_id,
+                    sandbox_session_id: self.sandbox_session_id.as_deref().unwrap_or_default(),
+                    timeout: self.agent_loop.settings.tool_timeout,
+                },
+            );
+            self.staged_steps.push(request.step_record(&call_id));
+            self.stage(
+                turn,
+                Kind::ToolStarted(control::ToolStarted {
+                    call_id: call_id.clone(),
+                    sandbox_session_id: request.sandbox_session_id().to_owned(),
+                    invocation_id,
+                    tool: call.tool,
+                }),
+            );
+            if let Some(call) = self
+                .state
+                .open
+                .as_mut()
+                .and_then(|open| open.call_mut(&call_id))
+            {
+                call.request = Some(request);
+            }
+        }
+        self.flush().await
+    }
+
+    /// A budget (other than turns, which limit model calls) used up, counting
+    /// the open turn's model call.
+    pub(super) fn dispatch_budget_stop(&self) -> Option<BudgetKind> {
+        let usage = self.state.usage_with_open_turn();
+        let elapsed = self.elapsed();
+        budget::ALL_KINDS
+            .into_iter()
+            .filter(|kind| *kind != BudgetKind::Turns)
+            .find(|kind| {
+                kind.limit(&self.session.budget)
+                    .is_some_and(|limit| kind.used(&usage, elapsed) >= limit)
+            })
+    }
+
+    /// Dispatches the calls in flight (bounded), and records every call's
+    /// result in call order.
+    pub(super) async fn collect_results(&mut self, turn: u32) -> Result<(), LoopError> {
+        let Some(open) = &self.state.open else {
+            return Ok(());
+        };
+        let calls: Vec<(ToolCall, bool)> = open
+            .calls
+            .iter()
+            .filter(|call| call.finished.is_none())
+            .map(|call| (call.call.clone(), call.in_flight()))
+            .collect();
+        let settings = self.agent_loop.settings;
+        let slots = Arc::new(Semaphore::new(settings.max_parallel_tool_calls.max(1)));
+        let deadline = settings.tool_timeout + SANDBOX_ANSWER_GRACE;
+        // All calls are polled; the semaphore bounds how many run at once (in
+        // call order: it is fair), and `FuturesOrdered` yields results in
+        // call order, which is the order they are recorded in.
+        let mut dispatches: FuturesOrdered<_> = open
+            .calls
+            .iter()
+            .filter(|call| call.finished.is_none() && call.in_flight())
+            .map(|call| match call.request.clone() {
+                Some(request) => self.agent_loop.executors.dispatch(
+                    request,
+                    DispatchSettings {
+                        slots: Arc::clone(&slots),
+                        deadline,
+                        retry: settings.dispatch_retry,
+                    },
+                ),
+                None => Box::pin(std::future::ready(CallResult::MissingRequest)),
+            })
+            .collect();
+        for (call, in_flight) in calls {
+            let call_id = call.call_id.clone();
+            let finished = if in_flight {
+                let result = match dispatches.next().now_or_never() {
+                    Some(result) => result,
+                    None => {
+                        // Write what is recorded before waiting.
+                        self.flush().await?;
+                        self.until_stopped(dispatches.next()).await?
+                    }
+                };
+                let result = result.unwrap_or(CallResult::Failed(SandboxError::MissingResult));
+                if let CallResult::Outcome(outcome) = &result {
+                    for chunk in &outcome.output {
+                        self.stage(turn, Kind::ToolOutput(tools::tool_output(&call_id, chunk)));
+                    }
+                }
+                if matches!(result, CallResult::SandboxLost(_)) {
+                    self.sandbox_lost = true;
+                }
+                let resumed = self.resumed_calls.contains(&call_id);
+                let finished = tools::finished_from_failure(&call, &result, resumed);
+                if let CallResult::Failed(source) = result {
+                    self.stage(turn, Kind::ToolFinished(finished));
+                    return Err(LoopError::Dispatch { call_id, source });
+                }
+                finished
+            } else {
+                let (kind, message) = match self.plans.get(&call_id) {
+                    Some(Plan::Invalid(message)) => {
+                        (control::ToolErrorKind::InvalidInput, message.clone())
+                    }
+                    Some(Plan::Denied(message)) => {
+                        (control::ToolErrorKind::Denied, message.clone())
+                    }
+                    None => (
+                        control::ToolErrorKind::Internal,
+                        "the call was neither dispatched nor refused".to_owned(),
+                    ),
+                };
+                tools::finished_with_error(&call, kind, message)
+            };
+            self.stage(turn, Kind::ToolFinished(finished));
+        }
+        Ok(())
+    }
+}

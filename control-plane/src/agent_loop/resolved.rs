@@ -1,0 +1,300 @@
+//! The agent a session runs as: resolved once, when the session starts, from
+//! the agent file and sandboxd's tool descriptions, and recorded in its
+//! `started` event ([`control::ResolvedAgent`]). Every run of the session —
+//! the first, and each resume after a restart — rebuilds what its model
+//! requests and decisions depend on from that record, never from the agent
+//! file as it is by then: editing an agent's prompt, model, limits, policy
+//! or sandbox settings changes new sessions, not running ones.
+//!
+//! What the record cannot fix is checked instead: sandboxd must still offer
+//! every recorded tool with the recorded input schema, and the agent must
+//! still use a provider of the recorded kind (its wire format shapes the
+//! requests). Either change fails the session with a typed error rather than
+//! resuming with requests it never sent before.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use harness_proto::control::v1 as control;
+use harness_proto::sandbox::v1 as sandbox;
+
+use super::executor::HarnessRegistry;
+use super::tools::ToolSchema;
+use crate::agent::Agent;
+use crate::budget::ModelPrice;
+use crate::policy::{Policy, PolicyError, PolicySettings};
+use crate::provider::{ModelProvider, ToolDefinition};
+
+/// Why a session's agent cannot be resolved or rebuilt from its record.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The agent names a tool neither the harness nor sandboxd has.
+    #[error("agent tool \"{tool}\" is not offered by sandboxd (it has: {available})")]
+    ToolUnavailable {
+        /// The missing tool.
+        tool: String,
+        /// What sandboxd offers, comma-separated.
+        available: String,
+    },
+    /// A harness tool the session started with is no longer registered.
+    #[error("harness tool \"{tool}\" is no longer registered (the harness has: {available})")]
+    HarnessToolGone {
+        /// The tool.
+        tool: String,
+        /// The registered harness tools, comma-separated.
+        available: String,
+    },
+    /// A tool's input schema is not JSON.
+    #[error("sandboxd's input schema of tool \"{tool}\" is not valid JSON")]
+    BadToolSchema {
+        /// The tool.
+        tool: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A tool's input schema is not a JSON Schema.
+    #[error("sandboxd's input schema of tool \"{tool}\" is not a usable JSON Schema: {problem}")]
+    UnusableToolSchema {
+        /// The tool.
+        tool: String,
+        /// What the validator said.
+        problem: String,
+    },
+    /// sandboxd describes a tool differently from when the session started.
+    #[error(
+        "tool \"{tool}\" changed its input schema since the session started, so the session \
+         cannot resume with the requests it made before (recorded: {recorded}; sandboxd now: \
+         {current})"
+    )]
+    ToolSchemaChanged {
+        /// The tool.
+        tool: String,
+        /// The schema the session started with.
+        recorded: String,
+        /// The schema sandboxd has now.
+        current: String,
+    },
+    /// The agent now uses another kind of provider.
+    #[error(
+        "the session started on provider \"{recorded}\" but its agent now uses \"{current}\"; \
+         another wire format cannot continue the session's requests"
+    )]
+    ProviderChanged {
+        /// The recorded provider kind.
+        recorded: String,
+        /// The agent file's provider kind now.
+        current: String,
+    },
+    /// The recorded policy does not compile.
+    #[error("the session's recorded policy is unusable")]
+    Policy(#[source] PolicyError),
+}
+
+/// What a session runs as, rebuilt from its record.
+#[derive(Debug)]
+pub struct SessionAgent {
+    /// The agent's name (policy decisions name it).
+    pub name: String,
+    /// Model name sent to the provider.
+    pub model: String,
+    /// Output-token cap of one model call.
+    pub max_output_tokens: Option<u32>,
+    /// The tools' names, in the model's order.
+    pub tool_names: Vec<String>,
+    /// The executor of each tool.
+    pub executors: HashMap<String, control::ToolExecutor>,
+    /// The tools as the model sees them (shared by every request).
+    pub tools: Arc<Vec<ToolDefinition>>,
+    /// Compiled input schemas, by tool name.
+    pub schemas: HashMap<String, ToolSchema>,
+    /// The compiled tool-call policy.
+    pub policy: Policy,
+    /// The model's price.
+    pub price: Option<ModelPrice>,
+    /// The policy of the session's sandbox sessions.
+    pub sandbox_policy: sandbox::SessionPolicy,
+    /// The provider answering model calls (the agent's, as loaded now).
+    pub provider: Arc<dyn ModelProvider>,
+}
+
+/// The record of `agent` for a new session: its tools in the agent's order,
+/// each bound to the harness if `harness` has it, else to sandboxd (as
+/// `offered` describes it).
+pub fn record(
+    agent: &Agent,
+    offered: &[sandbox::Tool],
+    harness: &HarnessRegistry,
+) -> Result<control::ResolvedAgent, ResolveError> {
+    let definition = &agent.definition;
+    let tools = definition
+        .tools
+        .iter()
+        .map(|name| match harness.describe(name) {
+            Some(tool) => Ok(tool),
+            None => find_tool(offered, name).map(sandbox_tool),
+        })
+        .collect::<Result<_, ResolveError>>()?;
+    Ok(control::ResolvedAgent {
+        system_prompt: definition.system_prompt.clone(),
+        provider: definition.provider.as_str().to_owned(),
+        endpoint: agent.provider.endpoint(),
+        model: definition.model.clone(),
+        max_tokens_per_turn: definition.max_tokens_per_turn,
+        tools,
+        policy: Some(definition.policy.to_proto()),
+        sandbox_policy: Some(definition.sandbox.session_policy()),
+        price: agent.price.as_ref().map(ModelPrice::to_proto),
+    })
+}
+
+/// A sandboxd tool as a session records it.
+fn sandbox_tool(tool: &sandbox::Tool) -> control::ResolvedTool {
+    control::ResolvedTool {
+        name: tool.name.clone(),
+        description: tool.description.clone(),
+        input_schema_json: tool.input_schema_json.clone(),
+        digest: tool.digest.clone(),
+        executor: control::ToolExecutor::Sandbox.into(),
+    }
+}
+
+/// Checks that each recorded tool's executor (sandboxd, as `offered`
+/// describes its tools, or `harness`) still has it with the recorded input
+/// schema: the requests the session sent depend on it, and calls are
+/// validated against it.
+pub fn check_tools(
+    record: &control::ResolvedAgent,
+    offered: &[sandbox::Tool],
+    harness: &HarnessRegistry,
+) -> Result<(), ResolveError> {
+    for recorded in &record.tools {
+        let current = match recorded.executor() {
+            control::ToolExecutor::Sandbox => {
+                find_tool(offered, &recorded.name).map(sandbox_tool)?
+            }
+            control::ToolExecutor::Harness => {
+                harness
+                    .describe(&recorded.name)
+                    .ok_or_else(|| ResolveError::HarnessToolGone {
+                        tool: recorded.name.clone(),
+                        available: harness.names().collect::<Vec<_>>().join(", "),
+                    })?
+            }
+        };
+        if current.input_schema_json != recorded.input_schema_json {
+            return Err(ResolveError::ToolSchemaChanged {
+                tool: recorded.name.clone(),
+                recorded: recorded.input_schema_json.clone(),
+                current: current.input_schema_json.clone(),
+            });
+        }
+        if current.digest != recorded.digest {
+            tracing::warn!(
+                tool = recorded.name,
+                recorded = recorded.digest,
+                current = current.digest,
+                "a session's tool was replaced by one with the same input schema; resuming"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn find_tool<'a>(
+    offered: &'a [sandbox::Tool],
+    name: &str,
+) -> Result<&'a sandbox::Tool, ResolveError> {
+    offered
+        .iter()
+        .find(|tool| tool.name == name)
+        .ok_or_else(|| ResolveError::ToolUnavailable {
+            tool: name.to_owned(),
+            available: offered
+                .iter()
+                .map(|tool| tool.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+impl SessionAgent {
+    /// The executor of tool `name`. Only the session's own tools are ever
+    /// started (policy denies the rest); anything else is sandboxd's, as
+    /// every tool was before there were executors.
+    pub fn executor_of(&self, name: &str) -> control::ToolExecutor {
+        self.executors.get(name).copied().unwrap_or_default()
+    }
+
+    /// What session `name` runs as, from its record; model calls go to
+    /// `current`'s provider, which must be of the recorded kind.
+    pub fn from_record(
+        name: &str,
+        record: &control::ResolvedAgent,
+        current: &Agent,
+    ) -> Result<Self, ResolveError> {
+        let kind = current.definition.provider.as_str();
+        if record.provider != kind {
+            return Err(ResolveError::ProviderChanged {
+                recorded: record.provider.clone(),
+                current: kind.to_owned(),
+            });
+        }
+        let endpoint = current.provider.endpoint();
+        if record.endpoint != endpoint {
+            tracing::info!(
+                agent = name,
+                recorded = record.endpoint,
+                current = endpoint,
+                "the session's provider moved; its requests go to the new endpoint"
+            );
+        }
+        let mut tools = Vec::with_capacity(record.tools.len());
+        let mut schemas = HashMap::with_capacity(record.tools.len());
+        for tool in &record.tools {
+            let input_schema: serde_json::Value = serde_json::from_str(&tool.input_schema_json)
+                .map_err(|source| ResolveError::BadToolSchema {
+                    tool: tool.name.clone(),
+                    source,
+                })?;
+            let validator = jsonschema::validator_for(&input_schema).map_err(|error| {
+                ResolveError::UnusableToolSchema {
+                    tool: tool.name.clone(),
+                    problem: error.to_string(),
+                }
+            })?;
+            schemas.insert(
+                tool.name.clone(),
+                ToolSchema {
+                    name: tool.name.clone(),
+                    validator,
+                },
+            );
+            tools.push(ToolDefinition {
+                name: tool.name.clone(),
+                description: tool.description.clone(),
+                input_schema,
+            });
+        }
+        let settings = PolicySettings::from_proto(&record.policy.clone().unwrap_or_default())
+            .map_err(ResolveError::Policy)?;
+        let policy = Policy::new(&settings).map_err(ResolveError::Policy)?;
+        Ok(Self {
+            name: name.to_owned(),
+            model: record.model.clone(),
+            max_output_tokens: record.max_tokens_per_turn,
+            tool_names: record.tools.iter().map(|tool| tool.name.clone()).collect(),
+            executors: record
+                .tools
+                .iter()
+                .map(|tool| (tool.name.clone(), tool.executor()))
+                .collect(),
+            tools: Arc::new(tools),
+            schemas,
+            policy,
+            price: record.price.as_ref().map(ModelPrice::from_proto),
+            sandbox_policy: record.sandbox_policy.clone().unwrap_or_default(),
+            provider: Arc::clone(&current.provider),
+        })
+    }
+}
