@@ -82,17 +82,6 @@ pub struct ControlPlaneConfig {
     pub prices: BTreeMap<String, ModelPrice>,
 }
 
-/// `sqlite-synchronous`: see [`ControlPlaneConfig::sqlite_synchronous`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum SqliteSynchronous {
-    /// WAL commits without a disk flush: survives process crashes.
-    #[default]
-    Normal,
-    /// A disk flush per commit: also survives power loss.
-    Full,
-}
-
 impl Default for ControlPlaneConfig {
     /// The defaults, with paths from this process's `$HARNESS_HOME`.
     fn default() -> Self {
