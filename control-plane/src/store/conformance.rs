@@ -78,7 +78,8 @@ pub fn new_session(session_id: &str, key: Option<&str>) -> NewSession {
     }
 }
 
-fn delta(text: &str) -> Kind {
+/// Test history builder shared by the backends' own tests.
+pub fn delta(text: &str) -> Kind {
     Kind::TextDelta(ModelTextDelta {
         text: text.to_owned(),
     })
@@ -95,21 +96,24 @@ fn turn_completed(input_tokens: u64) -> Kind {
     })
 }
 
-fn requested(call: &str) -> Kind {
+/// Test history builder shared by the backends' own tests.
+pub fn requested(call: &str) -> Kind {
     Kind::ApprovalRequested(ApprovalRequested {
         call_id: call.to_owned(),
         ..Default::default()
     })
 }
 
-fn resolved(call: &str) -> Kind {
+/// Test history builder shared by the backends' own tests.
+pub fn resolved(call: &str) -> Kind {
     Kind::ApprovalResolved(ApprovalResolved {
         call_id: call.to_owned(),
         ..Default::default()
     })
 }
 
-fn finished(output: &str) -> Kind {
+/// Test history builder shared by the backends' own tests.
+pub fn finished(output: &str) -> Kind {
     Kind::Finished(SessionFinished {
         stop_reason: StopReason::Completed.into(),
         final_output: output.to_owned(),

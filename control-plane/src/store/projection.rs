@@ -192,34 +192,13 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use harness_proto::control::v1::{
-        ApprovalRequested, ApprovalResolved, ModelTextDelta, SessionFinished, SessionStarted,
-        ToolStarted, TurnCompleted, TurnUsage, UserMessage, WaitingForInput,
+        ModelTextDelta, SessionStarted, ToolStarted, TurnCompleted, TurnUsage, UserMessage,
+        WaitingForInput,
     };
     use proptest::prelude::*;
 
     use super::*;
-
-    fn requested(call: &str) -> Kind {
-        Kind::ApprovalRequested(ApprovalRequested {
-            call_id: call.to_owned(),
-            ..Default::default()
-        })
-    }
-
-    fn resolved(call: &str) -> Kind {
-        Kind::ApprovalResolved(ApprovalResolved {
-            call_id: call.to_owned(),
-            ..Default::default()
-        })
-    }
-
-    fn finished(output: &str) -> Kind {
-        Kind::Finished(SessionFinished {
-            stop_reason: StopReason::Completed.into(),
-            final_output: output.to_owned(),
-            ..Default::default()
-        })
-    }
+    use crate::store::conformance::{finished, requested, resolved};
 
     fn batch(turn: u32, kinds: &[Kind]) -> Vec<NewEvent> {
         kinds

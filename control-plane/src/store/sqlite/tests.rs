@@ -5,8 +5,8 @@
 
 use harness_proto::control::v1::session_event::Kind;
 use harness_proto::control::v1::{
-    BudgetLimits, BudgetUsage, ModelTextDelta, SessionEvent, SessionFinished, SessionStarted,
-    SessionStatus, StopReason, ToolStarted,
+    BudgetLimits, BudgetUsage, SessionEvent, SessionFinished, SessionStarted, SessionStatus,
+    StopReason, ToolStarted,
 };
 use prost::Message as _;
 
@@ -14,7 +14,7 @@ use super::checkpoint::{Checkpoint, checkpoint_once};
 use super::codec::{StoredBatch, StoredStep, StoredSteps, seq_to_sql};
 use super::schema::MIGRATIONS;
 use super::*;
-use crate::store::conformance::{self, StoreHarness};
+use crate::store::conformance::{self, StoreHarness, delta, new_session};
 
 /// A WAL-mode database that never checkpoints by itself, holding
 /// `rows` rows of 16 KiB, and the path of its WAL.
@@ -195,27 +195,6 @@ async fn open_temp() -> (tempfile::TempDir, SqliteStore) {
         .await
         .unwrap();
     (dir, store)
-}
-
-fn new_session(id: &str, key: Option<&str>) -> NewSession {
-    NewSession {
-        session_id: id.to_owned(),
-        tenant: "default".to_owned(),
-        agent: "demo".to_owned(),
-        input: "hello".to_owned(),
-        metadata: HashMap::from([("team".to_owned(), "core".to_owned())]),
-        budget: BudgetLimits {
-            max_turns: Some(5),
-            ..Default::default()
-        },
-        idempotency_key: key.map(str::to_owned),
-    }
-}
-
-fn delta(text: &str) -> Kind {
-    Kind::TextDelta(ModelTextDelta {
-        text: text.to_owned(),
-    })
 }
 
 #[tokio::test]
