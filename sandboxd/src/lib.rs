@@ -13,7 +13,9 @@
 //! - [`session`] resolves policies (failing closed on anything it cannot
 //!   enforce), enforces TTL and idle timeouts, and tears sessions down.
 //! - [`probe`] and [`sys`] find out what the host can isolate; `sys` is the
-//!   only module with `unsafe`.
+//!   only module that makes raw calls. Its `unsafe fn`s (forking, cloning
+//!   the init, taking received descriptors, `dup2`) state their obligations
+//!   in `# Safety`, and each caller's `unsafe` block says how it meets them.
 //! - [`error`] is the one place errors become gRPC statuses.
 
 pub mod config;

@@ -13,6 +13,27 @@ fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
+/// [`check`] for calls that return a C `int` (a pid, a descriptor, a flag).
+fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// [`check`] for a raw `syscall` that returns a new descriptor: the `long`
+/// the kernel hands back must fit a descriptor number, or the call failed in
+/// a way we cannot own (never reinterpreted as some other descriptor).
+fn check_descriptor(ret: libc::c_long) -> io::Result<std::os::fd::RawFd> {
+    let ret = check(ret)?;
+    std::os::fd::RawFd::try_from(ret).map_err(|_| {
+        io::Error::other(format!(
+            "the kernel returned {ret}, which is not a descriptor number"
+        ))
+    })
+}
+
 /// `LANDLOCK_CREATE_RULESET_VERSION` from `<linux/landlock.h>`.
 const LANDLOCK_CREATE_RULESET_VERSION: libc::c_ulong = 1;
 
@@ -60,8 +81,7 @@ pub fn seccomp_filter_available() -> bool {
 pub fn probe_user_namespace() -> io::Result<()> {
     // SAFETY: between fork and _exit the child only calls unshare and _exit,
     // both async-signal-safe, so forking a multi-threaded process is sound.
-    let pid = unsafe { libc::fork() };
-    let pid = check(libc::c_long::from(pid))?;
+    let pid = check_int(unsafe { libc::fork() })?;
     if pid == 0 {
         // SAFETY: see above; this is the child and never returns.
         unsafe {
@@ -73,7 +93,7 @@ pub fn probe_user_namespace() -> io::Result<()> {
             libc::_exit(code);
         }
     }
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(-1));
+    let pid = nix::unistd::Pid::from_raw(pid);
     match nix::sys::wait::waitpid(pid, None).map_err(io::Error::from)? {
         nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
         nix::sys::wait::WaitStatus::Exited(_, errno) => Err(io::Error::from_raw_os_error(errno)),
@@ -196,9 +216,17 @@ extern "C" fn init_child(data: *mut libc::c_void) -> libc::c_int {
 /// cost milliseconds per sandbox. The returned [`InitChildMemory`] must
 /// outlive that window.
 ///
-/// The caller must run this on a thread that outlives the child, because
-/// the child's parent-death signal follows the cloning *thread*.
-pub fn clone_sandbox_init(
+/// Run this on a thread that outlives the child, because the child's
+/// parent-death signal follows the cloning *thread*.
+///
+/// # Safety
+///
+/// The child reads the returned [`InitChildMemory`] (its stack, argument
+/// vector and the program descriptor) until it executes `sandbox-init`.
+/// The caller must keep that value alive, unmoved out of its heap
+/// allocations (moving the struct itself is fine), until the child has
+/// reported that it executed or has been killed and reaped.
+pub unsafe fn clone_sandbox_init(
     init: InitExec,
     flags: nix::sched::CloneFlags,
 ) -> io::Result<(nix::unistd::Pid, InitChildMemory)> {
@@ -223,8 +251,8 @@ pub fn clone_sandbox_init(
     // SAFETY: `init_child` only reads `args` and makes async-signal-safe
     // raw system calls (see its comment); `stack`, `args`, `argv`, `envp`
     // and the strings they point to move into the returned
-    // `InitChildMemory`, whose heap allocations do not move, and the caller
-    // keeps it until the child has executed or been reaped.
+    // `InitChildMemory`, whose heap allocations do not move, and our caller
+    // promised to keep it until the child has executed or been reaped.
     let ret = unsafe {
         libc::clone(
             init_child,
@@ -233,9 +261,9 @@ pub fn clone_sandbox_init(
             data,
         )
     };
-    let pid = check(libc::c_long::from(ret))?;
+    let pid = check_int(ret)?;
     Ok((
-        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(-1)),
+        nix::unistd::Pid::from_raw(pid),
         InitChildMemory {
             _stack: stack,
             _args: args,
@@ -246,13 +274,17 @@ pub fn clone_sandbox_init(
     ))
 }
 
-/// Forks the calling process.
+/// Forks the calling process; the child may do anything the parent could.
 ///
-/// Only the sandbox init calls this; it is single-threaded, so the child may
-/// do anything the parent could.
-pub fn fork_single_threaded() -> io::Result<nix::unistd::ForkResult> {
-    // SAFETY: the caller (sandbox-init) is single-threaded, so no lock or
-    // allocator state can be held by another thread at the fork.
+/// # Safety
+///
+/// The calling process must be single-threaded (as `sandbox-init` is):
+/// otherwise another thread may hold a lock (the allocator's, stdio's) that
+/// the child inherits locked forever, and the child may only make
+/// async-signal-safe calls.
+pub unsafe fn fork_single_threaded() -> io::Result<nix::unistd::ForkResult> {
+    // SAFETY: our caller promised the process is single-threaded, so no lock
+    // or allocator state can be held by another thread at the fork.
     unsafe { nix::unistd::fork() }.map_err(io::Error::from)
 }
 
@@ -266,7 +298,7 @@ pub fn drop_bounding_and_ambient_capabilities() -> io::Result<()> {
     for cap in 0..=last_cap {
         // SAFETY: PR_CAPBSET_DROP takes an integer and touches no memory.
         let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-        if let Err(err) = check(libc::c_long::from(ret)) {
+        if let Err(err) = check_int(ret) {
             // Capabilities above what this kernel knows are EINVAL: done.
             if err.raw_os_error() == Some(libc::EINVAL) {
                 break;
@@ -284,7 +316,7 @@ pub fn drop_bounding_and_ambient_capabilities() -> io::Result<()> {
             0,
         )
     };
-    check(libc::c_long::from(ret)).map(drop)
+    check_int(ret).map(drop)
 }
 
 /// The raw outcome of one reaped child.
@@ -311,10 +343,10 @@ pub fn reap_any_child() -> io::Result<Option<Reaped>> {
     // SAFETY: the kernel writes one int and one rusage through pointers to
     // live locals.
     let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut usage) };
-    match check(libc::c_long::from(pid)) {
+    match check_int(pid) {
         Ok(0) => Ok(None),
         Ok(pid) => Ok(Some(Reaped {
-            pid: i32::try_from(pid).unwrap_or(-1),
+            pid,
             status,
             user_micros: timeval_micros(usage.ru_utime),
             system_micros: timeval_micros(usage.ru_stime),
@@ -377,26 +409,34 @@ pub fn bring_loopback_up() -> io::Result<()> {
     // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into the
     // `ifreq`, a live local of the right type.
     let ret = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) };
-    check(libc::c_long::from(ret))?;
+    check_int(ret)?;
     // SAFETY: `ifru_flags` is the union member SIOCGIFFLAGS just filled.
     unsafe {
         request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     }
     // SAFETY: SIOCSIFFLAGS reads the `ifreq`, a live local of the right type.
     let ret = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) };
-    check(libc::c_long::from(ret)).map(drop)
+    check_int(ret).map(drop)
 }
 
 /// Makes descriptor `target` a copy of `fd` (clearing close-on-exec on it).
-pub fn duplicate_onto(
+///
+/// # Safety
+///
+/// Whatever owned `target` before (an `OwnedFd`, a `File`, the process's
+/// stdio) silently refers to the new file afterwards. The caller must make
+/// sure nothing that owns `target` relies on what it was, e.g. a child
+/// setting up its stdio right before exec, or redirecting stdio to
+/// `/dev/null`.
+pub unsafe fn duplicate_onto(
     fd: std::os::fd::BorrowedFd<'_>,
     target: std::os::fd::RawFd,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: dup2 takes integers; replacing `target` is the caller's intent
-    // (a child setting up its stdio right before exec).
+    // SAFETY: dup2 takes integers and `fd` is borrowed, so open; that
+    // replacing `target` harms no owner is our caller's promise.
     let ret = unsafe { libc::dup2(fd.as_raw_fd(), target) };
-    check(libc::c_long::from(ret)).map(drop)
+    check_int(ret).map(drop)
 }
 
 /// Restores the default disposition of `signal`.
@@ -436,9 +476,10 @@ pub fn clone_mount_tree(path: &std::path::Path) -> io::Result<std::os::fd::Owned
     // SAFETY: `path` is a live NUL-terminated string for the duration of the
     // call; open_tree returns a new descriptor or -1.
     let ret = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
-    let fd = check(ret)?;
-    // SAFETY: open_tree just returned this descriptor; nothing else owns it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).unwrap_or(-1)) })
+    let fd = check_descriptor(ret)?;
+    // SAFETY: open_tree just returned this open descriptor; nothing else
+    // owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Attaches a detached mount tree (from [`clone_mount_tree`]) on `target`.
@@ -468,10 +509,16 @@ pub fn attach_mount_tree(
 
 /// Takes ownership of a descriptor this process just received through
 /// `SCM_RIGHTS`.
-pub fn own_received_fd(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+///
+/// # Safety
+///
+/// `fd` must be a descriptor the kernel installed in this process's table
+/// while receiving a message, taken exactly once: nothing else may own or
+/// close it.
+pub unsafe fn own_received_fd(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
-    // SAFETY: the kernel installed this descriptor in our table while
-    // receiving the message; nothing else in the process knows or owns it.
+    // SAFETY: our caller promised the kernel just installed this open
+    // descriptor and nothing else in the process owns it.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }
 

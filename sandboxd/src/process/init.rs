@@ -120,7 +120,10 @@ fn detach_stdio() -> std::io::Result<()> {
         .write(true)
         .open("/dev/null")?;
     for target in 0..3 {
-        sys::duplicate_onto(null.as_fd(), target)?;
+        // SAFETY: pid 1 of a sandbox has no terminal; its stdio handles are
+        // meant to write into /dev/null from here on (it reports through
+        // the control socket, never through stdio).
+        unsafe { sys::duplicate_onto(null.as_fd(), target) }?;
     }
     Ok(())
 }
@@ -498,7 +501,9 @@ fn spawn(
     };
     let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| (e as i32, "pipe".to_owned()))?;
-    match sys::fork_single_threaded()
+    // SAFETY: sandbox-init is single-threaded: it starts no thread and no
+    // async runtime (it links neither), it multiplexes with poll instead.
+    match unsafe { sys::fork_single_threaded() }
         .map_err(|e| (e.raw_os_error().unwrap_or(0), "fork".to_owned()))?
     {
         ForkResult::Child => {
@@ -516,7 +521,10 @@ fn spawn(
             let _ = sys::default_signal_disposition(libc::SIGPIPE);
             let _ = nix::unistd::setsid();
             for (target, fd) in stdio.iter().enumerate() {
-                if let Err(error) = sys::duplicate_onto(fd.as_fd(), target as i32) {
+                // SAFETY: the forked child is about to exec; its stdio must
+                // become the command's pipes, and nothing else in it uses
+                // descriptors 0-2.
+                if let Err(error) = unsafe { sys::duplicate_onto(fd.as_fd(), target as i32) } {
                     fail(
                         ChildStage::Stdio,
                         nix::errno::Errno::from_raw(error.raw_os_error().unwrap_or(libc::EBADF)),

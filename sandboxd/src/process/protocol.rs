@@ -202,7 +202,12 @@ pub fn receive<T: for<'de> Deserialize<'de>>(
         let mut fds = Vec::new();
         for cmsg in msg.cmsgs().map_err(|e| ProtocolError::Receive(e.into()))? {
             if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                fds.extend(raw.into_iter().map(crate::sys::own_received_fd));
+                // SAFETY: recvmsg just installed these descriptors for this
+                // message, and each is taken once, here.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { crate::sys::own_received_fd(fd) }),
+                );
             }
         }
         (

@@ -256,7 +256,11 @@ fn launcher() -> &'static Mutex<std_mpsc::Sender<LaunchJob>> {
             .name("sandbox-launcher".to_owned())
             .spawn(move || {
                 for job in receiver {
-                    let result = sys::clone_sandbox_init(job.exec, job.flags);
+                    // SAFETY: the `InitChildMemory` goes back to
+                    // `WarmInit::start`, which keeps it in the `WarmInit`
+                    // until the init reported ready (it executed) or was
+                    // killed and reaped (see `Drop for WarmInit`).
+                    let result = unsafe { sys::clone_sandbox_init(job.exec, job.flags) };
                     let _ = job.reply.send(result);
                 }
             });
