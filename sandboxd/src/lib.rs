@@ -48,4 +48,8 @@ pub enum StartError {
     /// Workspaces cannot be created on the configured `workspace-storage`.
     #[error("cannot create workspaces on the configured workspace-storage")]
     WorkspaceStorage(#[source] workspace::WorkspaceError),
+    /// The process backend's `sandbox-init` is there but unusable, or the
+    /// configured `[process] init-program` is not there.
+    #[error("the process backend's init program is unusable")]
+    InitProgram(#[source] process::init_program::InitProgramError),
 }

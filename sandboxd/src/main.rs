@@ -17,6 +17,7 @@ use harness_daemon::logging::LogFormat;
 use harness_daemon::shutdown::shutdown_signal;
 use harness_sandboxd::config::SandboxdConfig;
 use harness_sandboxd::probe::probe_host;
+use harness_sandboxd::process::ProcessBackend;
 use harness_sandboxd::server::{bind, serve};
 use harness_sandboxd::service::Sandboxd;
 
@@ -34,8 +35,17 @@ struct Cli {
 enum Command {
     /// Serve gRPC (the default).
     Serve(ServeArgs),
-    /// Print what this host can isolate, as the Capabilities rpc would.
-    Probe,
+    /// Print what this host can isolate, as the Capabilities rpc would,
+    /// and whether the process backend can run here with this config (its
+    /// `sandbox-init` included); exits non-zero when it cannot.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ProbeArgs {
+    /// Config file (TOML), for `[process]`. Without it, built-in defaults.
+    #[arg(long, env = "SANDBOXD_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -87,13 +97,27 @@ impl ServeArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Probe) => {
-            let probe = probe_host();
-            println!("{:#?}", probe.to_proto());
-            Ok(())
-        }
+        Some(Command::Probe(args)) => probe(&args),
         Some(Command::Serve(args)) => run(&args),
         None => run(&cli.serve),
+    }
+}
+
+fn probe(args: &ProbeArgs) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => SandboxdConfig::load(path)?,
+        None => SandboxdConfig::default(),
+    };
+    let host = probe_host();
+    println!("{:#?}", host.to_proto());
+    let backend = ProcessBackend::new(&config, std::sync::Arc::new(host))
+        .context("the process backend cannot start")?;
+    match backend.availability() {
+        Ok(()) => {
+            println!("process backend: available");
+            Ok(())
+        }
+        Err(reason) => anyhow::bail!("process backend unavailable: {reason}"),
     }
 }
 
@@ -163,7 +187,7 @@ mod tests {
         match cli.command {
             Some(Command::Serve(serve)) => serve,
             None => cli.serve,
-            Some(Command::Probe) => panic!("probe"),
+            Some(Command::Probe(_)) => panic!("probe"),
         }
     }
 

@@ -52,7 +52,8 @@ impl Sandboxd {
         let config = Arc::new(config);
         let wasi = WasiBackend::new(&config, MAX_CONCURRENT_INVOCATIONS)
             .map_err(crate::StartError::Wasi)?;
-        let sessions = SessionManager::new(Arc::clone(&config), Arc::new(host.clone()));
+        let sessions = SessionManager::new(Arc::clone(&config), Arc::new(host.clone()))
+            .map_err(crate::StartError::InitProgram)?;
         let leftovers =
             sessions
                 .clean_up_after_crash()

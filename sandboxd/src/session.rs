@@ -429,16 +429,21 @@ pub struct SessionManager {
 }
 
 impl SessionManager {
-    /// A manager; sessions live under `config.sessions_dir()`.
-    pub fn new(config: Arc<SandboxdConfig>, host: Arc<HostProbe>) -> Self {
+    /// A manager; sessions live under `config.sessions_dir()`. Fails when
+    /// the process backend's init program is broken (see
+    /// [`ProcessBackend::new`]).
+    pub fn new(
+        config: Arc<SandboxdConfig>,
+        host: Arc<HostProbe>,
+    ) -> Result<Self, crate::process::init_program::InitProgramError> {
         let resolver = Resolver::new(config.static_hosts.clone());
-        Self {
-            process: ProcessBackend::new(&config, Arc::clone(&host)),
+        Ok(Self {
+            process: ProcessBackend::new(&config, Arc::clone(&host))?,
             config,
             host,
             resolver,
             sessions: RwLock::new(HashMap::new()),
-        }
+        })
     }
 
     /// The process backend.
@@ -719,7 +724,7 @@ mod tests {
             state_dir: tmp.path().to_owned(),
             ..SandboxdConfig::default()
         };
-        SessionManager::new(Arc::new(config), Arc::new(HostProbe::default()))
+        SessionManager::new(Arc::new(config), Arc::new(HostProbe::default())).unwrap()
     }
 
     #[test]

@@ -120,10 +120,16 @@ pub fn deserialize_component(
 /// What the first process of a process sandbox executes once its user
 /// namespace is mapped: the `sandbox-init` program with no environment and
 /// the control socket as descriptor 3.
+///
+/// The program is executed through a descriptor sandboxd opened as itself
+/// (`execveat(fd, "", AT_EMPTY_PATH)`), never by path: by then the child
+/// runs as the session's unprivileged host uid, which may not be allowed to
+/// walk the directories sandboxd is installed under (a `0700` home or
+/// `mktemp -d`). Only the program file's own execute bit still applies.
 #[derive(Debug)]
 pub struct InitExec {
-    /// Absolute path of the `sandbox-init` program.
-    pub program: std::ffi::CString,
+    /// The `sandbox-init` program, opened `O_PATH`.
+    pub program: std::sync::Arc<std::os::fd::OwnedFd>,
     /// Its argument vector (`argv[0]` included).
     pub argv: Vec<std::ffi::CString>,
     /// The child's end of the control socket; it becomes descriptor 3.
@@ -152,7 +158,7 @@ unsafe impl Send for InitChildMemory {}
 
 #[derive(Debug)]
 struct InitChildArgs {
-    program: *const libc::c_char,
+    program: libc::c_int,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     control_fd: libc::c_int,
@@ -200,7 +206,14 @@ extern "C" fn init_child(data: *mut libc::c_void) -> libc::c_int {
         if moved == -1 {
             libc::_exit(2);
         }
-        libc::execve(args.program, args.argv, args.envp);
+        libc::syscall(
+            libc::SYS_execveat,
+            args.program,
+            c"".as_ptr(),
+            args.argv,
+            args.envp,
+            libc::AT_EMPTY_PATH,
+        );
         libc::_exit(127)
     }
 }
@@ -234,7 +247,7 @@ pub unsafe fn clone_sandbox_init(
     argv.push(std::ptr::null());
     let envp: Box<[*const libc::c_char; 1]> = Box::new([std::ptr::null()]);
     let args = Box::new(InitChildArgs {
-        program: init.program.as_ptr(),
+        program: std::os::fd::AsRawFd::as_raw_fd(&*init.program),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         control_fd: init.control_fd,

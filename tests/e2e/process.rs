@@ -1,8 +1,10 @@
-//! The process backend through the real sandboxd binary: a crash of sandboxd
-//! leaves no sandbox process running, and the restarted daemon removes every
-//! cgroup and workspace the crashed one left.
+//! The process backend through the real sandboxd binary: an agent's `exec`
+//! calls (also with sandboxd installed under a private directory), a crash
+//! of sandboxd leaves no sandbox process running, the restarted daemon
+//! removes every cgroup and workspace the crashed one left, and an init
+//! program sandboxes could not execute stops sandboxd at start-up.
 
-use harness_e2e::{Cluster, demo_agents_dir};
+use harness_e2e::{Cluster, ClusterOptions, demo_agents_dir};
 use harness_proto::sandbox::v1 as sandbox;
 
 fn process_alive(pid: i32) -> bool {
@@ -83,6 +85,83 @@ async fn a_sandboxd_crash_and_restart_leave_nothing_behind() {
 
 #[tokio::test]
 async fn an_agent_runs_commands_with_the_exec_tool() {
+    an_agent_runs_commands(false).await;
+}
+
+/// sandboxd installed under a directory only root may enter, as a clone in
+/// `mktemp -d` is: the init runs as an unprivileged host uid, so it must not
+/// have to walk that path to start.
+#[tokio::test]
+async fn process_sandboxes_start_when_sandboxd_is_installed_in_a_private_directory() {
+    an_agent_runs_commands(true).await;
+}
+
+#[test]
+fn an_init_program_others_cannot_execute_is_refused_at_start_up_and_by_the_probe() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("sandbox-init");
+    std::fs::copy(harness_e2e::binary("sandbox-init").unwrap(), &init).unwrap();
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let config = dir.path().join("sandboxd.toml");
+    std::fs::write(
+        &config,
+        format!("[process]\ninit-program = \"{}\"\n", init.display()),
+    )
+    .unwrap();
+    let fix = format!("`chmod o+x {}`", init.display());
+    let sandboxd = harness_e2e::binary("sandboxd").unwrap();
+
+    let probe = std::process::Command::new(&sandboxd)
+        .arg("probe")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&probe.stderr);
+    assert!(!probe.status.success(), "the probe passed: {stderr}");
+    assert!(
+        stderr.contains(&fix),
+        "the probe does not name the fix: {stderr}"
+    );
+
+    let mut serve = std::process::Command::new(&sandboxd)
+        .env(harness_daemon::paths::HOME_VARIABLE, dir.path())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!(
+            "unix:{}",
+            dir.path().join("sandboxd.sock").display()
+        ))
+        .arg("--tools-dir")
+        .arg(harness_tool_artifacts::tools_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            serve.kill().unwrap();
+            panic!("sandboxd is still running with an init program it cannot use");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "sandboxd started: {stderr}");
+    assert!(
+        stderr.contains(&fix),
+        "start-up does not name the fix: {stderr}"
+    );
+}
+
+async fn an_agent_runs_commands(private_install: bool) {
     let agents = tempfile::tempdir().unwrap();
     std::fs::write(
         agents.path().join("shell.toml"),
@@ -99,7 +178,12 @@ async fn an_agent_runs_commands_with_the_exec_tool() {
          arguments = { path = \"out.txt\" }\n\n[[turn]]\ntext = \"done\"\n",
     )
     .unwrap();
-    let cluster = Cluster::start(agents.path()).await.unwrap();
+    let cluster = Cluster::start_with(ClusterOptions {
+        private_install,
+        ..ClusterOptions::new(agents.path())
+    })
+    .await
+    .unwrap();
     let id = crate::support::start(&cluster, "shell", "run a command").await;
     let events = crate::support::events(&cluster, &id, 0).await;
     let calls = crate::support::finished_calls(&events);

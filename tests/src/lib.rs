@@ -46,6 +46,7 @@ pub struct Cluster {
     pub cgroup_parent: String,
     agents_dir: PathBuf,
     tools_dir: PathBuf,
+    sandboxd_program: PathBuf,
     sandboxd: Child,
     control_plane: Child,
 }
@@ -66,6 +67,10 @@ pub struct ClusterOptions {
     /// [`Cluster::sandboxd_tcp`] and [`Cluster::control_tcp`] and stay the
     /// same over restarts.
     pub loopback_tcp: bool,
+    /// Run sandboxd (and so its `sandbox-init`) from a copy in a directory
+    /// only its owner may enter (`0700`), as from a clone made in
+    /// `mktemp -d`: sandboxes must not need to walk the install path.
+    pub private_install: bool,
 }
 
 impl ClusterOptions {
@@ -76,6 +81,7 @@ impl ClusterOptions {
             tools: None,
             control_plane_env: Vec::new(),
             loopback_tcp: false,
+            private_install: false,
         }
     }
 }
@@ -153,8 +159,21 @@ impl Cluster {
             format!("[process]\ncgroup-parent = \"{cgroup_parent}\"\n"),
         )?;
         let tcp = options.loopback_tcp.then_some(LOOPBACK_ANY_PORT);
-        let sandboxd = spawn_sandboxd(dir.path(), &sandboxd_endpoint, tcp, &tools_dir)?;
+        let sandboxd_program = if options.private_install {
+            install_privately(&dir.path().join("private"), &["sandboxd", "sandbox-init"])?
+                .join("sandboxd")
+        } else {
+            binary("sandboxd")?
+        };
+        let sandboxd = spawn_sandboxd(
+            &sandboxd_program,
+            dir.path(),
+            &sandboxd_endpoint,
+            tcp,
+            &tools_dir,
+        )?;
         let mut cluster = Self {
+            sandboxd_program,
             cgroup_parent,
             tools_dir,
             control_plane: spawn_control_plane(
@@ -266,6 +285,7 @@ impl Cluster {
             bail!("sandboxd is still running; kill it first");
         }
         self.sandboxd = spawn_sandboxd(
+            &self.sandboxd_program,
             self.dir.path(),
             &self.sandboxd_endpoint,
             self.sandboxd_tcp,
@@ -357,14 +377,37 @@ fn listen_args(unix_endpoint: &str, tcp: Option<SocketAddr>) -> Vec<String> {
     args
 }
 
+/// Copies the workspace binaries `names` into `root/bin`, `root` made
+/// `0700`; returns the `bin` directory.
+pub fn install_privately(root: &Path, names: &[&str]) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", root.display()))?;
+    for name in names {
+        let source = binary(name)?;
+        let target = bin.join(name);
+        // A hard link costs nothing where the temp dir shares target/'s
+        // file system; a copy works everywhere else.
+        if std::fs::hard_link(&source, &target).is_err() {
+            std::fs::copy(&source, &target).with_context(|| {
+                format!("cannot copy {} to {}", source.display(), target.display())
+            })?;
+        }
+    }
+    Ok(bin)
+}
+
 fn spawn_sandboxd(
+    program: &Path,
     dir: &Path,
     endpoint: &str,
     tcp: Option<SocketAddr>,
     tools_dir: &Path,
 ) -> anyhow::Result<Child> {
     spawn_daemon(
-        Command::new(binary("sandboxd")?)
+        Command::new(program)
             // Every default path (the compile cache, say) inside the cluster's dir.
             .env(HOME_VARIABLE, dir)
             .arg("serve")

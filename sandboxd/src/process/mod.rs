@@ -18,6 +18,7 @@
 pub mod cgroup;
 pub mod exec_tool;
 pub mod init;
+pub mod init_program;
 pub mod landlock;
 pub mod mount_plan;
 pub mod protocol;
@@ -35,6 +36,7 @@ use crate::config::{ProcessConfig, SandboxdConfig};
 use crate::network::http_egress::EgressPolicy;
 use crate::probe::HostProbe;
 use cgroup::{CgroupHierarchy, CgroupLimits};
+use init_program::{InitProgram, InitProgramError};
 use mount_plan::{ETC_PATHS, MountPlan, PolicyBind, RootSpec, SYSTEM_PATHS, probe_host_entries};
 use sandbox::{
     IDS_PER_SESSION, LaunchSpec, ProcessSandbox, SANDBOX_UID, WarmInit, standard_rlimits,
@@ -89,7 +91,7 @@ pub struct ProcessBackend {
     config: ProcessConfig,
     host: Arc<HostProbe>,
     cgroups: Result<CgroupHierarchy, String>,
-    init_program: Result<PathBuf, String>,
+    init_program: Result<InitProgram, String>,
     seccomp_filter: Result<Arc<Vec<seccomp::Instruction>>, String>,
     ids: Arc<IdRanges>,
     pool: Arc<WarmPool>,
@@ -126,7 +128,7 @@ impl IdRanges {
     }
 
     /// Reserves a range and starts a warm init on it (blocking).
-    fn start_warm(&self, init_program: &Path) -> Result<WarmInit, ProcessError> {
+    fn start_warm(&self, init_program: &InitProgram) -> Result<WarmInit, ProcessError> {
         let slot = self.reserve()?;
         WarmInit::start(init_program, self.base(slot), slot).map_err(|error| {
             self.release(slot);
@@ -152,10 +154,19 @@ pub struct LaunchedSandbox {
 }
 
 impl ProcessBackend {
-    /// Finds the cgroup hierarchy and the init program; never fails, so
-    /// the daemon still serves WASI on hosts without them (`Capabilities`
-    /// and `CreateSession` say what is missing).
-    pub fn new(config: &SandboxdConfig, host: Arc<HostProbe>) -> Self {
+    /// Finds the cgroup hierarchy and opens the init program. A host that
+    /// lacks a feature, or an init program not installed at its default
+    /// place, leaves the backend unavailable so the daemon still serves WASI
+    /// (`Capabilities` and `CreateSession` say what is missing); an init
+    /// program that is there but unusable, or a configured one that is not
+    /// there, is a broken setting and fails.
+    pub fn new(config: &SandboxdConfig, host: Arc<HostProbe>) -> Result<Self, InitProgramError> {
+        let configured = config.process.init_program.as_deref();
+        let init_program = match InitProgram::find(configured) {
+            Ok(program) => Ok(program),
+            Err(error) if error.is_absent_default(configured.is_some()) => Err(error.to_string()),
+            Err(error) => return Err(error),
+        };
         let cgroups = CgroupHierarchy::from_host(config.process.cgroup_parent.as_deref())
             .map_err(|e| crate::wasi::registry::error_chain(&e));
         let seccomp_filter = seccomp::sandbox_filter()
@@ -166,9 +177,9 @@ impl ProcessBackend {
                     crate::wasi::registry::error_chain(&e)
                 )
             });
-        Self {
+        Ok(Self {
             seccomp_filter,
-            init_program: find_init_program(&config.process),
+            init_program,
             ids: Arc::new(IdRanges {
                 uid_base: config.process.uid_base,
                 slots: config
@@ -180,7 +191,7 @@ impl ProcessBackend {
             config: config.process.clone(),
             host,
             cgroups,
-        }
+        })
     }
 
     /// Whether sandboxes can be made here, and if not, why and how to fix it.
@@ -274,7 +285,7 @@ impl ProcessBackend {
 
     /// Tops the warm pool up to `[process] warm-pool` inits, off the
     /// caller's path.
-    fn refill(&self, init_program: PathBuf) {
+    fn refill(&self, init_program: InitProgram) {
         use std::sync::atomic::Ordering;
         let target = self.config.warm_pool;
         if target == 0 || self.pool.refilling.swap(true, Ordering::SeqCst) {
@@ -415,22 +426,4 @@ fn policy_binds(binds: &[pb::BindMount]) -> Result<(Vec<PolicyBind>, Vec<PathBuf
         sources.push(host);
     }
     Ok((plan, sources))
-}
-
-fn find_init_program(config: &ProcessConfig) -> Result<PathBuf, String> {
-    let candidate = match &config.init_program {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| format!("cannot locate sandbox-init: {e}"))?
-            .with_file_name("sandbox-init"),
-    };
-    if candidate.is_file() {
-        Ok(candidate)
-    } else {
-        Err(format!(
-            "the sandbox-init program is missing at {}: install it next to sandboxd or set \
-             [process] init-program",
-            candidate.display()
-        ))
-    }
 }

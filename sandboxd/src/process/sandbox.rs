@@ -40,6 +40,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc};
 
 use super::cgroup::{CgroupHierarchy, CgroupLimits, SessionCgroup};
+use super::init_program::InitProgram;
 use super::mount_plan::{MountPlan, MountStep};
 use super::protocol::{self, InitSpec, ProtocolError, Reply, Request, Rlimit, RlimitResource};
 use super::proxy::{EgressProxy, proxy_environment};
@@ -114,6 +115,30 @@ pub enum SandboxError {
     /// The proxy could not start.
     #[error("cannot start the egress proxy")]
     Proxy(#[source] super::proxy::ProxyError),
+    /// The init exited before it built the sandbox; its exit status says
+    /// which step of [`sys::clone_sandbox_init`] failed.
+    #[error("the sandbox init exited with status {code} before building the sandbox: {}", init_exit_meaning(*code))]
+    InitExited {
+        /// Its exit status.
+        code: i32,
+        /// What sandboxd saw first (a closed control socket).
+        #[source]
+        seen: Box<SandboxError>,
+    },
+}
+
+/// What an early exit status of a cloned init means (see
+/// [`sys::clone_sandbox_init`]).
+fn init_exit_meaning(code: i32) -> &'static str {
+    match code {
+        1 => "sandboxd's launcher went away while it waited",
+        2 => "it could not become root of its user namespace (setresuid/setresgid)",
+        127 => {
+            "executing sandbox-init failed: is it a binary for this machine, executable by \
+             other users?"
+        }
+        _ => "sandbox-init itself failed before reporting",
+    }
 }
 
 /// Everything needed to launch one sandbox.
@@ -958,7 +983,11 @@ impl Drop for WarmInit {
 
 impl WarmInit {
     /// Clones and maps a new init onto id range `slot` (blocking).
-    pub fn start(init_program: &Path, host_id_base: u32, slot: u32) -> Result<Self, SandboxError> {
+    pub fn start(
+        init_program: &InitProgram,
+        host_id_base: u32,
+        slot: u32,
+    ) -> Result<Self, SandboxError> {
         let (parent, child) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -966,11 +995,11 @@ impl WarmInit {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(descriptor("the control socket pair"))?;
-        let program = CString::new(init_program.as_os_str().as_encoded_bytes())
+        let argv0 = CString::new(init_program.path().as_os_str().as_encoded_bytes())
             .map_err(|_| SandboxError::Unexpected("NUL in the init program path".to_owned()))?;
         let exec = sys::InitExec {
-            argv: vec![program.clone()],
-            program,
+            argv: vec![argv0],
+            program: init_program.descriptor(),
             control_fd: child.as_raw_fd(),
         };
         let flags = CloneFlags::CLONE_NEWUSER
@@ -1036,10 +1065,26 @@ fn activate_init(
         .map_err(descriptor("a non-blocking control socket")),
         Err(error) => Err(error),
     };
-    if result.is_err() {
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(pid, None);
-    }
+    let result = match result {
+        Ok(ready) => Ok(ready),
+        Err(seen) => {
+            // Killing an init that already exited changes nothing, so the
+            // wait reports why it exited on its own, if it did.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let waited = nix::sys::wait::waitpid(pid, None);
+            match (waited, seen) {
+                // It could not take its spec: it never ran sandbox-init.
+                (
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, code)),
+                    seen @ SandboxError::Protocol(ProtocolError::Send(_)),
+                ) => Err(SandboxError::InitExited {
+                    code,
+                    seen: Box::new(seen),
+                }),
+                (_, seen) => Err(seen),
+            }
+        }
+    };
     // Ready (it executed) or reaped: either way the child no longer reads
     // this memory.
     drop(memory);
