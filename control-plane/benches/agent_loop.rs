@@ -42,6 +42,7 @@ use harness_control_plane::agent::{Agent, AgentDefinition, ProviderKind, Sandbox
 use harness_control_plane::agent_loop::{AgentLoop, LoopSettings};
 use harness_control_plane::config::SqliteSynchronous;
 use harness_control_plane::event_log::EventLog;
+use harness_control_plane::ids::{SessionId, TenantId};
 use harness_control_plane::provider::scripted::{
     Script, ScriptedProvider, ScriptedToolCall, ScriptedTurn,
 };
@@ -125,8 +126,8 @@ fn definition(name: &str, tools: &[&str], max_turns: u32) -> AgentDefinition {
 
 fn new_session(id: &str, agent: &str, input: &str, max_turns: u32) -> NewSession {
     NewSession {
-        session_id: id.to_owned(),
-        tenant: "default".to_owned(),
+        session_id: SessionId::new(id),
+        tenant: TenantId::new("default"),
         agent: agent.to_owned(),
         input: input.to_owned(),
         metadata: HashMap::new(),
@@ -240,7 +241,7 @@ async fn one_session(
     agent_loop.run(session, agent, cancel).await;
     let elapsed = started.elapsed();
     let record = store
-        .get_session("default".to_owned(), "s1".to_owned())
+        .get_session(TenantId::new("default"), SessionId::new("s1"))
         .await
         .unwrap()
         .unwrap();

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::crash_hook;
+use crate::ids::{SessionId, TenantId};
 use crate::store::{
     ChangeFeed, ChangeSubscription, EventStore, InProcessChangeFeed, NewEvent, StepRecord,
     StoreError,
@@ -36,7 +37,7 @@ pub enum FollowError {
     Store(#[from] StoreError),
     /// The session disappeared while being followed.
     #[error("session {0} no longer exists")]
-    SessionGone(String),
+    SessionGone(SessionId),
     /// The control plane is shutting down; the client should reconnect with
     /// the last sequence number it saw.
     #[error("the control plane is shutting down; reconnect with after_seq")]
@@ -88,9 +89,13 @@ impl EventLog {
 
     /// Records that the session is to be cancelled (see
     /// [`EventStore::request_cancel`]), then wakes whoever watches it.
-    pub async fn request_cancel(&self, session_id: &str, reason: &str) -> Result<(), StoreError> {
+    pub async fn request_cancel(
+        &self,
+        session_id: &SessionId,
+        reason: &str,
+    ) -> Result<(), StoreError> {
         self.store
-            .request_cancel(session_id.to_owned(), reason.to_owned())
+            .request_cancel(session_id.clone(), reason.to_owned())
             .await?;
         self.changes.notify(&[session_id]);
         Ok(())
@@ -104,7 +109,7 @@ impl EventLog {
     /// Appends an event durably, then wakes the session's followers.
     pub async fn append(
         &self,
-        session_id: &str,
+        session_id: &SessionId,
         turn: u32,
         kind: Kind,
     ) -> Result<SessionEvent, StoreError> {
@@ -113,20 +118,20 @@ impl EventLog {
             .await?;
         events
             .pop()
-            .ok_or_else(|| StoreError::UnknownSession(session_id.to_owned()))
+            .ok_or_else(|| StoreError::UnknownSession(session_id.clone()))
     }
 
     /// Appends events and step records durably in one transaction, then
     /// wakes the session's followers.
     pub async fn append_batch(
         &self,
-        session_id: &str,
+        session_id: &SessionId,
         events: Vec<NewEvent>,
         steps: Vec<StepRecord>,
     ) -> Result<Vec<SessionEvent>, StoreError> {
         let stored = self
             .store
-            .append_events(session_id.to_owned(), events, steps)
+            .append_events(session_id.clone(), events, steps)
             .await?;
         if let (Some(first), Some(last)) = (stored.first(), stored.last()) {
             crash_hook::events_committed(first.seq, last.seq);
@@ -140,8 +145,8 @@ impl EventLog {
     /// exists and belongs to `tenant` first.
     pub fn follow(
         &self,
-        tenant: &str,
-        session_id: &str,
+        tenant: &TenantId,
+        session_id: &SessionId,
         after_seq: u64,
         mode: FollowMode,
     ) -> BoxStream<'static, Result<SessionEvent, FollowError>> {
@@ -150,8 +155,8 @@ impl EventLog {
             store: Arc::clone(&self.store),
             subscription: self.changes.subscribe(session_id),
             shutdown: self.shutdown.clone(),
-            tenant: tenant.to_owned(),
-            session_id: session_id.to_owned(),
+            tenant: tenant.clone(),
+            session_id: session_id.clone(),
             cursor: after_seq,
             mode,
             sender,
@@ -165,8 +170,8 @@ struct Follower {
     store: Arc<dyn EventStore>,
     subscription: Box<dyn ChangeSubscription>,
     shutdown: watch::Receiver<bool>,
-    tenant: String,
-    session_id: String,
+    tenant: TenantId,
+    session_id: SessionId,
     cursor: u64,
     mode: FollowMode,
     sender: mpsc::Sender<Result<SessionEvent, FollowError>>,
@@ -281,6 +286,16 @@ mod tests {
     use super::*;
     use crate::store::{NewSession, SqliteStore};
 
+    /// The session every test follows.
+    fn s1() -> SessionId {
+        SessionId::new("s1")
+    }
+
+    /// Its tenant.
+    fn tenant() -> TenantId {
+        TenantId::new("default")
+    }
+
     async fn log_with_session() -> (tempfile::TempDir, EventLog, watch::Sender<bool>) {
         let (dir, log, shutdown, _) = log_with_feed().await;
         (dir, log, shutdown)
@@ -296,8 +311,8 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("cp.db")).await.unwrap();
         store
             .create_session(NewSession {
-                session_id: "s1".to_owned(),
-                tenant: "default".to_owned(),
+                session_id: s1(),
+                tenant: tenant(),
                 agent: "demo".to_owned(),
                 input: String::new(),
                 metadata: HashMap::new(),
@@ -325,25 +340,25 @@ mod tests {
     #[tokio::test]
     async fn follower_sees_every_event_once_while_appends_race_with_it() {
         let (_dir, log, _shutdown) = log_with_session().await;
-        log.append("s1", 0, Kind::Started(SessionStarted::default()))
+        log.append(&s1(), 0, Kind::Started(SessionStarted::default()))
             .await
             .unwrap();
-        let early = log.follow("default", "s1", 0, FollowMode::UntilIdle);
+        let early = log.follow(&tenant(), &s1(), 0, FollowMode::UntilIdle);
         let writer = {
             let log = log.clone();
             tokio::spawn(async move {
                 for i in 0..200 {
-                    log.append("s1", 1, delta(i)).await.unwrap();
+                    log.append(&s1(), 1, delta(i)).await.unwrap();
                     if i % 50 == 0 {
                         tokio::task::yield_now().await;
                     }
                 }
-                log.append("s1", 1, finished()).await.unwrap();
+                log.append(&s1(), 1, finished()).await.unwrap();
             })
         };
         // A second follower joins halfway through, resuming from seq 100.
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let late = log.follow("default", "s1", 100, FollowMode::UntilIdle);
+        let late = log.follow(&tenant(), &s1(), 100, FollowMode::UntilIdle);
         let early: Vec<u64> = early.map(|e| e.unwrap().seq).collect().await;
         let late: Vec<u64> = late.map(|e| e.unwrap().seq).collect().await;
         writer.await.unwrap();
@@ -354,9 +369,9 @@ mod tests {
     #[tokio::test]
     async fn following_a_finished_session_from_its_end_returns_nothing_and_ends() {
         let (_dir, log, _shutdown) = log_with_session().await;
-        log.append("s1", 0, finished()).await.unwrap();
+        log.append(&s1(), 0, finished()).await.unwrap();
         let events: Vec<_> = log
-            .follow("default", "s1", 1, FollowMode::UntilIdle)
+            .follow(&tenant(), &s1(), 1, FollowMode::UntilIdle)
             .collect()
             .await;
         assert_eq!(events.len(), 0);
@@ -365,7 +380,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_ends_a_waiting_follower_with_a_reconnect_hint() {
         let (_dir, log, shutdown) = log_with_session().await;
-        let mut stream = log.follow("default", "s1", 0, FollowMode::UntilIdle);
+        let mut stream = log.follow(&tenant(), &s1(), 0, FollowMode::UntilIdle);
         shutdown.send_replace(true);
         let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
             .await
@@ -378,10 +393,10 @@ mod tests {
     #[tokio::test]
     async fn a_session_is_unwatched_once_its_last_follower_ends() {
         let (_dir, log, _shutdown, feed) = log_with_feed().await;
-        let stream = log.follow("default", "s1", 0, FollowMode::UntilIdle);
+        let stream = log.follow(&tenant(), &s1(), 0, FollowMode::UntilIdle);
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(feed.watched_sessions(), 1);
-        log.append("s1", 0, finished()).await.unwrap();
+        log.append(&s1(), 0, finished()).await.unwrap();
         let _: Vec<_> = stream.collect().await;
         // The follower task drops its subscription as it returns.
         for _ in 0..100 {
@@ -396,16 +411,16 @@ mod tests {
     #[tokio::test]
     async fn a_recorded_cancellation_wakes_the_sessions_watchers() {
         let (_dir, log, _shutdown, feed) = log_with_feed().await;
-        let mut watcher = feed.subscribe("s1");
+        let mut watcher = feed.subscribe(&s1());
         watcher.mark_seen();
-        log.request_cancel("s1", "enough").await.unwrap();
+        log.request_cancel(&s1(), "enough").await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), watcher.changed())
             .await
             .unwrap()
             .unwrap();
         let session = log
             .store()
-            .get_session("default".to_owned(), "s1".to_owned())
+            .get_session(tenant(), s1())
             .await
             .unwrap()
             .unwrap();

@@ -25,6 +25,9 @@
 //!    usage, status) shared by the store, the loop and the [`transcript`],
 //!    which renders events for people.
 //!
+//! Sessions and tenants are named by the typed ids of [`ids`] wherever they
+//! cross a module, so that a tenant and a session id cannot be swapped.
+//!
 //! [`crash_hook`] is a test hook that kills the process at a chosen point.
 //! Everything fallible returns a module's own `thiserror` enum (reported with
 //! [`error_report::error_chain`]); only [`service::ServiceError`] is turned
@@ -38,6 +41,7 @@ pub mod crash_hook;
 pub mod error_report;
 pub mod event;
 pub mod event_log;
+pub mod ids;
 pub mod policy;
 pub mod provider;
 pub mod sandbox;

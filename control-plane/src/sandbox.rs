@@ -79,10 +79,11 @@ pub trait SandboxDispatch: Send + Sync + std::fmt::Debug {
         request: sandbox::InvokeRequest,
     ) -> BoxFuture<'_, Result<InvocationOutcome, SandboxError>>;
 
-    /// Destroys a sandbox session (idempotent on sandboxd's side).
+    /// Destroys the sandbox session `sandbox_session_id` (sandboxd's id, not
+    /// a control-plane [`crate::ids::SessionId`]); idempotent on sandboxd's side.
     fn destroy_session(
         &self,
-        session_id: String,
+        sandbox_session_id: String,
         reason: String,
     ) -> BoxFuture<'_, Result<sandbox::TeardownReport, SandboxError>>;
 }

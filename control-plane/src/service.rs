@@ -19,6 +19,7 @@ use crate::agent::{Agent, AgentCatalog};
 use crate::budget;
 use crate::error_report::error_chain;
 use crate::event_log::{EventLog, FollowError, FollowMode};
+use crate::ids::{SessionId, TenantId};
 use crate::store::{NewSession, SessionQuery, SessionRecord, StoreError};
 use crate::supervisor::SessionSupervisor;
 
@@ -31,6 +32,11 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 /// How long `CancelSession` waits for the session to record its end.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
+/// The calling tenant: [`DEFAULT_TENANT`], until authentication exists.
+fn caller_tenant() -> TenantId {
+    TenantId::new(DEFAULT_TENANT)
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -42,7 +48,7 @@ pub enum ServiceError {
     UnknownAgent(String),
     /// No session with this id (for this tenant).
     #[error("session {0} not found")]
-    UnknownSession(String),
+    UnknownSession(SessionId),
     /// A budget override above the agent's limit.
     #[error(
         "budget.{field} = {requested} is above agent \"{agent}\"'s limit of {limit}; budgets can only be lowered"
@@ -75,7 +81,7 @@ pub enum ServiceError {
     #[error("tool call {call_id} of session {session_id} is not awaiting approval")]
     NotAwaitingApproval {
         /// The session.
-        session_id: String,
+        session_id: SessionId,
         /// The call.
         call_id: String,
     },
@@ -159,12 +165,13 @@ impl ControlPlaneService {
         }
     }
 
-    async fn session(&self, session_id: &str) -> Result<SessionRecord, ServiceError> {
+    /// The caller's session `session_id`.
+    async fn session(&self, session_id: &SessionId) -> Result<SessionRecord, ServiceError> {
         self.log
             .store()
-            .get_session(DEFAULT_TENANT.to_owned(), session_id.to_owned())
+            .get_session(caller_tenant(), session_id.clone())
             .await?
-            .ok_or_else(|| ServiceError::UnknownSession(session_id.to_owned()))
+            .ok_or_else(|| ServiceError::UnknownSession(session_id.clone()))
     }
 
     async fn start(
@@ -180,8 +187,8 @@ impl ControlPlaneService {
             .ok_or_else(|| ServiceError::UnknownAgent(request.agent.clone()))?;
         let budget = effective_budget(&agent, request.budget)?;
         let new = NewSession {
-            session_id: uuid::Uuid::new_v4().to_string(),
-            tenant: DEFAULT_TENANT.to_owned(),
+            session_id: SessionId::generate(),
+            tenant: caller_tenant(),
             agent: request.agent,
             input: request.input,
             metadata: request.metadata,
@@ -191,7 +198,7 @@ impl ControlPlaneService {
         let outcome = self.log.store().create_session(new).await?;
         if outcome.created {
             tracing::info!(
-                session_id = outcome.session.session_id,
+                session_id = outcome.session.session_id.as_str(),
                 agent = outcome.session.agent,
                 "session started"
             );
@@ -216,7 +223,7 @@ impl ControlPlaneService {
             status => Some(status),
         };
         let query = SessionQuery {
-            tenant: DEFAULT_TENANT.to_owned(),
+            tenant: caller_tenant(),
             agent: Some(request.agent).filter(|agent| !agent.is_empty()),
             status,
             page_size,
@@ -234,7 +241,8 @@ impl ControlPlaneService {
         &self,
         request: control::CancelSessionRequest,
     ) -> Result<control::CancelSessionResponse, ServiceError> {
-        let session = self.session(&request.session_id).await?;
+        let session_id = SessionId::from(request.session_id);
+        let session = self.session(&session_id).await?;
         if session.status != control::SessionStatus::Finished {
             let reason = if request.reason.is_empty() {
                 "cancelled by the caller".to_owned()
@@ -255,7 +263,7 @@ impl ControlPlaneService {
                 self.wait_for_finish(&session).await;
             }
         }
-        let session = self.session(&request.session_id).await?;
+        let session = self.session(&session_id).await?;
         Ok(control::CancelSessionResponse {
             session: Some(session.to_proto(SystemTime::now())),
         })
@@ -275,7 +283,7 @@ impl ControlPlaneService {
         if decision == control::ApprovalDecision::Unspecified {
             return Err(ServiceError::MissingDecision);
         }
-        let session = self.session(&request.session_id).await?;
+        let session = self.session(&SessionId::from(request.session_id)).await?;
         let pending = self
             .log
             .store()
@@ -295,7 +303,7 @@ impl ControlPlaneService {
             call_id: request.call_id.clone(),
             decision: decision.into(),
             reason: request.reason,
-            resolved_by: session.tenant.clone(),
+            resolved_by: session.tenant.as_str().to_owned(),
         };
         let event = self
             .log
@@ -306,7 +314,7 @@ impl ControlPlaneService {
             )
             .await?;
         tracing::info!(
-            session_id = session.session_id,
+            session_id = session.session_id.as_str(),
             call_id = request.call_id,
             decision = decision.as_str_name(),
             "approval resolved"
@@ -317,7 +325,7 @@ impl ControlPlaneService {
     /// Waits (bounded) until the session records `finished`.
     async fn wait_for_finish(&self, session: &SessionRecord) {
         let events = self.log.follow(
-            DEFAULT_TENANT,
+            &session.tenant,
             &session.session_id,
             session.last_seq,
             FollowMode::UntilFinished,
@@ -325,7 +333,7 @@ impl ControlPlaneService {
         let drained = events.for_each(|_| async {});
         if tokio::time::timeout(CANCEL_WAIT, drained).await.is_err() {
             tracing::warn!(
-                session_id = session.session_id,
+                session_id = session.session_id.as_str(),
                 "cancelled session has not finished yet"
             );
         }
@@ -382,7 +390,7 @@ impl ControlService for ControlPlaneService {
         request: Request<control::StreamEventsRequest>,
     ) -> Result<Response<Self::StreamEventsStream>, Status> {
         let request = request.into_inner();
-        let session = self.session(&request.session_id).await?;
+        let session = self.session(&SessionId::from(request.session_id)).await?;
         let mode = if request.follow {
             FollowMode::UntilFinished
         } else {
@@ -418,7 +426,8 @@ impl ControlService for ControlPlaneService {
         &self,
         request: Request<control::GetSessionRequest>,
     ) -> Result<Response<control::GetSessionResponse>, Status> {
-        let session = self.session(&request.into_inner().session_id).await?;
+        let session_id = SessionId::from(request.into_inner().session_id);
+        let session = self.session(&session_id).await?;
         Ok(Response::new(control::GetSessionResponse {
             session: Some(session.to_proto(SystemTime::now())),
         }))
@@ -559,7 +568,7 @@ mod tests {
         let status = Status::from(ServiceError::from(StoreError::BadPageToken("x".to_owned())));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         let status = Status::from(ServiceError::from(StoreError::ApprovalNotPending {
-            session_id: "s".to_owned(),
+            session_id: SessionId::new("s"),
             call_id: "c".to_owned(),
         }));
         assert_eq!(

@@ -21,15 +21,16 @@ use tokio::sync::watch;
 
 use crate::agent::{Agent, AgentCatalog};
 use crate::agent_loop::AgentLoop;
+use crate::ids::SessionId;
 use crate::store::{SessionRecord, StoreError};
 
-type Running = Arc<Mutex<HashMap<String, watch::Sender<Option<String>>>>>;
+type Running = Arc<Mutex<HashMap<SessionId, watch::Sender<Option<String>>>>>;
 
 /// Removes a session from the running map when its task ends, however it
 /// ends: returning, panicking, or aborted.
 struct RunningGuard {
     running: Running,
-    session_id: String,
+    session_id: SessionId,
 }
 
 impl Drop for RunningGuard {
@@ -93,14 +94,14 @@ impl SessionSupervisor {
             };
             let message = format!("session loop panicked: {}", panic_message(&*payload));
             tracing::error!(
-                session_id = guard.session_id,
+                session_id = guard.session_id.as_str(),
                 message,
                 "closing the session"
             );
             let close = agent_loop.close_after_panic(&tenant, &guard.session_id, agent, message);
             if AssertUnwindSafe(close).catch_unwind().await.is_err() {
                 tracing::error!(
-                    session_id = guard.session_id,
+                    session_id = guard.session_id.as_str(),
                     "closing a panicked session panicked too; it resumes at the next start"
                 );
             }
@@ -108,7 +109,7 @@ impl SessionSupervisor {
     }
 
     /// Asks a session running here to stop; false if it is not running here.
-    pub fn cancel(&self, session_id: &str, reason: &str) -> bool {
+    pub fn cancel(&self, session_id: &SessionId, reason: &str) -> bool {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         match running.get(session_id) {
             Some(sender) => {
@@ -120,7 +121,7 @@ impl SessionSupervisor {
     }
 
     /// True if the session's loop runs in this process.
-    pub fn is_running(&self, session_id: &str) -> bool {
+    pub fn is_running(&self, session_id: &SessionId) -> bool {
         self.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -138,7 +139,7 @@ impl SessionSupervisor {
             match agents.get(&session.agent) {
                 Some(agent) => {
                     tracing::info!(
-                        session_id = session.session_id,
+                        session_id = session.session_id.as_str(),
                         agent = session.agent,
                         last_seq = session.last_seq,
                         "resuming a session interrupted by a restart"
@@ -148,7 +149,7 @@ impl SessionSupervisor {
                 }
                 None => {
                     tracing::warn!(
-                        session_id = session.session_id,
+                        session_id = session.session_id.as_str(),
                         agent = session.agent,
                         "closing a session whose agent is no longer defined"
                     );
@@ -191,10 +192,10 @@ mod tests {
         running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert("s1".to_owned(), sender);
+            .insert(SessionId::new("s1"), sender);
         let guard = RunningGuard {
             running: Arc::clone(&running),
-            session_id: "s1".to_owned(),
+            session_id: SessionId::new("s1"),
         };
         let task = tokio::spawn(async move {
             let _guard = guard;
@@ -205,7 +206,7 @@ mod tests {
             running
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .contains_key("s1")
+                .contains_key(&SessionId::new("s1"))
         );
         task.abort();
         assert!(task.await.is_err_and(|error| error.is_cancelled()));

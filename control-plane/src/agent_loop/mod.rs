@@ -72,6 +72,7 @@ use crate::agent::Agent;
 use crate::budget::{self, BudgetKind};
 use crate::error_report::error_chain;
 use crate::event_log::{EventLog, FollowError};
+use crate::ids::{SessionId, TenantId};
 use crate::provider::{ProviderError, STOP_MAX_TOKENS, STOP_PAUSE_TURN, ToolCall};
 use crate::sandbox::{SandboxDispatch, SandboxError};
 use crate::store::{NewEvent, SessionRecord, StepRecord, StoreError};
@@ -217,7 +218,8 @@ impl AgentLoop {
     /// Runs `session` of `agent` to its `finished` event: from the start if
     /// it is new, from where its log ends if it was interrupted.
     pub async fn run(&self, session: SessionRecord, agent: Arc<Agent>, cancel: CancelSignal) {
-        let session_id = session.session_id.clone();
+        // For the log lines after `session` moved into the run.
+        let session_id = session.session_id.to_string();
         let state = match load_state(&self.log, &session, &agent).await {
             // Its end is recorded (the record handed in was older than the log).
             Ok(state) if state.finished => return,
@@ -268,21 +270,21 @@ impl AgentLoop {
     /// finished, or a log that cannot be read, is left as it is.
     pub async fn close_after_panic(
         &self,
-        tenant: &str,
-        session_id: &str,
+        tenant: &TenantId,
+        session_id: &SessionId,
         agent: Arc<Agent>,
         message: String,
     ) {
         let session = match self
             .log
             .store()
-            .get_session(tenant.to_owned(), session_id.to_owned())
+            .get_session(tenant.clone(), session_id.clone())
             .await
         {
             Ok(Some(session)) => session,
             Ok(None) => return,
             Err(error) => {
-                tracing::error!(session_id, error = %error_chain(&error), "cannot read a panicked session; it resumes at the next start");
+                tracing::error!(session_id = session_id.as_str(), error = %error_chain(&error), "cannot read a panicked session; it resumes at the next start");
                 return;
             }
         };
@@ -290,14 +292,14 @@ impl AgentLoop {
             Ok(state) if state.finished => return,
             Ok(state) => state,
             Err(error) => {
-                tracing::error!(session_id, error = %error_chain(&error), "cannot load a panicked session's log; it resumes at the next start");
+                tracing::error!(session_id = session_id.as_str(), error = %error_chain(&error), "cannot load a panicked session's log; it resumes at the next start");
                 return;
             }
         };
         let (_cancel, cancel) = watch::channel(None);
         let mut run = self.session_run(session, agent, cancel, state);
         if let Err(error) = run.finish(Ending::Error(message)).await {
-            tracing::error!(session_id, error = %error_chain(&error), "could not record the end of a panicked session");
+            tracing::error!(session_id = session_id.as_str(), error = %error_chain(&error), "could not record the end of a panicked session");
         }
     }
 
@@ -396,7 +398,7 @@ struct SessionRun<'a> {
 }
 
 impl SessionRun<'_> {
-    fn session_id(&self) -> &str {
+    fn session_id(&self) -> &SessionId {
         &self.session.session_id
     }
 
@@ -522,7 +524,7 @@ impl SessionRun<'_> {
             }
             None => {
                 tracing::warn!(
-                    session_id = self.session.session_id,
+                    session_id = self.session.session_id.as_str(),
                     "the session's log has no resolved agent; it resumes as its agent file is now"
                 );
                 resolved::record(

@@ -16,7 +16,7 @@ impl SessionRun<'_> {
     pub(super) async fn create_sandbox(&mut self, agent: &SessionAgent) -> Result<(), LoopError> {
         let request = sandbox::CreateSessionRequest {
             policy: Some(agent.sandbox_policy.clone()),
-            labels: HashMap::from([(SESSION_LABEL.to_owned(), self.session_id().to_owned())]),
+            labels: HashMap::from([(SESSION_LABEL.to_owned(), self.session_id().to_string())]),
         };
         let sandbox = Arc::clone(&self.agent_loop.sandbox);
         let sandbox_session_id = self
@@ -27,7 +27,7 @@ impl SessionRun<'_> {
         self.agent_loop
             .log
             .store()
-            .set_sandbox_session(self.session_id().to_owned(), sandbox_session_id)
+            .set_sandbox_session(self.session_id().clone(), sandbox_session_id)
             .await?;
         Ok(())
     }
@@ -57,7 +57,7 @@ impl SessionRun<'_> {
             let result = self.until_stopped(call()).await?;
             match &result {
                 Err(error) if error.is_unreachable() && attempt < retry.attempts => {
-                    tracing::warn!(session_id = self.session.session_id, attempt, error = %error_chain(error), "sandboxd unreachable; trying again");
+                    tracing::warn!(session_id = self.session.session_id.as_str(), attempt, error = %error_chain(error), "sandboxd unreachable; trying again");
                     self.until_stopped(tokio::time::sleep(wait)).await?;
                     wait = wait.saturating_mul(2);
                     attempt += 1;
@@ -80,7 +80,7 @@ impl SessionRun<'_> {
             .await
         {
             tracing::warn!(
-                session_id = self.session.session_id,
+                session_id = self.session.session_id.as_str(),
                 sandbox_session_id,
                 error = %error_chain(&error),
                 "could not destroy the sandbox session"

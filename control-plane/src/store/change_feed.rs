@@ -22,15 +22,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
+use crate::ids::SessionId;
+
 /// Where changes to sessions are announced and awaited.
 pub trait ChangeFeed: Send + Sync + std::fmt::Debug {
     /// Starts watching `session_id`: every [`ChangeFeed::notify`] of it
     /// from now on wakes the subscription.
-    fn subscribe(&self, session_id: &str) -> Box<dyn ChangeSubscription>;
+    fn subscribe(&self, session_id: &SessionId) -> Box<dyn ChangeSubscription>;
 
     /// Wakes every subscriber of these sessions. Call it after the change
     /// is committed; it never blocks.
-    fn notify(&self, session_ids: &[&str]);
+    fn notify(&self, session_ids: &[&SessionId]);
 }
 
 /// One reader's interest in one session.
@@ -49,7 +51,7 @@ pub trait ChangeSubscription: Send + Sync {
 #[error("the change feed has closed")]
 pub struct FeedClosed;
 
-type Watchers = Arc<Mutex<HashMap<String, watch::Sender<()>>>>;
+type Watchers = Arc<Mutex<HashMap<SessionId, watch::Sender<()>>>>;
 
 /// The [`ChangeFeed`] of one process: a `watch` channel per watched
 /// session, dropped with its last subscriber.
@@ -69,25 +71,25 @@ impl InProcessChangeFeed {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<()>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, watch::Sender<()>>> {
         self.watchers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl ChangeFeed for InProcessChangeFeed {
-    fn subscribe(&self, session_id: &str) -> Box<dyn ChangeSubscription> {
+    fn subscribe(&self, session_id: &SessionId) -> Box<dyn ChangeSubscription> {
         let mut watchers = self.lock();
         let sender = watchers
-            .entry(session_id.to_owned())
+            .entry(session_id.clone())
             .or_insert_with(|| watch::channel(()).0);
         Box::new(InProcessSubscription {
             changes: sender.subscribe(),
-            session_id: session_id.to_owned(),
+            session_id: session_id.clone(),
             watchers: Arc::clone(&self.watchers),
         })
     }
 
-    fn notify(&self, session_ids: &[&str]) {
+    fn notify(&self, session_ids: &[&SessionId]) {
         let watchers = self.lock();
         for session_id in session_ids {
             if let Some(sender) = watchers.get(*session_id) {
@@ -100,7 +102,7 @@ impl ChangeFeed for InProcessChangeFeed {
 /// A subscriber's receiver of one session's watch channel.
 struct InProcessSubscription {
     changes: watch::Receiver<()>,
-    session_id: String,
+    session_id: SessionId,
     watchers: Watchers,
 }
 
@@ -135,6 +137,10 @@ mod tests {
 
     use super::*;
 
+    fn id(session_id: &str) -> SessionId {
+        SessionId::new(session_id)
+    }
+
     /// True if `subscription` has a change waiting (without waiting for one).
     async fn woken(subscription: &mut Box<dyn ChangeSubscription>) -> bool {
         tokio::time::timeout(Duration::from_millis(20), subscription.changed())
@@ -145,10 +151,10 @@ mod tests {
     #[tokio::test]
     async fn a_notify_wakes_the_subscribers_of_its_sessions_only() {
         let feed = InProcessChangeFeed::new();
-        let mut first = feed.subscribe("s1");
-        let mut second = feed.subscribe("s1");
-        let mut other = feed.subscribe("s2");
-        feed.notify(&["s1", "unwatched"]);
+        let mut first = feed.subscribe(&id("s1"));
+        let mut second = feed.subscribe(&id("s1"));
+        let mut other = feed.subscribe(&id("s2"));
+        feed.notify(&[&id("s1"), &id("unwatched")]);
         assert_eq!(
             (
                 woken(&mut first).await,
@@ -162,12 +168,12 @@ mod tests {
     #[tokio::test]
     async fn a_change_before_the_wait_is_not_missed_and_marking_seen_forgets_it() {
         let feed = InProcessChangeFeed::new();
-        let mut subscription = feed.subscribe("s1");
+        let mut subscription = feed.subscribe(&id("s1"));
         subscription.mark_seen();
         // Notified between the reader's read and its wait.
-        feed.notify(&["s1"]);
+        feed.notify(&[&id("s1")]);
         assert!(woken(&mut subscription).await);
-        feed.notify(&["s1"]);
+        feed.notify(&[&id("s1")]);
         subscription.mark_seen();
         assert!(!woken(&mut subscription).await);
     }
@@ -175,9 +181,9 @@ mod tests {
     #[tokio::test]
     async fn a_session_is_unwatched_once_its_last_subscriber_is_dropped() {
         let feed = InProcessChangeFeed::new();
-        let first = feed.subscribe("s1");
-        let second = feed.subscribe("s1");
-        let _other = feed.subscribe("s2");
+        let first = feed.subscribe(&id("s1"));
+        let second = feed.subscribe(&id("s1"));
+        let _other = feed.subscribe(&id("s2"));
         assert_eq!(feed.watched_sessions(), 2);
         drop(first);
         assert_eq!(feed.watched_sessions(), 2);

@@ -31,6 +31,7 @@ use super::{
     StoreError,
 };
 use crate::event_log::{EventLog, FollowMode};
+use crate::ids::{SessionId, TenantId};
 
 /// Opens the stores a check runs against.
 pub trait StoreHarness: Sync {
@@ -65,8 +66,8 @@ pub async fn run_all<H: StoreHarness>(harness: &H) {
 /// A session of the default tenant.
 pub fn new_session(session_id: &str, key: Option<&str>) -> NewSession {
     NewSession {
-        session_id: session_id.to_owned(),
-        tenant: "default".to_owned(),
+        session_id: SessionId::new(session_id),
+        tenant: TenantId::new("default"),
         agent: "demo".to_owned(),
         input: "hello".to_owned(),
         metadata: HashMap::from([("team".to_owned(), "core".to_owned())]),
@@ -134,7 +135,7 @@ fn time_of(event: &SessionEvent) -> SystemTime {
 
 async fn session<S: EventStore>(store: &S, session_id: &str) -> SessionRecord {
     store
-        .get_session("default".to_owned(), session_id.to_owned())
+        .get_session(TenantId::new("default"), SessionId::new(session_id))
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("session {session_id} is missing"))
@@ -142,7 +143,7 @@ async fn session<S: EventStore>(store: &S, session_id: &str) -> SessionRecord {
 
 async fn all_events<S: EventStore>(store: &S, session_id: &str) -> Vec<SessionEvent> {
     store
-        .read_events(session_id.to_owned(), 0, usize::MAX)
+        .read_events(SessionId::new(session_id), 0, usize::MAX)
         .await
         .unwrap()
 }
@@ -170,8 +171,8 @@ pub async fn create_is_idempotent_by_tenant_and_key<H: StoreHarness>(harness: &H
     assert_eq!(
         first.session,
         SessionRecord {
-            session_id: "s1".to_owned(),
-            tenant: "default".to_owned(),
+            session_id: SessionId::new("s1"),
+            tenant: TenantId::new("default"),
             agent: "demo".to_owned(),
             input: "hello".to_owned(),
             status: SessionStatus::Pending,
@@ -197,14 +198,14 @@ pub async fn create_is_idempotent_by_tenant_and_key<H: StoreHarness>(harness: &H
     assert_eq!(session(&store, "s1").await, first.session);
     assert_eq!(
         store
-            .get_session("default".to_owned(), "s2".to_owned())
+            .get_session(TenantId::new("default"), SessionId::new("s2"))
             .await
             .unwrap(),
         None
     );
     assert_eq!(
         store
-            .find_by_idempotency_key("default".to_owned(), "k".to_owned())
+            .find_by_idempotency_key(TenantId::new("default"), "k".to_owned())
             .await
             .unwrap(),
         Some(first.session.clone())
@@ -212,21 +213,21 @@ pub async fn create_is_idempotent_by_tenant_and_key<H: StoreHarness>(harness: &H
     // The key is the tenant's: another tenant's same key is a new session,
     // and neither tenant sees the other's.
     let other = NewSession {
-        tenant: "other".to_owned(),
+        tenant: TenantId::new("other"),
         ..new_session("s3", Some("k"))
     };
     let other = store.create_session(other).await.unwrap();
     assert!(other.created);
     assert_eq!(
         store
-            .get_session("other".to_owned(), "s1".to_owned())
+            .get_session(TenantId::new("other"), SessionId::new("s1"))
             .await
             .unwrap(),
         None
     );
     assert_eq!(
         store
-            .get_session("default".to_owned(), "s3".to_owned())
+            .get_session(TenantId::new("default"), SessionId::new("s3"))
             .await
             .unwrap(),
         None
@@ -268,7 +269,7 @@ pub async fn appends_are_numbered_without_gaps_and_read_back_by_seq<H: StoreHarn
         steps.extend(batch_steps.clone());
         let count = events.len();
         let stored = store
-            .append_events("s1".to_owned(), events, batch_steps)
+            .append_events(SessionId::new("s1"), events, batch_steps)
             .await
             .unwrap();
         assert_eq!(stored.len(), count);
@@ -284,7 +285,7 @@ pub async fn appends_are_numbered_without_gaps_and_read_back_by_seq<H: StoreHarn
             let expected = &appended[start..(start + limit).min(appended.len())];
             assert_eq!(
                 store
-                    .read_events("s1".to_owned(), after, limit)
+                    .read_events(SessionId::new("s1"), after, limit)
                     .await
                     .unwrap(),
                 expected,
@@ -294,12 +295,12 @@ pub async fn appends_are_numbered_without_gaps_and_read_back_by_seq<H: StoreHarn
     }
     assert_eq!(
         store
-            .read_events("s1".to_owned(), appended.len() as u64, 10)
+            .read_events(SessionId::new("s1"), appended.len() as u64, 10)
             .await
             .unwrap(),
         []
     );
-    assert_eq!(store.read_steps("s1".to_owned()).await.unwrap(), steps);
+    assert_eq!(store.read_steps(SessionId::new("s1")).await.unwrap(), steps);
     let usage = BudgetUsage {
         turns: 8,
         input_tokens: 80,
@@ -313,13 +314,18 @@ pub async fn appends_are_numbered_without_gaps_and_read_back_by_seq<H: StoreHarn
             ..advanced(&created, &appended, usage)
         }
     );
-    let unknown = store.append_event("nope".to_owned(), 0, delta("x")).await;
+    let unknown = store
+        .append_event(SessionId::new("nope"), 0, delta("x"))
+        .await;
     assert!(
         matches!(&unknown, Err(StoreError::UnknownSession(id)) if id == "nope"),
         "{unknown:?}"
     );
     assert_eq!(
-        store.read_events("nope".to_owned(), 0, 10).await.unwrap(),
+        store
+            .read_events(SessionId::new("nope"), 0, 10)
+            .await
+            .unwrap(),
         []
     );
 }
@@ -331,22 +337,40 @@ pub async fn followers_see_every_event_once_in_order<H: StoreHarness>(harness: &
     store.create_session(new_session("s1", None)).await.unwrap();
     let (_shutdown, shutdown_signal) = watch::channel(false);
     let log = EventLog::new(Arc::new(store.clone()), shutdown_signal);
-    log.append("s1", 0, Kind::Started(SessionStarted::default()))
-        .await
-        .unwrap();
-    let from_start = log.follow("default", "s1", 0, FollowMode::UntilFinished);
-    let from_ten = log.follow("default", "s1", 10, FollowMode::UntilFinished);
+    log.append(
+        &SessionId::new("s1"),
+        0,
+        Kind::Started(SessionStarted::default()),
+    )
+    .await
+    .unwrap();
+    let from_start = log.follow(
+        &TenantId::new("default"),
+        &SessionId::new("s1"),
+        0,
+        FollowMode::UntilFinished,
+    );
+    let from_ten = log.follow(
+        &TenantId::new("default"),
+        &SessionId::new("s1"),
+        10,
+        FollowMode::UntilFinished,
+    );
     let writer = {
         let log = log.clone();
         tokio::spawn(async move {
             for i in 0..60 {
                 let events = vec![NewEvent::new(1, delta(&i.to_string())); 1 + i % 3];
-                log.append_batch("s1", events, Vec::new()).await.unwrap();
+                log.append_batch(&SessionId::new("s1"), events, Vec::new())
+                    .await
+                    .unwrap();
                 if i % 10 == 0 {
                     tokio::task::yield_now().await;
                 }
             }
-            log.append("s1", 1, finished("done")).await.unwrap();
+            log.append(&SessionId::new("s1"), 1, finished("done"))
+                .await
+                .unwrap();
         })
     };
     let from_start: Vec<SessionEvent> = from_start.map(Result::unwrap).collect().await;
@@ -358,7 +382,12 @@ pub async fn followers_see_every_event_once_in_order<H: StoreHarness>(harness: &
     // A follower of a finished log from its end gets nothing and ends.
     let end = stored.last().unwrap().seq;
     let late: Vec<_> = log
-        .follow("default", "s1", end, FollowMode::UntilFinished)
+        .follow(
+            &TenantId::new("default"),
+            &SessionId::new("s1"),
+            end,
+            FollowMode::UntilFinished,
+        )
         .collect()
         .await;
     assert!(late.is_empty(), "{late:?}");
@@ -381,7 +410,7 @@ pub async fn approvals_are_pending_until_resolved_once<H: StoreHarness>(harness:
     };
     store
         .append_events(
-            "s1".to_owned(),
+            SessionId::new("s1"),
             vec![
                 NewEvent::new(0, Kind::Started(SessionStarted::default())),
                 NewEvent::new(2, requested("c1")),
@@ -393,20 +422,22 @@ pub async fn approvals_are_pending_until_resolved_once<H: StoreHarness>(harness:
         .unwrap();
     assert_eq!(status(store.clone()).await, SessionStatus::AwaitingApproval);
     assert_eq!(
-        store.pending_approvals("s1".to_owned()).await.unwrap(),
+        store.pending_approvals(SessionId::new("s1")).await.unwrap(),
         pending(&[("c1", 2), ("c2", 2)])
     );
     store
-        .append_event("s1".to_owned(), 2, resolved("c1"))
+        .append_event(SessionId::new("s1"), 2, resolved("c1"))
         .await
         .unwrap();
     assert_eq!(status(store.clone()).await, SessionStatus::AwaitingApproval);
     assert_eq!(
-        store.pending_approvals("s1".to_owned()).await.unwrap(),
+        store.pending_approvals(SessionId::new("s1")).await.unwrap(),
         pending(&[("c2", 2)])
     );
     let before = session(&store, "s1").await;
-    let twice = store.append_event("s1".to_owned(), 2, resolved("c1")).await;
+    let twice = store
+        .append_event(SessionId::new("s1"), 2, resolved("c1"))
+        .await;
     assert!(
         matches!(&twice, Err(StoreError::ApprovalNotPending { session_id, call_id })
             if session_id == "s1" && call_id == "c1"),
@@ -414,15 +445,18 @@ pub async fn approvals_are_pending_until_resolved_once<H: StoreHarness>(harness:
     );
     assert_eq!(session(&store, "s1").await, before);
     store
-        .append_event("s1".to_owned(), 2, resolved("c2"))
+        .append_event(SessionId::new("s1"), 2, resolved("c2"))
         .await
         .unwrap();
     assert_eq!(status(store.clone()).await, SessionStatus::Running);
-    assert_eq!(store.pending_approvals("s1".to_owned()).await.unwrap(), []);
+    assert_eq!(
+        store.pending_approvals(SessionId::new("s1")).await.unwrap(),
+        []
+    );
     // Finishing drops what is still pending.
     store
         .append_events(
-            "s1".to_owned(),
+            SessionId::new("s1"),
             vec![
                 NewEvent::new(3, requested("c3")),
                 NewEvent::new(3, finished("bye")),
@@ -431,7 +465,10 @@ pub async fn approvals_are_pending_until_resolved_once<H: StoreHarness>(harness:
         )
         .await
         .unwrap();
-    assert_eq!(store.pending_approvals("s1".to_owned()).await.unwrap(), []);
+    assert_eq!(
+        store.pending_approvals(SessionId::new("s1")).await.unwrap(),
+        []
+    );
     let done = session(&store, "s1").await;
     assert_eq!(
         (done.status, done.stop_reason, done.final_output.as_str()),
@@ -456,7 +493,7 @@ pub async fn concurrent_appends_to_many_sessions_lose_nothing<H: StoreHarness>(h
     let tasks = (0..SESSIONS * TASKS_PER_SESSION).map(|task| {
         let store = store.clone();
         tokio::spawn(async move {
-            let session_id = format!("s{}", task % SESSIONS);
+            let session_id = SessionId::new(format!("s{}", task % SESSIONS));
             let mut stored = Vec::new();
             for append in 0..APPENDS_PER_TASK {
                 let events = vec![
@@ -476,7 +513,7 @@ pub async fn concurrent_appends_to_many_sessions_lose_nothing<H: StoreHarness>(h
             (session_id, stored)
         })
     });
-    let mut returned: HashMap<String, Vec<SessionEvent>> = HashMap::new();
+    let mut returned: HashMap<SessionId, Vec<SessionEvent>> = HashMap::new();
     for task in join_all(tasks).await {
         let (session_id, stored) = task.unwrap();
         returned.entry(session_id).or_default().extend(stored);
@@ -489,8 +526,8 @@ pub async fn concurrent_appends_to_many_sessions_lose_nothing<H: StoreHarness>(h
             (1..=per_session).collect::<Vec<_>>(),
             "session {session_id}"
         );
-        assert_eq!(all_events(&store, &session_id).await, events);
-        let record = session(&store, &session_id).await;
+        assert_eq!(all_events(&store, session_id.as_str()).await, events);
+        let record = session(&store, session_id.as_str()).await;
         assert_eq!(
             (record.last_seq, record.usage.tool_calls),
             (per_session, u32::try_from(per_session / 2).unwrap())
@@ -520,7 +557,7 @@ pub async fn a_refused_write_does_not_fail_the_writes_beside_it<H: StoreHarness>
         .await
         .unwrap();
     store
-        .append_event("done".to_owned(), 1, finished("over"))
+        .append_event(SessionId::new("done"), 1, finished("over"))
         .await
         .unwrap();
     store
@@ -533,14 +570,18 @@ pub async fn a_refused_write_does_not_fail_the_writes_beside_it<H: StoreHarness>
         // Every write is issued before any is awaited.
         let good: Vec<_> = (0..LIVE)
             .map(|index| {
-                store.append_event(format!("live{index}"), round, delta(&round.to_string()))
+                store.append_event(
+                    SessionId::new(format!("live{index}")),
+                    round,
+                    delta(&round.to_string()),
+                )
             })
             .collect();
-        let after_finish = store.append_event("done".to_owned(), round, delta("late"));
-        let not_pending = store.append_event("calm".to_owned(), round, resolved("c1"));
-        let lonely_steps = store.append_events("calm".to_owned(), Vec::new(), vec![step("x")]);
-        let unknown = store.append_event("ghost".to_owned(), round, delta("boo"));
-        let cancel_finished = store.request_cancel("done".to_owned(), "late".to_owned());
+        let after_finish = store.append_event(SessionId::new("done"), round, delta("late"));
+        let not_pending = store.append_event(SessionId::new("calm"), round, resolved("c1"));
+        let lonely_steps = store.append_events(SessionId::new("calm"), Vec::new(), vec![step("x")]);
+        let unknown = store.append_event(SessionId::new("ghost"), round, delta("boo"));
+        let cancel_finished = store.request_cancel(SessionId::new("done"), "late".to_owned());
         let (good, after_finish, not_pending, lonely_steps, unknown, cancel_finished) = tokio::join!(
             join_all(good),
             after_finish,
@@ -589,7 +630,7 @@ pub async fn a_refused_write_does_not_fail_the_writes_beside_it<H: StoreHarness>
     assert_eq!(session(&store, "done").await, done_before);
     assert_eq!(session(&store, "calm").await, calm_before);
     assert_eq!(all_events(&store, "calm").await, []);
-    assert_eq!(store.read_steps("calm".to_owned()).await.unwrap(), []);
+    assert_eq!(store.read_steps(SessionId::new("calm")).await.unwrap(), []);
 }
 
 /// Listing pages newest first with filters; cancellation is recorded once;
@@ -610,9 +651,11 @@ pub async fn sessions_list_cancel_and_record_their_sandbox<H: StoreHarness>(harn
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     let query = SessionQuery {
-        tenant: "default".to_owned(),
+        tenant: TenantId::new("default"),
+        agent: None,
+        status: None,
         page_size: 2,
-        ..Default::default()
+        page_token: None,
     };
     let first = store.list_sessions(query.clone()).await.unwrap();
     assert_eq!(first.sessions, [created[2].clone(), created[1].clone()]);
@@ -642,15 +685,15 @@ pub async fn sessions_list_cancel_and_record_their_sandbox<H: StoreHarness>(harn
     assert!(matches!(bad, Err(StoreError::BadPageToken(_))), "{bad:?}");
 
     store
-        .set_sandbox_session("s1".to_owned(), "sb-1".to_owned())
+        .set_sandbox_session(SessionId::new("s1"), "sb-1".to_owned())
         .await
         .unwrap();
     store
-        .request_cancel("s1".to_owned(), "first".to_owned())
+        .request_cancel(SessionId::new("s1"), "first".to_owned())
         .await
         .unwrap();
     store
-        .request_cancel("s1".to_owned(), "second".to_owned())
+        .request_cancel(SessionId::new("s1"), "second".to_owned())
         .await
         .unwrap();
     assert_eq!(
@@ -662,14 +705,14 @@ pub async fn sessions_list_cancel_and_record_their_sandbox<H: StoreHarness>(harn
         }
     );
     let unknown = store
-        .set_sandbox_session("ghost".to_owned(), "sb".to_owned())
+        .set_sandbox_session(SessionId::new("ghost"), "sb".to_owned())
         .await;
     assert!(
         matches!(unknown, Err(StoreError::UnknownSession(_))),
         "{unknown:?}"
     );
     let unknown = store
-        .request_cancel("ghost".to_owned(), String::new())
+        .request_cancel(SessionId::new("ghost"), String::new())
         .await;
     assert!(
         matches!(unknown, Err(StoreError::UnknownSession(_))),
@@ -677,10 +720,10 @@ pub async fn sessions_list_cancel_and_record_their_sandbox<H: StoreHarness>(harn
     );
 
     store
-        .append_event("s2".to_owned(), 1, finished(""))
+        .append_event(SessionId::new("s2"), 1, finished(""))
         .await
         .unwrap();
-    let unfinished: Vec<String> = store
+    let unfinished: Vec<SessionId> = store
         .list_unfinished_sessions()
         .await
         .unwrap()
@@ -711,10 +754,10 @@ async fn snapshot<S: EventStore>(store: &S, ids: &[&str]) -> Snapshot {
         snapshot.events.push(all_events(store, id).await);
         snapshot
             .steps
-            .push(store.read_steps((*id).to_owned()).await.unwrap());
+            .push(store.read_steps(SessionId::new(*id)).await.unwrap());
         snapshot
             .pending
-            .push(store.pending_approvals((*id).to_owned()).await.unwrap());
+            .push(store.pending_approvals(SessionId::new(*id)).await.unwrap());
     }
     snapshot
 }
@@ -732,7 +775,7 @@ async fn write_durable_history<S: EventStore>(store: &S) {
         for id in DURABLE_SESSIONS {
             store
                 .append_events(
-                    id.to_owned(),
+                    SessionId::new(id),
                     vec![
                         NewEvent::new(round, delta("x")),
                         NewEvent::new(round, turn_completed(u64::from(round))),
@@ -744,19 +787,19 @@ async fn write_durable_history<S: EventStore>(store: &S) {
         }
     }
     store
-        .append_event("s1".to_owned(), 7, requested("c1"))
+        .append_event(SessionId::new("s1"), 7, requested("c1"))
         .await
         .unwrap();
     store
-        .set_sandbox_session("s2".to_owned(), "sb-2".to_owned())
+        .set_sandbox_session(SessionId::new("s2"), "sb-2".to_owned())
         .await
         .unwrap();
     store
-        .request_cancel("s2".to_owned(), "stop".to_owned())
+        .request_cancel(SessionId::new("s2"), "stop".to_owned())
         .await
         .unwrap();
     store
-        .append_event("s3".to_owned(), 7, finished("done"))
+        .append_event(SessionId::new("s3"), 7, finished("done"))
         .await
         .unwrap();
 }
@@ -768,13 +811,13 @@ async fn assert_recovered<S: EventStore>(before: &Snapshot, reopened: &S) {
     let unfinished: Vec<SessionRecord> = reopened.list_unfinished_sessions().await.unwrap();
     assert_eq!(unfinished, before.sessions[..2]);
     let next = reopened
-        .append_event("s1".to_owned(), 7, resolved("c1"))
+        .append_event(SessionId::new("s1"), 7, resolved("c1"))
         .await
         .unwrap();
     assert_eq!(next.seq, before.sessions[0].last_seq + 1);
     assert_eq!(
         reopened
-            .read_events("s1".to_owned(), next.seq - 1, 10)
+            .read_events(SessionId::new("s1"), next.seq - 1, 10)
             .await
             .unwrap(),
         [next]

@@ -36,6 +36,8 @@ use harness_proto::control::v1::{
     BudgetLimits, BudgetUsage, Session, SessionEvent, SessionStatus, StopReason,
 };
 
+use crate::ids::{SessionId, TenantId};
+
 pub use change_feed::{ChangeFeed, ChangeSubscription, FeedClosed, InProcessChangeFeed};
 pub use sqlite::{SqliteOptions, SqliteStore, SqliteSynchronous};
 
@@ -43,9 +45,9 @@ pub use sqlite::{SqliteOptions, SqliteStore, SqliteSynchronous};
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewSession {
     /// Id chosen by the caller (a UUID).
-    pub session_id: String,
+    pub session_id: SessionId,
     /// Owning tenant.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// Agent name.
     pub agent: String,
     /// The first user message.
@@ -62,9 +64,9 @@ pub struct NewSession {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRecord {
     /// Session id.
-    pub session_id: String,
+    pub session_id: SessionId,
     /// Owning tenant.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// Agent name.
     pub agent: String,
     /// The first user message.
@@ -111,11 +113,11 @@ impl SessionRecord {
             usage.wall_clock = Some(harness_proto::duration_to_proto(elapsed));
         }
         Session {
-            session_id: self.session_id.clone(),
+            session_id: self.session_id.as_str().to_owned(),
             agent: self.agent.clone(),
             status: self.status.into(),
             stop_reason: self.stop_reason.into(),
-            tenant: self.tenant.clone(),
+            tenant: self.tenant.as_str().to_owned(),
             metadata: self.metadata.clone(),
             created_at: Some(harness_proto::timestamp_to_proto(self.created_at)),
             updated_at: Some(harness_proto::timestamp_to_proto(self.updated_at)),
@@ -137,10 +139,10 @@ pub struct CreatedSession {
 }
 
 /// Which sessions to list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionQuery {
     /// Only this tenant's sessions.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// Only sessions of this agent.
     pub agent: Option<String>,
     /// Only sessions in this status.
@@ -238,22 +240,22 @@ pub enum StoreError {
         supported: usize,
     },
     /// A read or write failed in the backend.
-    #[error("store error while trying to {step}{}", of_session(session.as_deref()))]
+    #[error("store error while trying to {step}{}", of_session(session.as_ref()))]
     Backend {
         /// What was being done, e.g. "append events".
         step: &'static str,
         /// The session it was done for, when there is one.
-        session: Option<String>,
+        session: Option<SessionId>,
         /// The backend's error.
         #[source]
         source: BackendError,
     },
     /// No session with this id.
     #[error("no session {0}")]
-    UnknownSession(String),
+    UnknownSession(SessionId),
     /// The session already has its `finished` event.
     #[error("session {0} has finished; its event log is closed")]
-    SessionFinished(String),
+    SessionFinished(SessionId),
     /// A stored value could not be decoded.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
@@ -261,13 +263,13 @@ pub enum StoreError {
     #[error("tool call {call_id} of session {session_id} is not awaiting approval")]
     ApprovalNotPending {
         /// The session.
-        session_id: String,
+        session_id: SessionId,
         /// The call.
         call_id: String,
     },
     /// Step records must come with at least one event to ride on.
     #[error("step records for session {0} came without an event")]
-    StepsWithoutEvents(String),
+    StepsWithoutEvents(SessionId),
     /// Committing a group of writes failed; none of them took effect.
     #[error("store commit failed")]
     Commit(#[source] SharedBackendError),
@@ -290,7 +292,7 @@ impl StoreError {
     /// The error with `session_id` as its session, if it is a
     /// [`StoreError::Backend`] error without one.
     #[must_use]
-    pub fn for_session(self, session_id: &str) -> Self {
+    pub fn for_session(self, session_id: &SessionId) -> Self {
         match self {
             Self::Backend {
                 step,
@@ -298,7 +300,7 @@ impl StoreError {
                 source,
             } => Self::Backend {
                 step,
-                session: Some(session_id.to_owned()),
+                session: Some(session_id.clone()),
                 source,
             },
             other => other,
@@ -307,7 +309,7 @@ impl StoreError {
 }
 
 /// " of session X" for a [`StoreError::Backend`] message, if there is one.
-fn of_session(session: Option<&str>) -> String {
+fn of_session(session: Option<&SessionId>) -> String {
     session.map_or_else(String::new, |session| format!(" of session {session}"))
 }
 
@@ -320,15 +322,15 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// The tenant's session created with `key`, if any.
     fn find_by_idempotency_key(
         &self,
-        tenant: String,
+        tenant: TenantId,
         key: String,
     ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>>;
 
     /// One of the tenant's sessions.
     fn get_session(
         &self,
-        tenant: String,
-        session_id: String,
+        tenant: TenantId,
+        session_id: SessionId,
     ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>>;
 
     /// A page of the tenant's sessions, newest first.
@@ -340,7 +342,7 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// Records the sandboxd session running a session's tools.
     fn set_sandbox_session(
         &self,
-        session_id: String,
+        session_id: SessionId,
         sandbox_session_id: String,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
 
@@ -349,7 +351,7 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// returns the events as stored.
     fn append_events(
         &self,
-        session_id: String,
+        session_id: SessionId,
         events: Vec<NewEvent>,
         steps: Vec<StepRecord>,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>>;
@@ -357,7 +359,7 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     /// Appends one event with the next sequence number and returns it as stored.
     fn append_event(
         &self,
-        session_id: String,
+        session_id: SessionId,
         turn: u32,
         kind: Kind,
     ) -> BoxFuture<'_, Result<SessionEvent, StoreError>> {
@@ -375,26 +377,29 @@ pub trait EventStore: Send + Sync + std::fmt::Debug {
     }
 
     /// The session's step records, in the order they were written.
-    fn read_steps(&self, session_id: String) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>>;
+    fn read_steps(
+        &self,
+        session_id: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>>;
 
     /// The session's tool calls awaiting approval, oldest first.
     fn pending_approvals(
         &self,
-        session_id: String,
+        session_id: SessionId,
     ) -> BoxFuture<'_, Result<Vec<PendingApproval>, StoreError>>;
 
     /// Records that the session is to be cancelled, with why (kept until it
     /// finishes, so a restart does not forget it). Fails for a finished session.
     fn request_cancel(
         &self,
-        session_id: String,
+        session_id: SessionId,
         reason: String,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Up to `limit` events with `seq > after_seq`, in order.
     fn read_events(
         &self,
-        session_id: String,
+        session_id: SessionId,
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>>;
@@ -411,14 +416,14 @@ mod tests {
             session: None,
             source: "disk full".into(),
         }
-        .for_session("s1");
+        .for_session(&SessionId::new("s1"));
         assert_eq!(
             crate::error_report::error_chain(&error),
             "store error while trying to append events of session s1: disk full"
         );
         // A session already named is kept.
         assert_eq!(
-            error.for_session("s2").to_string(),
+            error.for_session(&SessionId::new("s2")).to_string(),
             "store error while trying to append events of session s1"
         );
     }

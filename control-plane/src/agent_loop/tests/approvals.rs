@@ -157,7 +157,7 @@ async fn a_session_awaiting_approval_survives_a_restart() {
     assert_eq!(
         harness
             .store
-            .pending_approvals("s1".to_owned())
+            .pending_approvals(SessionId::new("s1"))
             .await
             .unwrap(),
         [PendingApproval {
@@ -201,7 +201,7 @@ async fn a_second_resolution_of_one_approval_is_refused() {
         };
         harness
             .log
-            .append("s1", 1, Kind::ApprovalResolved(again))
+            .append(&SessionId::new("s1"), 1, Kind::ApprovalResolved(again))
             .await
     };
     let (_, second) = tokio::time::timeout(

@@ -105,7 +105,11 @@ async fn a_harness_tool_is_offered_in_the_agents_order_and_its_call_recorded_as_
             ("note".to_owned(), "Notes a line.".to_owned())
         ]
     );
-    let steps = harness.store.read_steps("s1".to_owned()).await.unwrap();
+    let steps = harness
+        .store
+        .read_steps(SessionId::new("s1"))
+        .await
+        .unwrap();
     let step = steps
         .iter()
         .find(|step| step.step == "harness:call_1_0")

@@ -275,15 +275,15 @@ impl EventStore for DyingStore {
     }
     fn find_by_idempotency_key(
         &self,
-        tenant: String,
+        tenant: TenantId,
         key: String,
     ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
         self.inner.find_by_idempotency_key(tenant, key)
     }
     fn get_session(
         &self,
-        tenant: String,
-        session_id: String,
+        tenant: TenantId,
+        session_id: SessionId,
     ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
         self.inner.get_session(tenant, session_id)
     }
@@ -295,7 +295,7 @@ impl EventStore for DyingStore {
     }
     fn set_sandbox_session(
         &self,
-        session_id: String,
+        session_id: SessionId,
         sandbox_session_id: String,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         self.inner
@@ -303,7 +303,7 @@ impl EventStore for DyingStore {
     }
     fn append_events(
         &self,
-        session_id: String,
+        session_id: SessionId,
         events: Vec<NewEvent>,
         steps: Vec<StepRecord>,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
@@ -311,7 +311,7 @@ impl EventStore for DyingStore {
             if !self.commit {
                 let session = self
                     .inner
-                    .get_session("default".to_owned(), session_id.clone())
+                    .get_session(TenantId::new("default"), session_id.clone())
                     .await?
                     .ok_or_else(|| StoreError::UnknownSession(session_id.clone()))?;
                 if session.last_seq + events.len() as u64 >= self.crash_at {
@@ -328,25 +328,28 @@ impl EventStore for DyingStore {
             Ok(stored)
         })
     }
-    fn read_steps(&self, session_id: String) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>> {
+    fn read_steps(
+        &self,
+        session_id: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>> {
         self.inner.read_steps(session_id)
     }
     fn pending_approvals(
         &self,
-        session_id: String,
+        session_id: SessionId,
     ) -> BoxFuture<'_, Result<Vec<PendingApproval>, StoreError>> {
         self.inner.pending_approvals(session_id)
     }
     fn request_cancel(
         &self,
-        session_id: String,
+        session_id: SessionId,
         reason: String,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         self.inner.request_cancel(session_id, reason)
     }
     fn read_events(
         &self,
-        session_id: String,
+        session_id: SessionId,
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
@@ -458,8 +461,8 @@ impl Harness {
     async fn create_session_with(&self, budget: control::BudgetLimits) -> SessionRecord {
         self.store
             .create_session(NewSession {
-                session_id: "s1".to_owned(),
-                tenant: "default".to_owned(),
+                session_id: SessionId::new("s1"),
+                tenant: TenantId::new("default"),
                 agent: "tester".to_owned(),
                 input: "go".to_owned(),
                 metadata: HashMap::new(),
@@ -481,7 +484,7 @@ impl Harness {
 
     async fn session(&self) -> SessionRecord {
         self.store
-            .get_session("default".to_owned(), "s1".to_owned())
+            .get_session(TenantId::new("default"), SessionId::new("s1"))
             .await
             .unwrap()
             .unwrap()
@@ -572,7 +575,7 @@ impl Harness {
 
     async fn events(&self) -> Vec<control::SessionEvent> {
         self.store
-            .read_events("s1".to_owned(), 0, 10_000)
+            .read_events(SessionId::new("s1"), 0, 10_000)
             .await
             .unwrap()
     }
@@ -588,7 +591,11 @@ impl Harness {
     /// Waits for an `approval_requested` and answers it as a human would.
     async fn resolve_next_approval(&self, decision: control::ApprovalDecision, reason: &str) {
         for _ in 0..500 {
-            let pending = self.store.pending_approvals("s1".to_owned()).await.unwrap();
+            let pending = self
+                .store
+                .pending_approvals(SessionId::new("s1"))
+                .await
+                .unwrap();
             if let Some(approval) = pending.first() {
                 let resolved = control::ApprovalResolved {
                     call_id: approval.call_id.clone(),
@@ -597,7 +604,11 @@ impl Harness {
                     resolved_by: "alice".to_owned(),
                 };
                 self.log
-                    .append("s1", approval.turn, Kind::ApprovalResolved(resolved))
+                    .append(
+                        &SessionId::new("s1"),
+                        approval.turn,
+                        Kind::ApprovalResolved(resolved),
+                    )
                     .await
                     .unwrap();
                 return;

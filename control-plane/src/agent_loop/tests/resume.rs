@@ -176,7 +176,7 @@ async fn text_recorded_before_a_crash_mid_stream_is_not_recorded_twice() {
     // Pretend the first attempt streamed part of turn 1 and then died.
     store
         .append_events(
-            "s1".to_owned(),
+            SessionId::new("s1"),
             vec![
                 NewEvent::new(0, Kind::Started(control::SessionStarted::default())),
                 NewEvent::new(
@@ -191,7 +191,7 @@ async fn text_recorded_before_a_crash_mid_stream_is_not_recorded_twice() {
         .await
         .unwrap();
     store
-        .set_sandbox_session("s1".to_owned(), "sb-1".to_owned())
+        .set_sandbox_session(SessionId::new("s1"), "sb-1".to_owned())
         .await
         .unwrap();
     harness.resume().await;
@@ -230,9 +230,9 @@ async fn a_panicking_loop_leaves_the_running_map_and_finishes_with_an_error() {
     let session = harness.create_session(5).await;
     let supervisor = crate::supervisor::SessionSupervisor::new(Arc::new(harness.agent_loop(1)));
     supervisor.launch(session, harness.agent.clone());
-    assert!(supervisor.is_running("s1"));
+    assert!(supervisor.is_running(&SessionId::new("s1")));
     tokio::time::timeout(Duration::from_secs(10), async {
-        while supervisor.is_running("s1") {
+        while supervisor.is_running(&SessionId::new("s1")) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })

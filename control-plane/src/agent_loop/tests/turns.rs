@@ -399,7 +399,7 @@ async fn a_recorded_cancellation_survives_a_restart() {
     harness.create_session(5).await;
     harness
         .store
-        .request_cancel("s1".to_owned(), "stop it".to_owned())
+        .request_cancel(SessionId::new("s1"), "stop it".to_owned())
         .await
         .unwrap();
     harness.resume().await;

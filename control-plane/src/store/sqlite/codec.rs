@@ -8,8 +8,36 @@ use harness_proto::control::v1::{
     BudgetLimits, BudgetUsage, SessionEvent, SessionStatus, StopReason,
 };
 use prost::Message as _;
+use rusqlite::types::{FromSql, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 
+use crate::ids::{SessionId, TenantId};
 use crate::store::{SessionRecord, StepRecord, StoreError};
+
+/// Session ids are stored as their text.
+impl ToSql for SessionId {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for SessionId {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        String::column_result(value).map(SessionId::new)
+    }
+}
+
+/// Tenant ids are stored as their text.
+impl ToSql for TenantId {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for TenantId {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        String::column_result(value).map(TenantId::new)
+    }
+}
 
 pub(super) fn to_micros(time: SystemTime) -> i64 {
     let micros = time
@@ -29,8 +57,8 @@ pub(super) fn seq_to_sql(seq: u64) -> i64 {
 
 /// A session row with its columns still encoded.
 pub(super) struct SessionRow {
-    pub(super) session_id: String,
-    pub(super) tenant: String,
+    pub(super) session_id: SessionId,
+    pub(super) tenant: TenantId,
     pub(super) agent: String,
     pub(super) input: String,
     pub(super) status: String,

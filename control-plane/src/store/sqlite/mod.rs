@@ -69,6 +69,7 @@ use self::writer::{
     writer_loop,
 };
 use self::writes::{append_events, create_session, request_cancel, set_sandbox_session};
+use crate::ids::{SessionId, TenantId};
 use crate::store::{
     CreatedSession, EventStore, NewEvent, NewSession, PendingApproval, SessionPage, SessionQuery,
     SessionRecord, StepRecord, StoreError,
@@ -326,7 +327,7 @@ impl EventStore for SqliteStore {
 
     fn find_by_idempotency_key(
         &self,
-        tenant: String,
+        tenant: TenantId,
         key: String,
     ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
         self.read(move |connection, fresh| {
@@ -341,8 +342,8 @@ impl EventStore for SqliteStore {
 
     fn get_session(
         &self,
-        tenant: String,
-        session_id: String,
+        tenant: TenantId,
+        session_id: SessionId,
     ) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
         self.read(move |connection, fresh| {
             select_session(
@@ -365,7 +366,7 @@ impl EventStore for SqliteStore {
 
     fn set_sandbox_session(
         &self,
-        session_id: String,
+        session_id: SessionId,
         sandbox_session_id: String,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         self.write(move |connection, _| {
@@ -375,7 +376,7 @@ impl EventStore for SqliteStore {
 
     fn append_events(
         &self,
-        session_id: String,
+        session_id: SessionId,
         events: Vec<NewEvent>,
         steps: Vec<StepRecord>,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
@@ -385,7 +386,10 @@ impl EventStore for SqliteStore {
         })
     }
 
-    fn read_steps(&self, session_id: String) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>> {
+    fn read_steps(
+        &self,
+        session_id: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<StepRecord>, StoreError>> {
         self.read(move |connection, fresh| {
             read_steps(connection, fresh, &session_id)
                 .map_err(|error| error.for_session(&session_id))
@@ -394,7 +398,7 @@ impl EventStore for SqliteStore {
 
     fn pending_approvals(
         &self,
-        session_id: String,
+        session_id: SessionId,
     ) -> BoxFuture<'_, Result<Vec<PendingApproval>, StoreError>> {
         self.read(move |connection, _| {
             pending_approvals(connection, &session_id)
@@ -404,7 +408,7 @@ impl EventStore for SqliteStore {
 
     fn request_cancel(
         &self,
-        session_id: String,
+        session_id: SessionId,
         reason: String,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         self.write(move |connection, _| request_cancel(connection, &session_id, &reason))
@@ -412,7 +416,7 @@ impl EventStore for SqliteStore {
 
     fn read_events(
         &self,
-        session_id: String,
+        session_id: SessionId,
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {

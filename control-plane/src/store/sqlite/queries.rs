@@ -13,6 +13,7 @@ use super::codec::{
     BatchRow, SessionRow, StoredBatch, StoredSteps, from_micros, seq_to_sql, to_micros,
 };
 use super::query_error;
+use crate::ids::SessionId;
 use crate::store::{
     PendingApproval, SessionPage, SessionQuery, SessionRecord, StepRecord, StoreError,
 };
@@ -92,7 +93,7 @@ pub(super) fn with_fresh_head(
 
 pub(super) fn session_key(
     connection: &Connection,
-    session_id: &str,
+    session_id: &SessionId,
 ) -> Result<Option<i64>, StoreError> {
     connection
         .prepare_cached("SELECT session_key FROM sessions WHERE session_id = ?1")
@@ -231,7 +232,7 @@ pub(super) fn visit_batches(
 pub(super) fn read_events(
     connection: &Connection,
     fresh: &HashMap<i64, i64>,
-    session_id: &str,
+    session_id: &SessionId,
     after_seq: u64,
     limit: usize,
 ) -> Result<Vec<SessionEvent>, StoreError> {
@@ -270,7 +271,7 @@ pub(super) fn read_events(
                 if event.seq <= after_seq || events.len() >= limit {
                     continue;
                 }
-                event.session_id = session_id.to_owned();
+                event.session_id = session_id.as_str().to_owned();
                 event.time = Some(time);
                 events.push(event);
             }
@@ -283,7 +284,7 @@ pub(super) fn read_events(
 pub(super) fn read_steps(
     connection: &Connection,
     fresh: &HashMap<i64, i64>,
-    session_id: &str,
+    session_id: &SessionId,
 ) -> Result<Vec<StepRecord>, StoreError> {
     let Some(key) = session_key(connection, session_id)? else {
         return Ok(Vec::new());
@@ -311,7 +312,7 @@ pub(super) fn read_steps(
 /// The session's tool calls awaiting approval, oldest first.
 pub(super) fn pending_approvals(
     connection: &Connection,
-    session_id: &str,
+    session_id: &SessionId,
 ) -> Result<Vec<PendingApproval>, StoreError> {
     match session_key(connection, session_id)? {
         Some(key) => pending_approvals_of(connection, key),
@@ -331,7 +332,7 @@ pub(super) fn list_sessions(
         .transpose()?;
     let page_size = query.page_size.max(1);
     let mut sql = format!("SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.tenant = ?1");
-    let mut values: Vec<rusqlite::types::Value> = vec![query.tenant.clone().into()];
+    let mut values: Vec<rusqlite::types::Value> = vec![query.tenant.as_str().to_owned().into()];
     if let Some(agent) = &query.agent {
         values.push(agent.clone().into());
         sql.push_str(&format!(" AND s.agent = ?{}", values.len()));

@@ -202,18 +202,22 @@ async fn events_drive_status_usage_and_close_the_log_at_finished() {
     let (_dir, store) = open_temp().await;
     store.create_session(new_session("s1", None)).await.unwrap();
     store
-        .append_event("s1".to_owned(), 0, Kind::Started(SessionStarted::default()))
+        .append_event(
+            SessionId::new("s1"),
+            0,
+            Kind::Started(SessionStarted::default()),
+        )
         .await
         .unwrap();
     let running = store
-        .get_session("default".to_owned(), "s1".to_owned())
+        .get_session(TenantId::new("default"), SessionId::new("s1"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(running.status, SessionStatus::Running);
     store
         .append_event(
-            "s1".to_owned(),
+            SessionId::new("s1"),
             1,
             Kind::ToolStarted(ToolStarted::default()),
         )
@@ -225,11 +229,11 @@ async fn events_drive_status_usage_and_close_the_log_at_finished() {
         ..Default::default()
     });
     store
-        .append_event("s1".to_owned(), 1, finished)
+        .append_event(SessionId::new("s1"), 1, finished)
         .await
         .unwrap();
     let record = store
-        .get_session("default".to_owned(), "s1".to_owned())
+        .get_session(TenantId::new("default"), SessionId::new("s1"))
         .await
         .unwrap()
         .unwrap();
@@ -243,7 +247,9 @@ async fn events_drive_status_usage_and_close_the_log_at_finished() {
         (SessionStatus::Finished, StopReason::Completed, "done", 3)
     );
     assert_eq!(record.usage.tool_calls, 1);
-    let late = store.append_event("s1".to_owned(), 1, delta("late")).await;
+    let late = store
+        .append_event(SessionId::new("s1"), 1, delta("late"))
+        .await;
     assert!(matches!(late, Err(StoreError::SessionFinished(id)) if id == "s1"));
     assert_eq!(store.list_unfinished_sessions().await.unwrap(), []);
 }
@@ -274,7 +280,7 @@ async fn heads_not_saved_before_a_crash_are_recovered_from_the_batches() {
         for session in ["s1", "s2"] {
             store
                 .append_events(
-                    session.to_owned(),
+                    SessionId::new(session),
                     vec![
                         NewEvent::new(round, delta("x")),
                         NewEvent::new(round, turn(round)),
@@ -289,7 +295,7 @@ async fn heads_not_saved_before_a_crash_are_recovered_from_the_batches() {
         }
     }
     let live = store
-        .get_session("default".to_owned(), "s1".to_owned())
+        .get_session(TenantId::new("default"), SessionId::new("s1"))
         .await
         .unwrap()
         .unwrap();
@@ -324,7 +330,7 @@ async fn heads_not_saved_before_a_crash_are_recovered_from_the_batches() {
 
     let recovered = SqliteStore::open(&image).await.unwrap();
     let session = recovered
-        .get_session("default".to_owned(), "s1".to_owned())
+        .get_session(TenantId::new("default"), SessionId::new("s1"))
         .await
         .unwrap()
         .unwrap();
@@ -337,7 +343,7 @@ async fn heads_not_saved_before_a_crash_are_recovered_from_the_batches() {
         (6, 3, 30)
     );
     let events = recovered
-        .read_events("s2".to_owned(), 0, 100)
+        .read_events(SessionId::new("s2"), 0, 100)
         .await
         .unwrap();
     assert_eq!(
@@ -345,7 +351,7 @@ async fn heads_not_saved_before_a_crash_are_recovered_from_the_batches() {
         [1, 2, 3, 4, 5, 6]
     );
     let steps: Vec<String> = recovered
-        .read_steps("s2".to_owned())
+        .read_steps(SessionId::new("s2"))
         .await
         .unwrap()
         .into_iter()
@@ -353,7 +359,7 @@ async fn heads_not_saved_before_a_crash_are_recovered_from_the_batches() {
         .collect();
     assert_eq!(steps, ["step 1", "step 2", "step 3"]);
     let next = recovered
-        .append_event("s1".to_owned(), 4, delta("y"))
+        .append_event(SessionId::new("s1"), 4, delta("y"))
         .await
         .unwrap();
     assert_eq!(next.seq, 7);
@@ -378,7 +384,7 @@ async fn reads_never_see_a_finished_session_without_its_last_events() {
         .map(|index| {
             let store = store.clone();
             tokio::spawn(async move {
-                let id = format!("s{index}");
+                let id = SessionId::new(format!("s{index}"));
                 for _ in 1..APPENDS {
                     store.append_event(id.clone(), 1, delta("x")).await.unwrap();
                 }
@@ -400,9 +406,9 @@ async fn reads_never_see_a_finished_session_without_its_last_events() {
                     if done[index] {
                         continue;
                     }
-                    let id = format!("s{index}");
+                    let id = SessionId::new(format!("s{index}"));
                     let session = store
-                        .get_session("default".to_owned(), id.clone())
+                        .get_session(TenantId::new("default"), id.clone())
                         .await
                         .unwrap()
                         .unwrap();
@@ -467,7 +473,7 @@ async fn a_version_1_database_is_migrated_with_its_sessions_and_events() {
     }
     let store = SqliteStore::open(&path).await.unwrap();
     let session = store
-        .get_session("default".to_owned(), "s1".to_owned())
+        .get_session(TenantId::new("default"), SessionId::new("s1"))
         .await
         .unwrap()
         .unwrap();
@@ -485,16 +491,26 @@ async fn a_version_1_database_is_migrated_with_its_sessions_and_events() {
         events.into_iter().map(|e| (e.seq, e.kind)).collect()
     };
     assert_eq!(
-        texts(store.read_events("s1".to_owned(), 0, 10).await.unwrap()),
+        texts(
+            store
+                .read_events(SessionId::new("s1"), 0, 10)
+                .await
+                .unwrap()
+        ),
         [(1, Some(delta("a"))), (2, Some(delta("b")))]
     );
     let next = store
-        .append_event("s1".to_owned(), 1, delta("c"))
+        .append_event(SessionId::new("s1"), 1, delta("c"))
         .await
         .unwrap();
     assert_eq!(next.seq, 3);
     assert_eq!(
-        texts(store.read_events("s1".to_owned(), 1, 10).await.unwrap()),
+        texts(
+            store
+                .read_events(SessionId::new("s1"), 1, 10)
+                .await
+                .unwrap()
+        ),
         [(2, Some(delta("b"))), (3, Some(delta("c")))]
     );
 }
@@ -511,22 +527,28 @@ async fn batches_append_atomically_and_read_back_event_by_event() {
         payload: vec![1, 2, 3],
     };
     let stored = store
-        .append_events("s1".to_owned(), batch, vec![step.clone()])
+        .append_events(SessionId::new("s1"), batch, vec![step.clone()])
         .await
         .unwrap();
     assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
     // A cursor and a limit inside a batch.
-    let middle = store.read_events("s1".to_owned(), 1, 1).await.unwrap();
+    let middle = store.read_events(SessionId::new("s1"), 1, 1).await.unwrap();
     assert_eq!(middle, stored[1..2]);
     assert_eq!(
-        store.read_events("s1".to_owned(), 0, 10).await.unwrap(),
+        store
+            .read_events(SessionId::new("s1"), 0, 10)
+            .await
+            .unwrap(),
         stored
     );
-    assert_eq!(store.read_steps("s1".to_owned()).await.unwrap(), [step]);
+    assert_eq!(
+        store.read_steps(SessionId::new("s1")).await.unwrap(),
+        [step]
+    );
     // Steps need an event to ride on; a refused write changes nothing.
     let lonely = store
         .append_events(
-            "s1".to_owned(),
+            SessionId::new("s1"),
             Vec::new(),
             vec![StepRecord {
                 step: "x".to_owned(),
@@ -536,7 +558,7 @@ async fn batches_append_atomically_and_read_back_event_by_event() {
         .await;
     assert!(matches!(lonely, Err(StoreError::StepsWithoutEvents(_))));
     let session = store
-        .get_session("default".to_owned(), "s1".to_owned())
+        .get_session(TenantId::new("default"), SessionId::new("s1"))
         .await
         .unwrap()
         .unwrap();
@@ -567,11 +589,11 @@ async fn long_logs_read_back_from_any_cursor_across_anchors() {
         });
         steps.extend(step.clone());
         store
-            .append_events("s1".to_owned(), batch, step.into_iter().collect())
+            .append_events(SessionId::new("s1"), batch, step.into_iter().collect())
             .await
             .unwrap();
         store
-            .append_event("s2".to_owned(), 1, delta("other"))
+            .append_event(SessionId::new("s2"), 1, delta("other"))
             .await
             .unwrap();
     }
@@ -579,7 +601,7 @@ async fn long_logs_read_back_from_any_cursor_across_anchors() {
     for after in [0, 1, 2, 63, 64, 65, 127, 128, 200, 359, 360, 361] {
         for limit in [1, 7, 64, 1000] {
             let events = store
-                .read_events("s1".to_owned(), after, limit)
+                .read_events(SessionId::new("s1"), after, limit)
                 .await
                 .unwrap();
             let start = usize::try_from(after).unwrap().min(all.len());
@@ -597,9 +619,9 @@ async fn long_logs_read_back_from_any_cursor_across_anchors() {
             );
         }
     }
-    assert_eq!(store.read_steps("s1".to_owned()).await.unwrap(), steps);
+    assert_eq!(store.read_steps(SessionId::new("s1")).await.unwrap(), steps);
     let session = store
-        .get_session("default".to_owned(), "s1".to_owned())
+        .get_session(TenantId::new("default"), SessionId::new("s1"))
         .await
         .unwrap()
         .unwrap();
@@ -667,18 +689,18 @@ async fn a_version_2_database_is_migrated_with_its_batches() {
     }
     let store = SqliteStore::open(&path).await.unwrap();
     let session = store
-        .get_session("default".to_owned(), "s1".to_owned())
+        .get_session(TenantId::new("default"), SessionId::new("s1"))
         .await
         .unwrap()
         .unwrap();
     assert_eq!((session.last_seq, session.usage.turns), (4, 2));
     let next = store
-        .append_event("s1".to_owned(), 1, delta("e"))
+        .append_event(SessionId::new("s1"), 1, delta("e"))
         .await
         .unwrap();
     assert_eq!(next.seq, 5);
     let texts: Vec<(u64, Option<Kind>)> = store
-        .read_events("s1".to_owned(), 1, 10)
+        .read_events(SessionId::new("s1"), 1, 10)
         .await
         .unwrap()
         .into_iter()
@@ -694,7 +716,7 @@ async fn a_version_2_database_is_migrated_with_its_batches() {
         ]
     );
     let steps: Vec<String> = store
-        .read_steps("s1".to_owned())
+        .read_steps(SessionId::new("s1"))
         .await
         .unwrap()
         .into_iter()

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use super::query_error;
 use super::writes::AppendState;
+use crate::ids::SessionId;
 use crate::store::{SharedBackendError, StoreError};
 
 /// Most writes committed in one transaction.
@@ -80,7 +81,7 @@ pub(super) enum WriteError {
 impl WriteError {
     /// The error with `session_id` as its session (see
     /// [`StoreError::for_session`]).
-    pub(super) fn for_session(self, session_id: &str) -> Self {
+    pub(super) fn for_session(self, session_id: &SessionId) -> Self {
         match self {
             Self::Refused(error) => Self::Refused(error.for_session(session_id)),
             Self::Failed(error) => Self::Failed(error.for_session(session_id)),
@@ -294,7 +295,7 @@ pub(super) fn writer_busy(tries: i32) -> bool {
 /// knows each running session's append state after its last write and need
 /// not read it back every time. Forgotten when a group rolls back.
 pub(super) struct WriterMemory {
-    pub(super) sessions: HashMap<String, AppendState>,
+    pub(super) sessions: HashMap<SessionId, AppendState>,
     pub(super) fresh: Arc<FreshHeads>,
     /// Heads moved by the group being written; published once it commits.
     pub(super) group_heads: Vec<(i64, i64)>,

@@ -14,6 +14,7 @@ use super::queries::{pending_approvals_of, read_batch_progress, select_session};
 use super::query_error;
 use super::schema::ANCHOR_EVERY;
 use super::writer::{WriteError, WriteResult, WriterMemory, check, refused, write_step};
+use crate::ids::SessionId;
 use crate::store::projection::{self, Projection, Refusal, RequestedApproval};
 use crate::store::{CreatedSession, NewEvent, NewSession, StepRecord, StoreError};
 
@@ -80,7 +81,7 @@ pub(super) struct AppendState {
 pub(super) fn read_append_state(
     connection: &Connection,
     memory: &WriterMemory,
-    session_id: &str,
+    session_id: &SessionId,
 ) -> Result<AppendState, StoreError> {
     let row = connection
         .prepare_cached(
@@ -106,7 +107,7 @@ pub(super) fn read_append_state(
                 .optional()
         })
         .map_err(query_error("read a session for appending"))?
-        .ok_or_else(|| StoreError::UnknownSession(session_id.to_owned()))?;
+        .ok_or_else(|| StoreError::UnknownSession(session_id.clone()))?;
     let mut row = row;
     if let Some(fresh) = memory
         .fresh_head(row.0)
@@ -138,7 +139,7 @@ pub(super) fn read_append_state(
 pub(super) fn append_events(
     connection: &Connection,
     memory: &mut WriterMemory,
-    session_id: &str,
+    session_id: &SessionId,
     events: Vec<NewEvent>,
     steps: Vec<StepRecord>,
 ) -> WriteResult<Vec<SessionEvent>> {
@@ -154,7 +155,7 @@ pub(super) fn append_events(
         state.projection.pending_approvals = check(pending_approvals_of(connection, key))?;
     }
     if events.is_empty() && !steps.is_empty() {
-        return refused(StoreError::StepsWithoutEvents(session_id.to_owned()));
+        return refused(StoreError::StepsWithoutEvents(session_id.clone()));
     }
     // Time as stored (microseconds), so an event reads back exactly as returned.
     let now_micros = to_micros(SystemTime::now());
@@ -195,7 +196,7 @@ pub(super) fn append_events(
     let mut stored = batch.events;
     let time = harness_proto::timestamp_to_proto(now);
     for event in &mut stored {
-        event.session_id = session_id.to_owned();
+        event.session_id = session_id.as_str().to_owned();
         event.time = Some(time);
     }
     if touches_approvals {
@@ -231,17 +232,17 @@ pub(super) fn append_events(
     } else if let Some(remembered) = memory.sessions.get_mut(session_id) {
         *remembered = state;
     } else {
-        memory.sessions.insert(session_id.to_owned(), state);
+        memory.sessions.insert(session_id.clone(), state);
     }
     Ok(stored)
 }
 
 /// The error a refused append reports.
-pub(super) fn refusal_error(session_id: &str, refusal: Refusal) -> StoreError {
+pub(super) fn refusal_error(session_id: &SessionId, refusal: Refusal) -> StoreError {
     match refusal {
-        Refusal::Finished => StoreError::SessionFinished(session_id.to_owned()),
+        Refusal::Finished => StoreError::SessionFinished(session_id.clone()),
         Refusal::ApprovalNotPending { call_id } => StoreError::ApprovalNotPending {
-            session_id: session_id.to_owned(),
+            session_id: session_id.clone(),
             call_id,
         },
     }
@@ -346,7 +347,7 @@ pub(super) fn write_approvals(
 /// Records the sandboxd session running a session's tools.
 pub(super) fn set_sandbox_session(
     connection: &Connection,
-    session_id: &str,
+    session_id: &SessionId,
     sandbox_session_id: &str,
 ) -> WriteResult<()> {
     let updated = write_step(
@@ -360,7 +361,7 @@ pub(super) fn set_sandbox_session(
     )?;
     if updated == 0 {
         // Nothing was written.
-        return refused(StoreError::UnknownSession(session_id.to_owned()));
+        return refused(StoreError::UnknownSession(session_id.clone()));
     }
     Ok(())
 }
@@ -369,7 +370,7 @@ pub(super) fn set_sandbox_session(
 /// finished.
 pub(super) fn request_cancel(
     connection: &Connection,
-    session_id: &str,
+    session_id: &SessionId,
     reason: &str,
 ) -> WriteResult<()> {
     let status: Option<String> = check(
@@ -384,9 +385,9 @@ pub(super) fn request_cancel(
             .map_err(|error| error.for_session(session_id)),
     )?;
     match status.as_deref() {
-        None => return refused(StoreError::UnknownSession(session_id.to_owned())),
+        None => return refused(StoreError::UnknownSession(session_id.clone())),
         Some(status) if status == SessionStatus::Finished.as_str_name() => {
-            return refused(StoreError::SessionFinished(session_id.to_owned()));
+            return refused(StoreError::SessionFinished(session_id.clone()));
         }
         Some(_) => {}
     }
