@@ -10,6 +10,28 @@
 //! was before these types (an id nothing has is simply not found; requests
 //! check their required fields themselves). New session ids are UUIDs
 //! ([`SessionId::generate`]).
+//!
+//! Reading a tenant's session compiles with the arguments in order:
+//!
+//! ```
+//! use harness_control_plane::ids::{SessionId, TenantId};
+//! use harness_control_plane::store::EventStore;
+//!
+//! async fn read(store: &dyn EventStore, tenant: TenantId, session_id: SessionId) {
+//!     let _session = store.get_session(tenant, session_id).await;
+//! }
+//! ```
+//!
+//! and not with them swapped:
+//!
+//! ```compile_fail,E0308
+//! use harness_control_plane::ids::{SessionId, TenantId};
+//! use harness_control_plane::store::EventStore;
+//!
+//! async fn read(store: &dyn EventStore, tenant: TenantId, session_id: SessionId) {
+//!     let _session = store.get_session(session_id, tenant).await;
+//! }
+//! ```
 
 use std::fmt;
 
