@@ -12,4 +12,5 @@ mod health;
 mod process;
 mod replay;
 mod session;
+mod stock_client;
 mod tcp;
