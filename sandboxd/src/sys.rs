@@ -198,6 +198,18 @@ extern "C" fn init_child(data: *mut libc::c_void) -> libc::c_int {
         if libc::poll(&mut hangup, 1, 0) != 0 && hangup.revents & libc::POLLHUP != 0 {
             libc::_exit(1);
         }
+        // The program descriptor may itself be number INIT_CONTROL_FD (any
+        // descriptor sandboxd opened can be): move it out of the way before
+        // the control socket takes that number, or the exec would run
+        // whatever the socket is.
+        let program = if args.program == INIT_CONTROL_FD {
+            libc::fcntl(args.program, libc::F_DUPFD_CLOEXEC, INIT_CONTROL_FD + 1)
+        } else {
+            args.program
+        };
+        if program == -1 {
+            libc::_exit(2);
+        }
         let moved = if args.control_fd == INIT_CONTROL_FD {
             libc::fcntl(args.control_fd, libc::F_SETFD, 0)
         } else {
@@ -208,7 +220,7 @@ extern "C" fn init_child(data: *mut libc::c_void) -> libc::c_int {
         }
         libc::syscall(
             libc::SYS_execveat,
-            args.program,
+            program,
             c"".as_ptr(),
             args.argv,
             args.envp,

@@ -1154,3 +1154,68 @@ async fn two_hundred_concurrent_sessions_leave_nothing_behind() {
     assert_eq!(workspaces, 0);
     daemon.shutdown().await;
 }
+
+/// Any descriptor sandboxd opens may get the number the init's control
+/// socket is moved to before the exec; the init must still execute. This
+/// builds that layout in a re-executed copy of this test binary, where the
+/// descriptor numbers are predictable, and runs a process session there.
+#[test]
+fn an_init_program_descriptor_numbered_like_the_control_socket_still_executes() {
+    const CHILD: &str = "HARNESS_TEST_INIT_DESCRIPTOR_LAYOUT";
+    const NAME: &str =
+        "process::an_init_program_descriptor_numbered_like_the_control_socket_still_executes";
+    const DONE: &str = "process session ran with the init program at descriptor 3";
+    if std::env::var_os(CHILD).is_none() {
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--test-threads=1", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout);
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{out}\n{err}");
+        assert!(
+            out.contains(DONE),
+            "the re-executed test did not run: {out}\n{err}"
+        );
+        return;
+    }
+    let control_fd = harness_sandboxd::sys::INIT_CONTROL_FD;
+    // Hold the number while the runtime opens its descriptors, then free it
+    // so the next descriptor opened (the init program's) takes it.
+    let placeholder = std::fs::File::open("/dev/null").unwrap();
+    assert_eq!(
+        std::os::fd::AsRawFd::as_raw_fd(&placeholder),
+        control_fd,
+        "descriptor {control_fd} is taken in the re-executed test process"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // A first daemon opens what stays open for the whole process
+        // (wasmtime's page map reader), so the next daemon's first
+        // descriptor is the init program's.
+        TestDaemon::start().await.shutdown().await;
+        drop(placeholder);
+        let mut daemon = TestDaemon::start_process(|config| config.process.warm_pool = 0).await;
+        use std::os::unix::fs::MetadataExt;
+        let at_control_fd = std::fs::metadata(format!("/proc/self/fd/{control_fd}")).unwrap();
+        let program = std::fs::metadata(env!("CARGO_BIN_EXE_sandbox-init")).unwrap();
+        assert_eq!(
+            (at_control_fd.dev(), at_control_fd.ino()),
+            (program.dev(), program.ino()),
+            "the layout under test was not built: descriptor {control_fd} is {:?}, not sandbox-init",
+            std::fs::read_link(format!("/proc/self/fd/{control_fd}"))
+        );
+        let session = daemon
+            .create_session_with(process_policy())
+            .await
+            .session_id;
+        let invoked = run(&mut daemon, &session, "echo ran").await;
+        assert_eq!(stdout(&invoked), "ran\n");
+        daemon.shutdown().await;
+    });
+    println!("{DONE}");
+}
