@@ -7,7 +7,7 @@
 //! workspace, which refuses to follow any symlink or `..` that leads outside.
 //!
 //! Where the bytes live is the [`Storage`]: by default each workspace is its
-//! own size-capped tmpfs mount ([`tmpfs`]), so the kernel holds every writer
+//! own size-capped tmpfs mount (the private `tmpfs` module), so the kernel holds every writer
 //! to the cap, not only the daemon's own `WriteFiles`.
 
 mod tmpfs;

@@ -2,7 +2,7 @@
 //! of its pid namespace). It builds the sandbox around itself, then starts
 //! the session's commands on request.
 //!
-//! It is executed by sandboxd's launcher (see [`super::launch`]) in fresh
+//! It is executed by sandboxd's launcher (see [`super::sandbox`]) in fresh
 //! user, mount, pid, net, ipc and uts namespaces, as root of the new user
 //! namespace (an unprivileged host uid range), with its control socket as
 //! descriptor 3 and nothing else. The set-up steps, in this order (the names
