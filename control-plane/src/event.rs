@@ -1,8 +1,9 @@
 //! Small facts about session events shared by the store, the loop and the
-//! transcript: each kind's name, and how an event changes a session's usage.
+//! transcript: each kind's name, the labels of its enums, and how an event changes a session's usage.
 //! How events move a session's status is the store's projection
 //! ([`crate::store::projection`]).
 
+use harness_proto::control::v1 as control;
 use harness_proto::control::v1::session_event::Kind;
 use harness_proto::control::v1::{BudgetUsage, TurnCompleted};
 
@@ -27,6 +28,29 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::WaitingForInput(_) => "waiting_for_input",
         Kind::Finished(_) => "finished",
     }
+}
+
+/// `STOP_REASON_MAX_TURNS` → `max_turns`.
+pub fn stop_reason_label(reason: control::StopReason) -> String {
+    enum_label(reason.as_str_name(), "STOP_REASON_")
+}
+
+/// `SESSION_STATUS_RUNNING` → `running`.
+pub fn session_status_label(status: control::SessionStatus) -> String {
+    enum_label(status.as_str_name(), "SESSION_STATUS_")
+}
+
+/// `TOOL_ERROR_KIND_INVALID_INPUT` → `invalid_input`.
+pub fn tool_error_kind_label(kind: control::ToolErrorKind) -> String {
+    enum_label(kind.as_str_name(), "TOOL_ERROR_KIND_")
+}
+
+/// An enum value's proto name without its `prefix`, lowercase.
+pub fn enum_label(enum_name: &str, prefix: &str) -> String {
+    enum_name
+        .strip_prefix(prefix)
+        .unwrap_or(enum_name)
+        .to_ascii_lowercase()
 }
 
 /// Adds what `kind` used to `usage`. The store keeps the session row's usage

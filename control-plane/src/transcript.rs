@@ -10,6 +10,7 @@ use harness_proto::control::v1 as control;
 use harness_proto::control::v1::session_event::Kind;
 
 use crate::event;
+pub use crate::event::{session_status_label, stop_reason_label, tool_error_kind_label};
 
 /// Longest rendering of JSON, text or output before it is cut with "…".
 const MAX_FIELD_CHARS: usize = 160;
@@ -54,7 +55,7 @@ fn render_details(kind: &Kind) -> String {
         ),
         Kind::ApprovalResolved(resolved) => format!(
             "{} by {}{}  [{}]",
-            label(resolved.decision().as_str_name(), "APPROVAL_DECISION_"),
+            event::enum_label(resolved.decision().as_str_name(), "APPROVAL_DECISION_"),
             resolved.resolved_by,
             reason_suffix(&resolved.reason),
             resolved.call_id
@@ -101,7 +102,7 @@ fn render_details(kind: &Kind) -> String {
 fn render_policy(decision: &control::PolicyDecision) -> String {
     format!(
         "{} (rule {}){}  [{}]",
-        label(decision.verdict().as_str_name(), "VERDICT_"),
+        event::enum_label(decision.verdict().as_str_name(), "VERDICT_"),
         decision.rule,
         reason_suffix(&decision.reason),
         decision.call_id
@@ -146,28 +147,6 @@ fn render_finished(finished: &control::SessionFinished) -> String {
         line.push_str(&quoted(&finished.final_output));
     }
     line
-}
-
-/// `STOP_REASON_MAX_TURNS` → `max_turns`.
-pub fn stop_reason_label(reason: control::StopReason) -> String {
-    label(reason.as_str_name(), "STOP_REASON_")
-}
-
-/// `SESSION_STATUS_RUNNING` → `running`.
-pub fn session_status_label(status: control::SessionStatus) -> String {
-    label(status.as_str_name(), "SESSION_STATUS_")
-}
-
-/// `TOOL_ERROR_KIND_INVALID_INPUT` → `invalid_input`.
-pub fn tool_error_kind_label(kind: control::ToolErrorKind) -> String {
-    label(kind.as_str_name(), "TOOL_ERROR_KIND_")
-}
-
-fn label(enum_name: &str, prefix: &str) -> String {
-    enum_name
-        .strip_prefix(prefix)
-        .unwrap_or(enum_name)
-        .to_ascii_lowercase()
 }
 
 fn reason_suffix(reason: &str) -> String {

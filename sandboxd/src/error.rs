@@ -31,7 +31,7 @@ pub enum ServiceError {
 
 impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
-        let message = crate::wasi::registry::error_chain(&error);
+        let message = harness_daemon::error_chain(&error);
         match &error {
             ServiceError::InvalidRequest(_) => Status::invalid_argument(message),
             ServiceError::InvocationIdReused(_) => Status::already_exists(message),

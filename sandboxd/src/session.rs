@@ -641,9 +641,7 @@ impl SessionManager {
                 report.workspace_files_removed = stats.files;
                 report.workspace_bytes_removed = stats.bytes;
             }
-            Some(Err(error)) => report
-                .errors
-                .push(crate::wasi::registry::error_chain(&error)),
+            Some(Err(error)) => report.errors.push(harness_daemon::error_chain(&error)),
             None => report
                 .errors
                 .push("workspace was already detached".to_owned()),

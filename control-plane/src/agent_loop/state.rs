@@ -505,7 +505,7 @@ mod tests {
             let kind = control::ToolErrorKind::try_from(value).unwrap();
             assert_eq!(
                 error_kind_for_model(kind),
-                crate::transcript::tool_error_kind_label(kind)
+                crate::event::tool_error_kind_label(kind)
             );
         }
     }

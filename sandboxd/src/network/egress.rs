@@ -3,7 +3,7 @@
 //! sandboxd's own resolver, refuse special-range answers no granted CIDR
 //! covers, connect only to an address that was checked, and record the
 //! decision. The `wasi:http` hook ([`super::http_egress`]) and the process
-//! backend's proxy ([`crate::process::proxy`]) both go through
+//! backend's proxy ([`crate::network::proxy`]) both go through
 //! [`EgressPolicy::connect`], so the two cannot drift apart.
 
 use std::collections::VecDeque;

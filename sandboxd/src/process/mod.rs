@@ -22,7 +22,6 @@ pub mod init_program;
 pub mod landlock;
 pub mod mount_plan;
 pub mod protocol;
-pub mod proxy;
 pub mod sandbox;
 pub mod seccomp;
 
@@ -168,13 +167,13 @@ impl ProcessBackend {
             Err(error) => return Err(error),
         };
         let cgroups = CgroupHierarchy::from_host(config.process.cgroup_parent.as_deref())
-            .map_err(|e| crate::wasi::registry::error_chain(&e));
+            .map_err(|e| harness_daemon::error_chain(&e));
         let seccomp_filter = seccomp::sandbox_filter()
             .map(|program| Arc::new(seccomp::to_instructions(&program)))
             .map_err(|e| {
                 format!(
                     "the seccomp filter does not compile: {}",
-                    crate::wasi::registry::error_chain(&e)
+                    harness_daemon::error_chain(&e)
                 )
             });
         Ok(Self {
@@ -246,7 +245,7 @@ impl ProcessBackend {
     pub fn sweep_leftovers(&self) -> Vec<PathBuf> {
         match &self.cgroups {
             Ok(cgroups) => cgroups.sweep_leftovers().unwrap_or_else(|error| {
-                tracing::warn!(error = %crate::wasi::registry::error_chain(&error), "cannot sweep leftover cgroups");
+                tracing::warn!(error = %harness_daemon::error_chain(&error), "cannot sweep leftover cgroups");
                 Vec::new()
             }),
             Err(_) => Vec::new(),
@@ -305,7 +304,7 @@ impl ProcessBackend {
                         .unwrap_or_else(|p| p.into_inner())
                         .push(warm),
                     Err(error) => {
-                        tracing::warn!(error = %crate::wasi::registry::error_chain(&error), "cannot warm a sandbox init");
+                        tracing::warn!(error = %harness_daemon::error_chain(&error), "cannot warm a sandbox init");
                         break;
                     }
                 }

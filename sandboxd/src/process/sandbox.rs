@@ -43,8 +43,8 @@ use super::cgroup::{CgroupHierarchy, CgroupLimits, SessionCgroup};
 use super::init_program::InitProgram;
 use super::mount_plan::{MountPlan, MountStep};
 use super::protocol::{self, InitSpec, ProtocolError, Reply, Request, Rlimit, RlimitResource};
-use super::proxy::{EgressProxy, proxy_environment};
 use crate::network::http_egress::EgressPolicy;
+use crate::network::proxy::{EgressProxy, proxy_environment};
 use crate::sys;
 
 /// The sandbox user inside the namespace.
@@ -114,7 +114,7 @@ pub enum SandboxError {
     ProxyListener(#[source] std::io::Error),
     /// The proxy could not start.
     #[error("cannot start the egress proxy")]
-    Proxy(#[source] super::proxy::ProxyError),
+    Proxy(#[source] crate::network::proxy::ProxyError),
     /// The init exited before it built the sandbox; its exit status says
     /// which step of [`sys::clone_sandbox_init`] failed.
     #[error("the sandbox init exited with status {code} before building the sandbox: {}", init_exit_meaning(*code))]
@@ -498,7 +498,7 @@ impl ProcessSandbox {
         drop((stdin_read, stdout_write, stderr_write));
         if let Err(error) = sent {
             self.control.forget(id);
-            outcome.exit = Err(internal(crate::wasi::registry::error_chain(&error)));
+            outcome.exit = Err(internal(harness_daemon::error_chain(&error)));
             return outcome;
         }
         match replies.recv().await {
@@ -624,9 +624,7 @@ impl ProcessSandbox {
                     .map(|p| p.display().to_string())
                     .collect();
             }
-            Ok(Err(error)) => teardown
-                .errors
-                .push(crate::wasi::registry::error_chain(&error)),
+            Ok(Err(error)) => teardown.errors.push(harness_daemon::error_chain(&error)),
             Err(error) => teardown
                 .errors
                 .push(format!("cgroup teardown task: {error}")),

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use harness_daemon::error_chain;
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Linker;
@@ -449,7 +450,3 @@ fn list_components(dir: &Path) -> std::io::Result<Vec<(PathBuf, FileSignature)>>
     files.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(files)
 }
-
-/// Renders an error with its sources, so a skipped component's report says
-/// why all the way down.
-pub use harness_daemon::error_chain;
