@@ -225,7 +225,17 @@ async fn run() {
     };
     std::fs::create_dir_all(&config.tools_dir).unwrap();
     let mut config = config;
-    config.process.init_program = Some(PathBuf::from(env!("CARGO_BIN_EXE_sandbox-init")));
+    // The harness-sandbox-init package's binary: `cargo build -p
+    // harness-sandbox-init --release` first.
+    let init = harness_sandboxd::process::init_program::default_path(std::path::Path::new(env!(
+        "CARGO_BIN_EXE_sandboxd"
+    )));
+    assert!(
+        init.is_file(),
+        "{} is missing: `cargo build --release -p harness-sandbox-init`",
+        init.display()
+    );
+    config.process.init_program = Some(init);
     config.process.cgroup_parent = Some(parent.clone());
     config.process.warm_pool = knob("BENCH_WARM_POOL", config.process.warm_pool);
     config.workspace_storage = common::workspace_storage(config.workspace_storage);

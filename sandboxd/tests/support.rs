@@ -59,6 +59,22 @@ impl Drop for CgroupParentGuard {
 
 /// Panics with what is missing unless this host can run process sandboxes:
 /// these tests must fail loudly, never pass silently, where they cannot run.
+/// The `sandbox-init` of this build, where sandboxd looks for it by default:
+/// next to the `sandboxd` binary. It is the `harness-sandbox-init` package's
+/// binary, which `cargo test --workspace` builds.
+pub fn sandbox_init_program() -> PathBuf {
+    let path = harness_sandboxd::process::init_program::default_path(Path::new(env!(
+        "CARGO_BIN_EXE_sandboxd"
+    )));
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p harness-sandbox-init` (`cargo test \
+         --workspace` does)",
+        path.display()
+    );
+    path
+}
+
 pub fn require_process_sandbox_host() -> HostProbe {
     assert!(
         nix::unistd::Uid::effective().is_root(),
@@ -94,7 +110,7 @@ impl TestDaemon {
         let turn = Turn::Shared(Arc::clone(&RUNNING).read_owned().await);
         let parent = format!("/harness-test-{}", uuid::Uuid::new_v4().simple());
         let mut daemon = Self::start_in_turn(turn, host, |config| {
-            config.process.init_program = Some(PathBuf::from(env!("CARGO_BIN_EXE_sandbox-init")));
+            config.process.init_program = Some(sandbox_init_program());
             config.process.cgroup_parent = Some(parent.clone());
             prepare(config);
         })

@@ -83,14 +83,18 @@ impl InitProgramError {
     }
 }
 
+/// Where `sandbox-init` is looked for when `[process] init-program` is not
+/// set: next to the `sandboxd` binary at `sandboxd`.
+pub fn default_path(sandboxd: &Path) -> PathBuf {
+    sandboxd.with_file_name(FILE_NAME)
+}
+
 impl InitProgram {
     /// Opens `configured`, or `sandbox-init` next to the running binary.
     pub fn find(configured: Option<&Path>) -> Result<Self, InitProgramError> {
         let path = match configured {
             Some(path) => path.to_owned(),
-            None => std::env::current_exe()
-                .map_err(InitProgramError::Locate)?
-                .with_file_name(FILE_NAME),
+            None => default_path(&std::env::current_exe().map_err(InitProgramError::Locate)?),
         };
         Self::open(path)
     }

@@ -6,24 +6,23 @@
 //!   each sandbox its own host id range, and launches sandboxes.
 //! - [`mount_plan`] describes the sandbox root as data; [`seccomp`] and
 //!   [`landlock`] hold the reviewed filter and ruleset; all three are pure
-//!   and unit-tested, and applied inside the sandbox by [`init`], the
-//!   `sandbox-init` program (its module docs list the set-up steps in order).
+//!   and unit-tested, and applied inside the sandbox by the `sandbox-init`
+//!   program ([`harness_sandbox_init::init`], its own small crate; its module
+//!   docs list the set-up steps in order). [`init_program`] finds and opens it.
 //! - [`sandbox`] launches one sandbox and runs commands in it, talking to
 //!   the init over [`protocol`].
 //! - [`cgroup`] creates, limits, kills and removes the session cgroups (v2
 //!   where the host has controllers there, otherwise v1).
-//! - [`proxy`] is the egress proxy, the sandbox's only way out.
+//! - [`crate::network::proxy`] is the egress proxy, the sandbox's only way
+//!   out.
 //! - [`exec_tool`] is how models see this backend: the `exec` tool.
 
 pub mod cgroup;
 pub mod exec_tool;
-pub mod init;
 pub mod init_program;
-pub mod landlock;
-pub mod mount_plan;
-pub mod protocol;
 pub mod sandbox;
-pub mod seccomp;
+
+pub use harness_sandbox_init::{landlock, mount_plan, protocol, seccomp};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

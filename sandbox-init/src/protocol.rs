@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
-use super::mount_plan::MountPlan;
+use crate::mount_plan::MountPlan;
 
 /// Largest packet either side accepts.
 pub const MAX_PACKET_BYTES: usize = 1024 * 1024;
@@ -38,9 +38,9 @@ pub struct InitSpec {
     /// Refuse to start unless landlock fully enforces the ruleset.
     pub require_landlock: bool,
     /// The seccomp program to install, as `(code, jt, jf, k)` instructions:
-    /// compiled once by sandboxd from [`super::seccomp::DENIED`] rather
+    /// compiled once by sandboxd from [`crate::seccomp::DENIED`] rather
     /// than by every init.
-    pub seccomp_filter: Vec<super::seccomp::Instruction>,
+    pub seccomp_filter: Vec<crate::seccomp::Instruction>,
 }
 
 /// One resource limit.

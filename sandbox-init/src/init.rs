@@ -2,7 +2,7 @@
 //! of its pid namespace). It builds the sandbox around itself, then starts
 //! the session's commands on request.
 //!
-//! It is executed by sandboxd's launcher (see [`super::sandbox`]) in fresh
+//! It is executed by sandboxd's launcher (`harness_sandboxd::process::sandbox`) in fresh
 //! user, mount, pid, net, ipc and uts namespaces, as root of the new user
 //! namespace (an unprivileged host uid range), with its control socket as
 //! descriptor 3 and nothing else. The set-up steps, in this order (the names
@@ -42,8 +42,8 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
-use super::mount_plan::{BindSource, MountPlan, MountStep};
-use super::protocol::{self, InitSpec, ProtocolError, Reply, Request, Rlimit, RlimitResource};
+use crate::mount_plan::{BindSource, MountPlan, MountStep};
+use crate::protocol::{self, InitSpec, ProtocolError, Reply, Request, Rlimit, RlimitResource};
 use crate::sys;
 
 /// Where the root is assembled before the pivot.
@@ -64,6 +64,11 @@ fn failed<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> SetupEr
         step,
         detail: error.to_string(),
     }
+}
+
+/// Whether sandboxd started this process: its control socket is open.
+pub fn started_by_sandboxd() -> bool {
+    sys::init_control_fd_is_open()
 }
 
 /// The program's entry point; returns the exit code.
@@ -177,8 +182,8 @@ fn build_sandbox(spec: &InitSpec, sources: &[OwnedFd]) -> Result<String, SetupEr
             detail: "the spec carries no seccomp filter".to_owned(),
         });
     }
-    let filter = super::seccomp::from_instructions(&spec.seccomp_filter);
-    super::seccomp::install(&filter).map_err(failed("seccomp"))?;
+    let filter = crate::seccomp::from_instructions(&spec.seccomp_filter);
+    crate::seccomp::install(&filter).map_err(failed("seccomp"))?;
     Ok(landlock)
 }
 
@@ -342,12 +347,12 @@ fn drop_to_sandbox_user(uid: u32, gid: u32) -> Result<(), SetupError> {
 
 fn apply_landlock(plan: &MountPlan, required: bool) -> Result<String, SetupError> {
     let paths = |list: &[String]| list.iter().map(PathBuf::from).collect::<Vec<_>>();
-    let ruleset = super::landlock::LandlockPlan::new(
+    let ruleset = crate::landlock::LandlockPlan::new(
         paths(&plan.landlock.read_only),
         paths(&plan.landlock.read_write),
         paths(&plan.landlock.devices),
     );
-    let outcome = super::landlock::apply(&ruleset, required).map_err(failed("landlock"))?;
+    let outcome = crate::landlock::apply(&ruleset, required).map_err(failed("landlock"))?;
     Ok(format!("{outcome:?}"))
 }
 
