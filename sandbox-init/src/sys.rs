@@ -253,7 +253,8 @@ pub fn default_signal_disposition(signal: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Attaches a detached mount tree (from [`clone_mount_tree`]) on `target`.
+/// Attaches a detached mount tree on `target` (sandboxd clones it with
+/// `open_tree` and sends it with the spec).
 pub fn attach_mount_tree(
     tree: std::os::fd::BorrowedFd<'_>,
     target: &std::path::Path,

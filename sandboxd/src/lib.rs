@@ -18,6 +18,7 @@
 //!   in `# Safety`, and each caller's `unsafe` block says how it meets them.
 //! - [`error`] is the one place errors become gRPC statuses.
 
+pub mod backend;
 pub mod config;
 pub mod error;
 pub mod network;

@@ -1,8 +1,9 @@
 //! The `harness.sandbox.v1.SandboxService` implementation: request checking
-//! and plumbing only; the work happens in [`crate::session`],
-//! [`crate::workspace`] and [`crate::wasi`].
+//! and plumbing, and the invocation lifecycle once for every
+//! [`crate::backend::Backend`]; the work happens in
+//! [`crate::session`], [`crate::workspace`], [`crate::wasi`] and
+//! [`crate::process`].
 
-use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,14 +14,15 @@ use harness_proto::sandbox::v1::sandbox_service_server::SandboxService;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
+use crate::backend::Backend;
 use crate::config::SandboxdConfig;
 use crate::error::ServiceError;
 use crate::probe::HostProbe;
 use crate::process::exec_tool::{EXEC_TOOL, ParsedExec};
-use crate::process::sandbox::Command;
+use crate::process::invocations::ProcessInvocations;
 use crate::session::{Claim, InvocationRecord, Session, SessionManager};
-use crate::wasi::backend::{Completed, WasiBackend};
-use crate::workspace::{CapReached, Workspace};
+use crate::wasi::backend::WasiBackend;
+use crate::workspace::Workspace;
 
 /// Everything the daemon holds.
 #[derive(Debug)]
@@ -32,7 +34,7 @@ pub struct Sandboxd {
     /// Sessions.
     pub sessions: SessionManager,
     /// The WASI backend.
-    pub wasi: WasiBackend,
+    pub wasi: Arc<WasiBackend>,
 }
 
 /// Invocations that may run at once; also the size of the wasmtime pool.
@@ -50,8 +52,10 @@ impl Sandboxd {
         host: HostProbe,
     ) -> Result<Arc<Self>, crate::StartError> {
         let config = Arc::new(config);
-        let wasi = WasiBackend::new(&config, MAX_CONCURRENT_INVOCATIONS)
-            .map_err(crate::StartError::Wasi)?;
+        let wasi = Arc::new(
+            WasiBackend::new(&config, MAX_CONCURRENT_INVOCATIONS)
+                .map_err(crate::StartError::Wasi)?,
+        );
         let sessions = SessionManager::new(Arc::clone(&config), Arc::new(host.clone()))
             .map_err(crate::StartError::InitProgram)?;
         let leftovers =
@@ -248,72 +252,41 @@ impl SandboxService for SandboxApi {
         let request = request.into_inner();
         let session = self.session(&request.session_id)?;
         let invocation_id = checked_invocation_id(&request.invocation_id)?;
-        let call = match request.target {
+        match request.target {
             Some(pb::invoke_request::Target::Wasi(call)) if call.tool == EXEC_TOOL => {
-                let parsed = crate::process::exec_tool::parse(&call.input_json);
-                return self
-                    .invoke_process(session, invocation_id, parsed, request.timeout)
-                    .await;
+                let call = crate::process::exec_tool::parse(&call.input_json);
+                invoke_on(
+                    Arc::new(ProcessInvocations),
+                    session,
+                    invocation_id,
+                    call,
+                    request.timeout,
+                )
+                .await
             }
-            Some(pb::invoke_request::Target::Wasi(call)) => call,
+            Some(pb::invoke_request::Target::Wasi(call)) => {
+                let backend = Arc::clone(&self.daemon.wasi);
+                invoke_on(backend, session, invocation_id, call, request.timeout).await
+            }
             Some(pb::invoke_request::Target::Process(call)) => {
-                let parsed = Ok(ParsedExec {
+                let call = Ok(ParsedExec {
                     call,
                     timeout: None,
                 });
-                return self
-                    .invoke_process(session, invocation_id, parsed, request.timeout)
-                    .await;
-            }
-            None => {
-                return Err(ServiceError::InvalidRequest(
-                    "target is required: set wasi or process".to_owned(),
+                invoke_on(
+                    Arc::new(ProcessInvocations),
+                    session,
+                    invocation_id,
+                    call,
+                    request.timeout,
                 )
-                .into());
+                .await
             }
-        };
-        let timeout =
-            effective_timeout(request.timeout.as_ref(), session.policy.invocation_timeout);
-        let fingerprint = request_fingerprint(&call, timeout);
-        let (sender, receiver) = mpsc::channel(16);
-        match session.claim(&invocation_id, fingerprint) {
-            Claim::Existing(record) => {
-                let result = recorded_result(record, &invocation_id, fingerprint).await?;
-                let started = started_event(&invocation_id, self.tool_digest(&call.tool));
-                return Ok(replayed(started, result));
-            }
-            Claim::New(completion) => {
-                let daemon = Arc::clone(&self.daemon);
-                // The invocation runs to completion even if the caller goes
-                // away, so its result is recorded for an idempotent retry.
-                tokio::spawn(async move {
-                    let _ = sender
-                        .send(Ok(started_event(
-                            &invocation_id,
-                            daemon
-                                .wasi
-                                .tool(&call.tool)
-                                .map(|t| t.digest.clone())
-                                .unwrap_or_default(),
-                        )))
-                        .await;
-                    let completed = run_in_session(&daemon, &session, &call, timeout).await;
-                    session.complete(&invocation_id, fingerprint, completed.result.clone());
-                    let _ = completion.send(Some(completed.result.clone()));
-                    for chunk in completed.chunks {
-                        let _ = sender
-                            .send(Ok(pb::InvokeEvent {
-                                event: Some(pb::invoke_event::Event::Output(chunk)),
-                            }))
-                            .await;
-                    }
-                    let _ = sender.send(Ok(result_event(completed.result))).await;
-                });
-            }
+            None => Err(ServiceError::InvalidRequest(
+                "target is required: set wasi or process".to_owned(),
+            )
+            .into()),
         }
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
     }
 
     async fn write_files(
@@ -345,153 +318,62 @@ impl SandboxService for SandboxApi {
 }
 
 impl SandboxApi {
-    /// Runs a command in the session's process sandbox, streaming its
-    /// output as it arrives. Idempotent by `invocation_id` like WASI calls.
-    async fn invoke_process(
-        &self,
-        session: Arc<Session>,
-        invocation_id: String,
-        parsed: Result<ParsedExec, pb::ToolError>,
-        requested_timeout: Option<prost_types::Duration>,
-    ) -> Result<Response<InvokeStream>, Status> {
-        session.process().map_err(ServiceError::from)?;
-        let requested = requested_timeout.or_else(|| {
-            parsed
-                .as_ref()
-                .ok()
-                .and_then(|p| p.timeout.map(harness_proto::duration_to_proto))
-        });
-        let timeout = effective_timeout(requested.as_ref(), session.policy.invocation_timeout);
-        let fingerprint = {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            format!("{parsed:?}").hash(&mut hasher);
-            timeout.hash(&mut hasher);
-            hasher.finish()
-        };
-        let started = pb::InvokeEvent {
-            event: Some(pb::invoke_event::Event::Started(pb::InvokeStarted {
-                invocation_id: invocation_id.clone(),
-                backend: pb::Backend::Process as i32,
-                digest: String::new(),
-            })),
-        };
-        let completion = match session.claim(&invocation_id, fingerprint) {
-            Claim::Existing(record) => {
-                let result = recorded_result(record, &invocation_id, fingerprint).await?;
-                return Ok(replayed(started, result));
-            }
-            Claim::New(completion) => completion,
-        };
-        let (sender, receiver) = mpsc::channel(64);
-        let max_output_bytes = session.policy.max_output_bytes;
-        tokio::spawn(async move {
-            let _ = sender.send(Ok(started)).await;
-            let result = match parsed.and_then(|p| command_of(p.call, timeout, max_output_bytes)) {
-                Err(error) => pb::InvokeResult {
-                    outcome: Some(pb::invoke_result::Outcome::Error(error)),
-                    usage: Some(pb::Usage::default()),
-                    replayed: false,
-                },
-                Ok(command) => {
-                    let _running = session.start_running();
-                    let (chunks, mut chunk_receiver) = mpsc::channel::<pb::OutputChunk>(64);
-                    let forward = {
-                        let sender = sender.clone();
-                        tokio::spawn(async move {
-                            while let Some(chunk) = chunk_receiver.recv().await {
-                                let _ = sender
-                                    .send(Ok(pb::InvokeEvent {
-                                        event: Some(pb::invoke_event::Event::Output(chunk)),
-                                    }))
-                                    .await;
-                            }
-                        })
-                    };
-                    let result = match session.process() {
-                        Ok(sandbox) => sandbox.run(command, chunks, session.cancelled()).await,
-                        Err(error) => {
-                            drop(chunks);
-                            pb::InvokeResult {
-                                outcome: Some(pb::invoke_result::Outcome::Error(pb::ToolError {
-                                    kind: pb::ErrorKind::Internal as i32,
-                                    message: error.to_string(),
-                                    violations: Vec::new(),
-                                })),
-                                usage: Some(pb::Usage::default()),
-                                replayed: false,
-                            }
-                        }
-                    };
-                    let _ = forward.await;
-                    result
-                }
-            };
-            session.complete(&invocation_id, fingerprint, result.clone());
-            let _ = completion.send(Some(result.clone()));
-            let _ = sender.send(Ok(result_event(result))).await;
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
-    }
-
     fn session(&self, id: &str) -> Result<Arc<Session>, ServiceError> {
         Ok(self.daemon.sessions.get(id)?)
     }
-
-    fn tool_digest(&self, tool: &str) -> String {
-        self.daemon
-            .wasi
-            .tool(tool)
-            .map(|t| t.digest.clone())
-            .unwrap_or_default()
-    }
 }
 
-async fn run_in_session(
-    daemon: &Sandboxd,
-    session: &Arc<Session>,
-    call: &pb::WasiCall,
-    timeout: Duration,
-) -> Completed {
-    let _running = session.start_running();
-    tokio::select! {
-        completed = daemon.wasi.invoke(session.workspace_root(), &session.policy, session.egress.as_ref(), call, timeout) => {
-            attribute_to_full_workspace(completed, || {
-                session.with_workspace(Workspace::cap_reached).ok().flatten()
-            })
+/// The invocation lifecycle, the same for every [`Backend`]: admit, claim
+/// the id (a repeat gets the recorded result, marked replayed), then run to
+/// completion in a task of its own, so the result is recorded for an
+/// idempotent retry even when the caller goes away. The stream carries
+/// `started`, the output as the backend sends it, then the result.
+async fn invoke_on<B: Backend>(
+    backend: Arc<B>,
+    session: Arc<Session>,
+    invocation_id: String,
+    call: B::Call,
+    requested_timeout: Option<prost_types::Duration>,
+) -> Result<Response<InvokeStream>, Status> {
+    backend.admit(&session)?;
+    let timeout = backend.timeout(&call, requested_timeout.as_ref(), &session);
+    let fingerprint = backend.fingerprint(&call, timeout);
+    let started = started_event(&invocation_id, B::KIND, backend.digest(&call));
+    let completion = match session.claim(&invocation_id, fingerprint) {
+        Claim::Existing(record) => {
+            let result = recorded_result(record, &invocation_id, fingerprint).await?;
+            return Ok(replayed(started, result));
         }
-        _ = session.cancelled() => Completed {
-            chunks: vec![],
-            digest: String::new(),
-            result: pb::InvokeResult {
-                outcome: Some(pb::invoke_result::Outcome::Error(pb::ToolError {
-                    kind: pb::ErrorKind::Internal as i32,
-                    message: "the sandbox session was destroyed while the invocation ran; it was stopped".to_owned(),
-                    violations: vec![],
-                })),
-                usage: Some(pb::Usage::default()),
-                replayed: false,
-            },
-        },
-    }
-}
-
-/// A tool that failed while its workspace is at a cap failed because of it
-/// (a WASI guest sees `ENOSPC` only as a generic I/O error): the failure
-/// becomes `resource_exhausted`, naming the cap.
-fn attribute_to_full_workspace(
-    mut completed: Completed,
-    cap_reached: impl FnOnce() -> Option<CapReached>,
-) -> Completed {
-    if let Some(pb::invoke_result::Outcome::Error(error)) = completed.result.outcome.as_mut()
-        && error.kind == pb::ErrorKind::Failed as i32
-        && let Some(cap) = cap_reached()
-    {
-        error.kind = pb::ErrorKind::ResourceExhausted as i32;
-        error.message = format!("{} (the workspace is full: {cap})", error.message);
-    }
-    completed
+        Claim::New(completion) => completion,
+    };
+    let (sender, receiver) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let _ = sender.send(Ok(started)).await;
+        let (output, mut chunks) = mpsc::channel::<pb::OutputChunk>(64);
+        let forward = {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                while let Some(chunk) = chunks.recv().await {
+                    let _ = sender
+                        .send(Ok(pb::InvokeEvent {
+                            event: Some(pb::invoke_event::Event::Output(chunk)),
+                        }))
+                        .await;
+                }
+            })
+        };
+        let result = backend
+            .run(Arc::clone(&session), call, timeout, output)
+            .await;
+        // Recorded before the output is drained to a slow reader.
+        session.complete(&invocation_id, fingerprint, result.clone());
+        let _ = completion.send(Some(result.clone()));
+        let _ = forward.await;
+        let _ = sender.send(Ok(result_event(result))).await;
+    });
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(receiver),
+    )))
 }
 
 async fn recorded_result(
@@ -524,45 +406,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ServiceError::Internal(e.to_string()))?
 }
 
-/// Checks a process call and turns it into a command.
-fn command_of(
-    call: pb::ProcessCall,
-    timeout: Duration,
-    max_output_bytes: u64,
-) -> Result<Command, pb::ToolError> {
-    let invalid = |message: &str| pb::ToolError {
-        kind: pb::ErrorKind::InvalidInput as i32,
-        message: message.to_owned(),
-        violations: Vec::new(),
-    };
-    let via_shell = !call.shell.is_empty();
-    let argv = match (call.argv.is_empty(), call.shell.is_empty()) {
-        (false, true) => call.argv,
-        (true, false) => vec!["/bin/sh".to_owned(), "-c".to_owned(), call.shell],
-        _ => return Err(invalid("set exactly one of argv and shell")),
-    };
-    let mut environment: Vec<(String, String)> = call.environment.into_iter().collect();
-    environment.sort();
-    for (name, value) in &environment {
-        if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0') {
-            return Err(invalid(&format!("invalid environment variable {name:?}")));
-        }
-    }
-    Ok(Command {
-        argv,
-        cwd: if call.cwd.is_empty() {
-            crate::process::mount_plan::WORKSPACE.to_owned()
-        } else {
-            call.cwd
-        },
-        environment,
-        stdin: call.stdin,
-        timeout,
-        max_output_bytes,
-        via_shell,
-    })
-}
-
 fn checked_invocation_id(id: &str) -> Result<String, ServiceError> {
     if id.is_empty() || id.len() > MAX_INVOCATION_ID_LEN || id.chars().any(char::is_control) {
         return Err(ServiceError::InvalidRequest(format!(
@@ -572,27 +415,11 @@ fn checked_invocation_id(id: &str) -> Result<String, ServiceError> {
     Ok(id.to_owned())
 }
 
-/// The request's deadline, capped by the policy's.
-fn effective_timeout(requested: Option<&prost_types::Duration>, policy: Duration) -> Duration {
-    requested
-        .map(harness_proto::duration_from_proto)
-        .filter(|d| !d.is_zero())
-        .map_or(policy, |d| d.min(policy))
-}
-
-fn request_fingerprint(call: &pb::WasiCall, timeout: Duration) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    call.tool.hash(&mut hasher);
-    call.input_json.hash(&mut hasher);
-    timeout.hash(&mut hasher);
-    hasher.finish()
-}
-
-fn started_event(invocation_id: &str, digest: String) -> pb::InvokeEvent {
+fn started_event(invocation_id: &str, backend: pb::Backend, digest: String) -> pb::InvokeEvent {
     pb::InvokeEvent {
         event: Some(pb::invoke_event::Event::Started(pb::InvokeStarted {
             invocation_id: invocation_id.to_owned(),
-            backend: pb::Backend::Wasi as i32,
+            backend: backend as i32,
             digest,
         })),
     }
@@ -664,57 +491,6 @@ fn read_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requested_timeouts_are_capped_by_the_policy() {
-        let policy = Duration::from_secs(10);
-        assert_eq!(effective_timeout(None, policy), policy);
-        let short = harness_proto::duration_to_proto(Duration::from_secs(1));
-        assert_eq!(
-            effective_timeout(Some(&short), policy),
-            Duration::from_secs(1)
-        );
-        let long = harness_proto::duration_to_proto(Duration::from_secs(100));
-        assert_eq!(effective_timeout(Some(&long), policy), policy);
-    }
-
-    #[test]
-    fn failures_in_a_full_workspace_become_resource_exhausted() {
-        let failed = |kind: pb::ErrorKind, message: &str| Completed {
-            chunks: vec![],
-            digest: "d".to_owned(),
-            result: pb::InvokeResult {
-                outcome: Some(pb::invoke_result::Outcome::Error(pb::ToolError {
-                    kind: kind as i32,
-                    message: message.to_owned(),
-                    violations: vec![],
-                })),
-                usage: None,
-                replayed: false,
-            },
-        };
-        let full = Some(CapReached::Bytes(4096));
-        assert_eq!(
-            attribute_to_full_workspace(failed(pb::ErrorKind::Failed, "`a`: I/O error"), || full)
-                .result,
-            failed(
-                pb::ErrorKind::ResourceExhausted,
-                "`a`: I/O error (the workspace is full: its size cap of 4096 bytes is reached)"
-            )
-            .result
-        );
-        // Not full, or not a tool failure: left as it is.
-        for (kind, cap) in [
-            (pb::ErrorKind::Failed, None),
-            (pb::ErrorKind::InvalidInput, full),
-            (pb::ErrorKind::Timeout, full),
-        ] {
-            assert_eq!(
-                attribute_to_full_workspace(failed(kind, "m"), || cap).result,
-                failed(kind, "m").result
-            );
-        }
-    }
 
     #[test]
     fn invocation_ids_are_checked() {

@@ -273,7 +273,7 @@ pub fn async_fd(
 
 /// Clones the mount at `path` (not its submounts) into a detached tree,
 /// returned as a descriptor that another mount namespace can attach with
-/// [`attach_mount_tree`]. Unlike an `O_PATH` descriptor, a detached tree
+/// [`harness_sandbox_init::sys::attach_mount_tree`]. Unlike an `O_PATH` descriptor, a detached tree
 /// may be mounted from a mount namespace other than the one it came from.
 pub fn clone_mount_tree(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;

@@ -15,11 +15,13 @@
 //!   where the host has controllers there, otherwise v1).
 //! - [`crate::network::proxy`] is the egress proxy, the sandbox's only way
 //!   out.
-//! - [`exec_tool`] is how models see this backend: the `exec` tool.
+//! - [`exec_tool`] is how models see this backend: the `exec` tool;
+//!   [`invocations`] is how the invocation lifecycle runs its calls.
 
 pub mod cgroup;
 pub mod exec_tool;
 pub mod init_program;
+pub mod invocations;
 pub mod sandbox;
 
 pub use harness_sandbox_init::{landlock, mount_plan, protocol, seccomp};

@@ -1,7 +1,7 @@
 //! One session's process sandbox, seen from sandboxd: launching its
 //! `sandbox-init`, talking to it, running commands in it, tearing it down.
 //!
-//! Launch order (the init's own steps are in [`super::init`]). Steps 1–3
+//! Launch order (the init's own steps are in [`harness_sandbox_init::init`]). Steps 1–3
 //! make a [`WarmInit`] and do not depend on the session, so the backend keeps
 //! a few ready ahead of `CreateSession` (`[process] warm-pool`):
 //! 1. a `SOCK_SEQPACKET` pair; `clone` into new user, mount, pid, net, ipc

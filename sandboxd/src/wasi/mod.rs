@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod engine;
+pub mod invocations;
 pub mod invoke;
 pub mod output;
 pub mod registry;
