@@ -185,7 +185,7 @@ async fn run() {
     }));
     let channel = connect(&endpoint).await;
     let mut client = SandboxServiceClient::new(channel.clone());
-    let session_id = session.id.clone();
+    let session_id = session.id.to_string();
     for n in 0..500 {
         grpc_invoke(&mut client, &session_id, n).await;
     }

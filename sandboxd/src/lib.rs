@@ -21,6 +21,7 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod ids;
 pub mod network;
 pub mod probe;
 pub mod process;

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::backend::Backend;
 use crate::config::SandboxdConfig;
 use crate::error::ServiceError;
+use crate::ids::{InvocationId, SandboxSessionId};
 use crate::probe::HostProbe;
 use crate::process::exec_tool::{EXEC_TOOL, ParsedExec};
 use crate::process::invocations::ProcessInvocations;
@@ -39,9 +40,6 @@ pub struct Sandboxd {
 
 /// Invocations that may run at once; also the size of the wasmtime pool.
 pub const MAX_CONCURRENT_INVOCATIONS: u32 = 1000;
-
-/// Longest accepted `invocation_id`.
-const MAX_INVOCATION_ID_LEN: usize = 256;
 
 impl Sandboxd {
     /// Builds the daemon state: probes nothing of the kernel (pass the probe
@@ -218,7 +216,7 @@ impl SandboxService for SandboxApi {
         let report = self
             .daemon
             .sessions
-            .destroy(&request.session_id, "requested")
+            .destroy(&SandboxSessionId::new(request.session_id), "requested")
             .await;
         Ok(Response::new(pb::DestroySessionResponse {
             report: Some(report),
@@ -251,7 +249,8 @@ impl SandboxService for SandboxApi {
     ) -> Result<Response<Self::InvokeStream>, Status> {
         let request = request.into_inner();
         let session = self.session(&request.session_id)?;
-        let invocation_id = checked_invocation_id(&request.invocation_id)?;
+        let invocation_id = InvocationId::parse(&request.invocation_id)
+            .map_err(|e| ServiceError::InvalidRequest(e.to_string()))?;
         match request.target {
             Some(pb::invoke_request::Target::Wasi(call)) if call.tool == EXEC_TOOL => {
                 let call = crate::process::exec_tool::parse(&call.input_json);
@@ -319,7 +318,7 @@ impl SandboxService for SandboxApi {
 
 impl SandboxApi {
     fn session(&self, id: &str) -> Result<Arc<Session>, ServiceError> {
-        Ok(self.daemon.sessions.get(id)?)
+        Ok(self.daemon.sessions.get(&SandboxSessionId::new(id))?)
     }
 }
 
@@ -331,7 +330,7 @@ impl SandboxApi {
 async fn invoke_on<B: Backend>(
     backend: Arc<B>,
     session: Arc<Session>,
-    invocation_id: String,
+    invocation_id: InvocationId,
     call: B::Call,
     requested_timeout: Option<prost_types::Duration>,
 ) -> Result<Response<InvokeStream>, Status> {
@@ -378,7 +377,7 @@ async fn invoke_on<B: Backend>(
 
 async fn recorded_result(
     record: InvocationRecord,
-    invocation_id: &str,
+    invocation_id: &InvocationId,
     fingerprint: u64,
 ) -> Result<pb::InvokeResult, ServiceError> {
     match record {
@@ -393,7 +392,7 @@ async fn recorded_result(
                 .clone()
                 .ok_or_else(|| ServiceError::Internal("missing result".to_owned()))
         }
-        _ => Err(ServiceError::InvocationIdReused(invocation_id.to_owned())),
+        _ => Err(ServiceError::InvocationIdReused(invocation_id.to_string())),
     }
 }
 
@@ -406,19 +405,14 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ServiceError::Internal(e.to_string()))?
 }
 
-fn checked_invocation_id(id: &str) -> Result<String, ServiceError> {
-    if id.is_empty() || id.len() > MAX_INVOCATION_ID_LEN || id.chars().any(char::is_control) {
-        return Err(ServiceError::InvalidRequest(format!(
-            "invocation_id must be 1-{MAX_INVOCATION_ID_LEN} printable characters"
-        )));
-    }
-    Ok(id.to_owned())
-}
-
-fn started_event(invocation_id: &str, backend: pb::Backend, digest: String) -> pb::InvokeEvent {
+fn started_event(
+    invocation_id: &InvocationId,
+    backend: pb::Backend,
+    digest: String,
+) -> pb::InvokeEvent {
     pb::InvokeEvent {
         event: Some(pb::invoke_event::Event::Started(pb::InvokeStarted {
-            invocation_id: invocation_id.to_owned(),
+            invocation_id: invocation_id.to_string(),
             backend: backend as i32,
             digest,
         })),
@@ -486,17 +480,4 @@ fn read_all(
         });
     }
     Ok(files)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn invocation_ids_are_checked() {
-        assert!(checked_invocation_id("call-1").is_ok());
-        assert!(checked_invocation_id("").is_err());
-        assert!(checked_invocation_id("a\nb").is_err());
-        assert!(checked_invocation_id(&"x".repeat(300)).is_err());
-    }
 }

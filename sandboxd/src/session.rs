@@ -14,6 +14,7 @@ use harness_proto::sandbox::v1 as pb;
 use tokio::sync::{Notify, watch};
 
 use crate::config::SandboxdConfig;
+use crate::ids::{InvocationId, SandboxSessionId};
 use crate::network::allowlist::Allowlist;
 use crate::network::http_egress::{EgressLog, EgressPolicy};
 use crate::network::resolver::Resolver;
@@ -241,7 +242,7 @@ const REMEMBERED_RESULTS: usize = 10_000;
 #[derive(Debug)]
 pub struct Session {
     /// Server-assigned id.
-    pub id: String,
+    pub id: SandboxSessionId,
     /// Resolved policy.
     pub policy: ResolvedPolicy,
     /// The policy as requested, secrets redacted, for GetSession.
@@ -267,8 +268,8 @@ pub struct Session {
 
 #[derive(Debug, Default)]
 struct Invocations {
-    records: HashMap<String, InvocationRecord>,
-    finished_order: VecDeque<String>,
+    records: HashMap<InvocationId, InvocationRecord>,
+    finished_order: VecDeque<InvocationId>,
 }
 
 /// Marks an invocation as running for as long as it lives.
@@ -311,7 +312,7 @@ impl Session {
         let guard = lock(&self.workspace);
         let workspace = guard
             .as_ref()
-            .ok_or_else(|| SessionError::Destroyed(self.id.clone()))?;
+            .ok_or_else(|| SessionError::Destroyed(self.id.to_string()))?;
         Ok(f(workspace))
     }
 
@@ -328,7 +329,7 @@ impl Session {
     pub fn process(&self) -> Result<&ProcessSandbox, SessionError> {
         self.process
             .get()
-            .ok_or_else(|| SessionError::NoProcessBackend(self.id.clone()))
+            .ok_or_else(|| SessionError::NoProcessBackend(self.id.to_string()))
     }
 
     /// Resolves when the session is destroyed.
@@ -337,7 +338,7 @@ impl Session {
     }
 
     /// Claims `invocation_id` for a request with fingerprint `request_hash`.
-    pub fn claim(&self, invocation_id: &str, request_hash: u64) -> Claim {
+    pub fn claim(&self, invocation_id: &InvocationId, request_hash: u64) -> Claim {
         let mut invocations = lock(&self.invocations);
         if let Some(record) = invocations.records.get(invocation_id) {
             return Claim::Existing(record.clone());
@@ -351,7 +352,12 @@ impl Session {
     }
 
     /// Records the result of a claimed invocation.
-    pub fn complete(&self, invocation_id: &str, request_hash: u64, result: pb::InvokeResult) {
+    pub fn complete(
+        &self,
+        invocation_id: &InvocationId,
+        request_hash: u64,
+        result: pb::InvokeResult,
+    ) {
         let mut invocations = lock(&self.invocations);
         invocations.records.insert(
             invocation_id.to_owned(),
@@ -369,7 +375,7 @@ impl Session {
 
     /// Forgets a claim whose invocation never produced a result (for
     /// example, the caller went away before it ran), so it can be retried.
-    pub fn abandon(&self, invocation_id: &str) {
+    pub fn abandon(&self, invocation_id: &InvocationId) {
         let mut invocations = lock(&self.invocations);
         if matches!(
             invocations.records.get(invocation_id),
@@ -383,7 +389,7 @@ impl Session {
     pub fn to_proto(&self) -> pb::Session {
         let (_, last_activity) = *lock(&self.last_activity);
         pb::Session {
-            session_id: self.id.clone(),
+            session_id: self.id.to_string(),
             state: if lock(&self.workspace).is_some() {
                 pb::SessionState::Ready
             } else {
@@ -424,7 +430,7 @@ pub struct SessionManager {
     config: Arc<SandboxdConfig>,
     host: Arc<HostProbe>,
     resolver: Resolver,
-    sessions: RwLock<HashMap<String, Arc<Session>>>,
+    sessions: RwLock<HashMap<SandboxSessionId, Arc<Session>>>,
     process: ProcessBackend,
 }
 
@@ -479,8 +485,8 @@ impl SessionManager {
         if self.len() >= self.config.max_sessions as usize {
             return Err(SessionError::TooManySessions(self.config.max_sessions));
         }
-        let id = format!("sbx-{}", uuid::Uuid::new_v4().simple());
-        let root = self.config.sessions_dir().join(&id);
+        let id = SandboxSessionId::generate();
+        let root = self.config.sessions_dir().join(id.as_str());
         let workspace = Workspace::create(
             root.clone(),
             resolved.workspace_bytes,
@@ -539,7 +545,7 @@ impl SessionManager {
             let mut workspace = lock(&session.workspace);
             let workspace = workspace
                 .as_mut()
-                .ok_or_else(|| SessionError::Destroyed(session.id.clone()))?;
+                .ok_or_else(|| SessionError::Destroyed(session.id.to_string()))?;
             workspace
                 .set_owner(host_uid, host_uid)
                 .map_err(SessionError::Workspace)?;
@@ -547,7 +553,7 @@ impl SessionManager {
         let sandbox = self
             .process
             .launch(
-                &session.id,
+                session.id.as_str(),
                 warm,
                 policy,
                 &session.workspace_root,
@@ -568,11 +574,11 @@ impl SessionManager {
     }
 
     /// Looks a session up.
-    pub fn get(&self, id: &str) -> Result<Arc<Session>, SessionError> {
+    pub fn get(&self, id: &SandboxSessionId) -> Result<Arc<Session>, SessionError> {
         self.read()
             .get(id)
             .cloned()
-            .ok_or_else(|| SessionError::NotFound(id.to_owned()))
+            .ok_or_else(|| SessionError::NotFound(id.to_string()))
     }
 
     /// All sessions, oldest first.
@@ -601,11 +607,11 @@ impl SessionManager {
     }
 
     /// Destroys a session completely. Idempotent.
-    pub async fn destroy(&self, id: &str, cause: &str) -> pb::TeardownReport {
+    pub async fn destroy(&self, id: &SandboxSessionId, cause: &str) -> pb::TeardownReport {
         let started = Instant::now();
         let Some(session) = self.write().remove(id) else {
             return pb::TeardownReport {
-                session_id: id.to_owned(),
+                session_id: id.to_string(),
                 already_destroyed: true,
                 cause: cause.to_owned(),
                 ..Default::default()
@@ -615,7 +621,7 @@ impl SessionManager {
         // Running invocations select on this and drop their stores.
         session.cancelled.notify_waiters();
         let mut report = pb::TeardownReport {
-            session_id: id.to_owned(),
+            session_id: id.to_string(),
             cause: cause.to_owned(),
             invocations_cancelled: running,
             wasi_stores_dropped: if session.process.get().is_some() {
@@ -648,7 +654,7 @@ impl SessionManager {
         }
         report.duration = Some(harness_proto::duration_to_proto(started.elapsed()));
         tracing::info!(
-            session = id,
+            session = %id,
             cause,
             files = report.workspace_files_removed,
             "session destroyed"
@@ -659,7 +665,7 @@ impl SessionManager {
     /// Destroys every session past its TTL or idle timeout.
     pub async fn reap_expired(&self) -> Vec<pb::TeardownReport> {
         let now = Instant::now();
-        let expired: Vec<(String, &'static str)> = self
+        let expired: Vec<(SandboxSessionId, &'static str)> = self
             .read()
             .values()
             .filter_map(|s| s.expiry_cause(now).map(|cause| (s.id.clone(), cause)))
@@ -673,7 +679,7 @@ impl SessionManager {
 
     /// Destroys every session (daemon shutdown).
     pub async fn destroy_all(&self, cause: &str) -> Vec<pb::TeardownReport> {
-        let ids: Vec<String> = self.read().keys().cloned().collect();
+        let ids: Vec<SandboxSessionId> = self.read().keys().cloned().collect();
         let mut reports = Vec::with_capacity(ids.len());
         for id in ids {
             reports.push(self.destroy(&id, cause).await);
@@ -681,11 +687,11 @@ impl SessionManager {
         reports
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Session>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SandboxSessionId, Arc<Session>>> {
         self.sessions.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Session>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<SandboxSessionId, Arc<Session>>> {
         self.sessions.write().unwrap_or_else(|p| p.into_inner())
     }
 }

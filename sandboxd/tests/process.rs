@@ -49,7 +49,7 @@ async fn a_command_runs_in_the_session_sandbox_and_teardown_removes_everything()
     let init_pid = daemon
         .daemon
         .sessions
-        .get(id)
+        .get(&harness_sandboxd::ids::SandboxSessionId::new(id.as_str()))
         .unwrap()
         .process()
         .unwrap()
@@ -325,7 +325,13 @@ async fn destroy(daemon: &mut TestDaemon, session: &str) -> pb::TeardownReport {
 
 /// The session's cgroup directories, one per hierarchy.
 fn cgroup_dirs(daemon: &TestDaemon, session: &str) -> Vec<std::path::PathBuf> {
-    let held = daemon.daemon.sessions.get(session).unwrap();
+    let held = daemon
+        .daemon
+        .sessions
+        .get(&harness_sandboxd::ids::SandboxSessionId::new(
+            session.to_owned(),
+        ))
+        .unwrap();
     let sandbox = held.process().unwrap();
     sandbox
         .cgroup()
@@ -365,7 +371,13 @@ async fn a_fork_bomb_is_capped_by_the_pids_limit_and_others_are_unaffected() {
         }
     });
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let sandbox_cgroup = daemon.daemon.sessions.get(&bombed).unwrap();
+    let sandbox_cgroup = daemon
+        .daemon
+        .sessions
+        .get(&harness_sandboxd::ids::SandboxSessionId::new(
+            bombed.to_owned(),
+        ))
+        .unwrap();
     let count = sandbox_cgroup
         .process()
         .unwrap()
@@ -743,7 +755,9 @@ async fn an_allowlist_is_enforced_by_the_egress_proxy_and_there_is_no_way_around
     let log = daemon
         .daemon
         .sessions
-        .get(&session)
+        .get(&harness_sandboxd::ids::SandboxSessionId::new(
+            session.to_owned(),
+        ))
         .unwrap()
         .egress
         .as_ref()
@@ -951,17 +965,36 @@ async fn idle_sessions_are_torn_down_completely() {
     let init_pid = daemon
         .daemon
         .sessions
-        .get(&session)
+        .get(&harness_sandboxd::ids::SandboxSessionId::new(
+            session.to_owned(),
+        ))
         .unwrap()
         .process()
         .unwrap()
         .init_pid();
     let workspace = daemon.workspace_of(&session);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while daemon.daemon.sessions.get(&session).is_ok() && std::time::Instant::now() < deadline {
+    while daemon
+        .daemon
+        .sessions
+        .get(&harness_sandboxd::ids::SandboxSessionId::new(
+            session.to_owned(),
+        ))
+        .is_ok()
+        && std::time::Instant::now() < deadline
+    {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(daemon.daemon.sessions.get(&session).is_err(), "not reaped");
+    assert!(
+        daemon
+            .daemon
+            .sessions
+            .get(&harness_sandboxd::ids::SandboxSessionId::new(
+                session.to_owned()
+            ))
+            .is_err(),
+        "not reaped"
+    );
     // Reaping destroys asynchronously; give it a moment to finish.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let stat = std::fs::read_to_string(format!("/proc/{init_pid}/stat")).unwrap_or_default();
@@ -1123,7 +1156,9 @@ async fn two_hundred_concurrent_sessions_leave_nothing_behind() {
             daemon
                 .daemon
                 .sessions
-                .get(session)
+                .get(&harness_sandboxd::ids::SandboxSessionId::new(
+                    session.to_owned(),
+                ))
                 .unwrap()
                 .process()
                 .unwrap()
