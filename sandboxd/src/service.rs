@@ -349,25 +349,27 @@ async fn invoke_on<B: Backend>(
     tokio::spawn(async move {
         let _ = sender.send(Ok(started)).await;
         let (output, mut chunks) = mpsc::channel::<pb::OutputChunk>(64);
-        let forward = {
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                while let Some(chunk) = chunks.recv().await {
-                    let _ = sender
-                        .send(Ok(pb::InvokeEvent {
-                            event: Some(pb::invoke_event::Event::Output(chunk)),
-                        }))
-                        .await;
-                }
-            })
+        let run = async {
+            let result = backend
+                .run(Arc::clone(&session), call, timeout, output)
+                .await;
+            // Recorded as soon as it is known, not after the output has
+            // drained to a slow reader.
+            session.complete(&invocation_id, fingerprint, result.clone());
+            let _ = completion.send(Some(result.clone()));
+            result
         };
-        let result = backend
-            .run(Arc::clone(&session), call, timeout, output)
-            .await;
-        // Recorded before the output is drained to a slow reader.
-        session.complete(&invocation_id, fingerprint, result.clone());
-        let _ = completion.send(Some(result.clone()));
-        let _ = forward.await;
+        let forward = async {
+            while let Some(chunk) = chunks.recv().await {
+                let _ = sender
+                    .send(Ok(pb::InvokeEvent {
+                        event: Some(pb::invoke_event::Event::Output(chunk)),
+                    }))
+                    .await;
+            }
+        };
+        // One task: the backend runs while its output is forwarded.
+        let (result, ()) = tokio::join!(run, forward);
         let _ = sender.send(Ok(result_event(result))).await;
     });
     Ok(Response::new(Box::pin(
