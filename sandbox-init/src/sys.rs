@@ -6,8 +6,8 @@
 use std::io;
 
 /// Turns a raw `-1`-on-error return code into an [`io::Result`]; every raw
-/// call in this module goes through here.
-fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+/// call goes through here (sandboxd's `sys` module uses it too).
+pub fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     if ret == -1 {
         Err(io::Error::last_os_error())
     } else {
@@ -16,7 +16,7 @@ fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
 }
 
 /// [`check`] for calls that return a C `int` (a pid, a descriptor, a flag).
-fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
+pub fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret == -1 {
         Err(io::Error::last_os_error())
     } else {

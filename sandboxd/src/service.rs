@@ -251,41 +251,34 @@ impl SandboxService for SandboxApi {
         let session = self.session(&request.session_id)?;
         let invocation_id = InvocationId::parse(&request.invocation_id)
             .map_err(|e| ServiceError::InvalidRequest(e.to_string()))?;
-        match request.target {
+        let process_call = match request.target {
             Some(pb::invoke_request::Target::Wasi(call)) if call.tool == EXEC_TOOL => {
-                let call = crate::process::exec_tool::parse(&call.input_json);
-                invoke_on(
-                    Arc::new(ProcessInvocations),
-                    session,
-                    invocation_id,
-                    call,
-                    request.timeout,
-                )
-                .await
+                crate::process::exec_tool::parse(&call.input_json)
             }
             Some(pb::invoke_request::Target::Wasi(call)) => {
                 let backend = Arc::clone(&self.daemon.wasi);
-                invoke_on(backend, session, invocation_id, call, request.timeout).await
+                return invoke_on(backend, session, invocation_id, call, request.timeout).await;
             }
-            Some(pb::invoke_request::Target::Process(call)) => {
-                let call = Ok(ParsedExec {
-                    call,
-                    timeout: None,
-                });
-                invoke_on(
-                    Arc::new(ProcessInvocations),
-                    session,
-                    invocation_id,
-                    call,
-                    request.timeout,
+            Some(pb::invoke_request::Target::Process(call)) => Ok(ParsedExec {
+                call,
+                timeout: None,
+            }),
+            None => {
+                return Err(ServiceError::InvalidRequest(
+                    "target is required: set wasi or process".to_owned(),
                 )
-                .await
+                .into());
             }
-            None => Err(ServiceError::InvalidRequest(
-                "target is required: set wasi or process".to_owned(),
-            )
-            .into()),
-        }
+        };
+        let backend = Arc::new(ProcessInvocations);
+        invoke_on(
+            backend,
+            session,
+            invocation_id,
+            process_call,
+            request.timeout,
+        )
+        .await
     }
 
     async fn write_files(

@@ -7,26 +7,10 @@ pub use harness_sandbox_init::sys::{
     INIT_CONTROL_FD, landlock_abi_version, seccomp_filter_available,
 };
 
+// One copy of the `-1`-on-error checks, the init's.
+use harness_sandbox_init::sys::{check, check_int};
+
 use std::io;
-
-/// Turns a raw `-1`-on-error return code into an [`io::Result`]; every raw
-/// call in this module goes through here.
-fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// [`check`] for calls that return a C `int` (a pid, a descriptor, a flag).
-fn check_int(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
 
 /// [`check`] for a raw `syscall` that returns a new descriptor: the `long`
 /// the kernel hands back must fit a descriptor number, or the call failed in
