@@ -119,11 +119,7 @@ async fn hosts_off_the_allowlist_and_loopback_answers_are_denied() {
             "{url} reached the server"
         );
     }
-    let session = daemon
-        .daemon
-        .sessions
-        .get(&harness_sandboxd::ids::SandboxSessionId::new(id.as_str()))
-        .unwrap();
+    let session = daemon.held(&id).unwrap();
     let log = session.egress.as_ref().unwrap().log.records();
     assert_eq!(log.len(), cases.len(), "every refusal is logged: {log:?}");
     assert!(log.iter().all(|r| !r.allowed));

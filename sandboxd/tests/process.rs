@@ -46,14 +46,7 @@ async fn a_command_runs_in_the_session_sandbox_and_teardown_removes_everything()
         std::fs::read_to_string(workspace.join("note.txt")).unwrap(),
         "hello from sandbox\n"
     );
-    let init_pid = daemon
-        .daemon
-        .sessions
-        .get(&harness_sandboxd::ids::SandboxSessionId::new(id.as_str()))
-        .unwrap()
-        .process()
-        .unwrap()
-        .init_pid();
+    let init_pid = daemon.held(id).unwrap().process().unwrap().init_pid();
     let report = destroy(&mut daemon, id).await;
     assert!(report.errors.is_empty(), "{report:?}");
     assert!(report.workspace_removed);
@@ -325,13 +318,7 @@ async fn destroy(daemon: &mut TestDaemon, session: &str) -> pb::TeardownReport {
 
 /// The session's cgroup directories, one per hierarchy.
 fn cgroup_dirs(daemon: &TestDaemon, session: &str) -> Vec<std::path::PathBuf> {
-    let held = daemon
-        .daemon
-        .sessions
-        .get(&harness_sandboxd::ids::SandboxSessionId::new(
-            session.to_owned(),
-        ))
-        .unwrap();
+    let held = daemon.held(session).unwrap();
     let sandbox = held.process().unwrap();
     sandbox
         .cgroup()
@@ -371,13 +358,7 @@ async fn a_fork_bomb_is_capped_by_the_pids_limit_and_others_are_unaffected() {
         }
     });
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let sandbox_cgroup = daemon
-        .daemon
-        .sessions
-        .get(&harness_sandboxd::ids::SandboxSessionId::new(
-            bombed.to_owned(),
-        ))
-        .unwrap();
+    let sandbox_cgroup = daemon.held(&bombed).unwrap();
     let count = sandbox_cgroup
         .process()
         .unwrap()
@@ -753,11 +734,7 @@ async fn an_allowlist_is_enforced_by_the_egress_proxy_and_there_is_no_way_around
         "going around the proxy"
     );
     let log = daemon
-        .daemon
-        .sessions
-        .get(&harness_sandboxd::ids::SandboxSessionId::new(
-            session.to_owned(),
-        ))
+        .held(&session)
         .unwrap()
         .egress
         .as_ref()
@@ -962,39 +939,13 @@ async fn idle_sessions_are_torn_down_completely() {
     let session = daemon.create_session_with(policy).await.session_id;
     let _ = run(&mut daemon, &session, "nohup sleep 600 >/dev/null 2>&1 &").await;
     let cgroups = cgroup_dirs(&daemon, &session);
-    let init_pid = daemon
-        .daemon
-        .sessions
-        .get(&harness_sandboxd::ids::SandboxSessionId::new(
-            session.to_owned(),
-        ))
-        .unwrap()
-        .process()
-        .unwrap()
-        .init_pid();
+    let init_pid = daemon.held(&session).unwrap().process().unwrap().init_pid();
     let workspace = daemon.workspace_of(&session);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while daemon
-        .daemon
-        .sessions
-        .get(&harness_sandboxd::ids::SandboxSessionId::new(
-            session.to_owned(),
-        ))
-        .is_ok()
-        && std::time::Instant::now() < deadline
-    {
+    while daemon.held(&session).is_ok() && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(
-        daemon
-            .daemon
-            .sessions
-            .get(&harness_sandboxd::ids::SandboxSessionId::new(
-                session.to_owned()
-            ))
-            .is_err(),
-        "not reaped"
-    );
+    assert!(daemon.held(&session).is_err(), "not reaped");
     // Reaping destroys asynchronously; give it a moment to finish.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let stat = std::fs::read_to_string(format!("/proc/{init_pid}/stat")).unwrap_or_default();
@@ -1152,18 +1103,7 @@ async fn two_hundred_concurrent_sessions_leave_nothing_behind() {
     let mut inits = Vec::new();
     let mut cgroups = Vec::new();
     for session in &sessions {
-        inits.push(
-            daemon
-                .daemon
-                .sessions
-                .get(&harness_sandboxd::ids::SandboxSessionId::new(
-                    session.to_owned(),
-                ))
-                .unwrap()
-                .process()
-                .unwrap()
-                .init_pid(),
-        );
+        inits.push(daemon.held(session).unwrap().process().unwrap().init_pid());
         cgroups.extend(cgroup_dirs(&daemon, session));
     }
     for session in &sessions {

@@ -217,6 +217,17 @@ impl TestDaemon {
             .unwrap()
     }
 
+    /// The daemon's own record of the session `session_id`.
+    pub fn held(
+        &self,
+        session_id: &str,
+    ) -> Result<Arc<harness_sandboxd::session::Session>, harness_sandboxd::session::SessionError>
+    {
+        self.daemon
+            .sessions
+            .get(&harness_sandboxd::ids::SandboxSessionId::new(session_id))
+    }
+
     pub fn workspace_of(&self, session_id: &str) -> PathBuf {
         self.daemon.config.sessions_dir().join(session_id)
     }
