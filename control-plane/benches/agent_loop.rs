@@ -38,7 +38,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use harness_control_plane::agent::{Agent, AgentDefinition, ProviderKind, SandboxSettings};
+use harness_control_plane::agent::{
+    Agent, AgentDefinition, ConversationSettings, ProviderKind, SandboxSettings,
+};
 use harness_control_plane::agent_loop::{AgentLoop, LoopSettings};
 use harness_control_plane::config::SqliteSynchronous;
 use harness_control_plane::event_log::EventLog;
@@ -120,6 +122,9 @@ fn definition(name: &str, tools: &[&str], max_turns: u32) -> AgentDefinition {
         },
         policy: Default::default(),
         sandbox: SandboxSettings::default(),
+        conversation: ConversationSettings::default(),
+        // The steps repeat one call on purpose.
+        max_repeated_calls: 0,
         source: Path::new("bench.toml").to_owned(),
     }
 }

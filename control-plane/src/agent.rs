@@ -12,6 +12,10 @@
 //! system-prompt = "You are a careful assistant."
 //! tools = ["write_file", "list_dir", "read_file"]
 //! max-turns = 20                 # default 20
+//! # conversation = true          # wait for SendMessage after each final answer
+//! # input-timeout = "1h"         # conversations: how long one wait lasts (default 1h)
+//! # max-repeated-calls = 3       # same call, same arguments, this many times in a row
+//!                                # stops the session (LOOP_DETECTED); 0: never; default 3
 //!
 //! [budget]                       # every limit optional; StartSession may lower them
 //! max-tool-calls = 50
@@ -56,6 +60,11 @@ use crate::provider::scripted::{ScriptError, ScriptedProvider};
 
 /// Turn limit of an agent that does not set `max-turns`.
 pub const DEFAULT_MAX_TURNS: u32 = 20;
+/// How long a conversation waits for a message unless it sets `input-timeout`.
+pub const DEFAULT_INPUT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// Identical calls in a row that stop a session unless it sets
+/// `max-repeated-calls`.
+pub const DEFAULT_MAX_REPEATED_CALLS: u32 = 3;
 
 const SCRIPT_SUFFIX: &str = ".script.toml";
 
@@ -125,6 +134,12 @@ struct AgentFile {
     #[serde(default = "default_max_turns")]
     max_turns: u32,
     #[serde(default)]
+    conversation: bool,
+    #[serde(default, with = "humantime_serde")]
+    input_timeout: Option<Duration>,
+    #[serde(default = "default_max_repeated_calls")]
+    max_repeated_calls: u32,
+    #[serde(default)]
     budget: BudgetSettings,
     #[serde(default)]
     policy: PolicySettings,
@@ -146,6 +161,37 @@ struct BudgetSettings {
 
 fn default_max_turns() -> u32 {
     DEFAULT_MAX_TURNS
+}
+
+fn default_max_repeated_calls() -> u32 {
+    DEFAULT_MAX_REPEATED_CALLS
+}
+
+/// How a conversation agent's sessions wait for `SendMessage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConversationSettings {
+    /// After a final answer, wait for a message instead of finishing.
+    pub enabled: bool,
+    /// How long one wait lasts before the session finishes.
+    pub input_timeout: Option<Duration>,
+}
+
+impl ConversationSettings {
+    /// A conversation whose waits last `input_timeout`.
+    pub fn waiting(input_timeout: Duration) -> Self {
+        Self {
+            enabled: true,
+            input_timeout: Some(input_timeout),
+        }
+    }
+
+    /// As a session records it; `None` for an agent that is no conversation.
+    pub fn to_proto(&self) -> Option<control::ConversationSettings> {
+        self.enabled.then(|| control::ConversationSettings {
+            enabled: true,
+            input_timeout: self.input_timeout.map(harness_proto::duration_to_proto),
+        })
+    }
 }
 
 /// A validated agent definition.
@@ -178,6 +224,10 @@ pub struct AgentDefinition {
     pub policy: PolicySettings,
     /// Sandbox policy of its sessions.
     pub sandbox: SandboxSettings,
+    /// Whether its sessions wait for `SendMessage` after a final answer.
+    pub conversation: ConversationSettings,
+    /// Identical calls in a row that stop a session (0: never).
+    pub max_repeated_calls: u32,
     /// The file it was loaded from.
     pub source: PathBuf,
 }
@@ -441,6 +491,24 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
         Some(usd) => Some((usd * 1e6).round() as u64),
         None => None,
     };
+    if parsed.input_timeout.is_some() && !parsed.conversation {
+        return Err(invalid(
+            "input-timeout applies only to conversations; set conversation = true or remove it"
+                .to_owned(),
+        ));
+    }
+    if parsed
+        .input_timeout
+        .is_some_and(|timeout| timeout.is_zero())
+    {
+        return Err(invalid("input-timeout must be longer than 0s".to_owned()));
+    }
+    let conversation = ConversationSettings {
+        enabled: parsed.conversation,
+        input_timeout: parsed
+            .conversation
+            .then(|| parsed.input_timeout.unwrap_or(DEFAULT_INPUT_TIMEOUT)),
+    };
     let base = file.parent().unwrap_or(Path::new("."));
     Ok(AgentDefinition {
         name: parsed.name,
@@ -466,6 +534,8 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
         },
         policy: parsed.policy,
         sandbox: parsed.sandbox,
+        conversation,
+        max_repeated_calls: parsed.max_repeated_calls,
         source: file.to_owned(),
     })
 }
@@ -586,6 +656,8 @@ mod tests {
                     memory_bytes: 64 * 1024 * 1024,
                     process: false,
                 },
+                conversation: ConversationSettings::default(),
+                max_repeated_calls: DEFAULT_MAX_REPEATED_CALLS,
                 source: dir.join("demo.toml"),
             }
         );
@@ -617,6 +689,8 @@ mod tests {
                 budget: limits(DEFAULT_MAX_TURNS),
                 policy: PolicySettings::default(),
                 sandbox: SandboxSettings::default(),
+                conversation: ConversationSettings::default(),
+                max_repeated_calls: DEFAULT_MAX_REPEATED_CALLS,
                 source: file,
             }
         );

@@ -26,6 +26,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::SubagentFinished(_) => "subagent_finished",
         Kind::TurnCompleted(_) => "turn_completed",
         Kind::WaitingForInput(_) => "waiting_for_input",
+        Kind::InputClosed(_) => "input_closed",
         Kind::Finished(_) => "finished",
     }
 }

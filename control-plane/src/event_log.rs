@@ -247,12 +247,12 @@ impl Follower {
         })
     }
 
+    /// `finished` ends every stream. A `waiting_for_input` does not end one
+    /// by itself: a conversation has one per answer, and only the latest
+    /// (the session waits now) ends an [`FollowMode::UntilIdle`] stream,
+    /// which [`Self::next_when_caught_up`] sees from the session's status.
     fn ends_stream(&self, event: &SessionEvent) -> bool {
-        match event.kind {
-            Some(Kind::Finished(_)) => true,
-            Some(Kind::WaitingForInput(_)) => self.mode == FollowMode::UntilIdle,
-            _ => false,
-        }
+        matches!(event.kind, Some(Kind::Finished(_)))
     }
 
     /// Waits for an append; false if the follower should stop instead.
@@ -279,7 +279,9 @@ mod tests {
     use std::time::Duration;
 
     use futures::StreamExt;
-    use harness_proto::control::v1::{ModelTextDelta, SessionFinished, SessionStarted};
+    use harness_proto::control::v1::{
+        ModelTextDelta, SessionFinished, SessionStarted, UserMessage, WaitingForInput,
+    };
 
     use std::collections::HashMap;
 
@@ -364,6 +366,32 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(early, (1..=202).collect::<Vec<u64>>());
         assert_eq!(late, (101..=202).collect::<Vec<u64>>());
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_follow_reads_past_earlier_waits_and_ends_at_the_latest() {
+        let (_dir, log, _shutdown) = log_with_session().await;
+        let waiting = || Kind::WaitingForInput(WaitingForInput::default());
+        log.append(&s1(), 0, Kind::Started(SessionStarted::default()))
+            .await
+            .unwrap();
+        log.append(&s1(), 1, waiting()).await.unwrap();
+        let message = UserMessage {
+            text: "more".to_owned(),
+            idempotency_key: String::new(),
+            reply_to_seq: 2,
+        };
+        log.append(&s1(), 1, Kind::UserMessage(message))
+            .await
+            .unwrap();
+        log.append(&s1(), 2, delta(0)).await.unwrap();
+        log.append(&s1(), 2, waiting()).await.unwrap();
+        let seqs: Vec<u64> = log
+            .follow(&tenant(), &s1(), 0, FollowMode::UntilIdle)
+            .map(|event| event.unwrap().seq)
+            .collect()
+            .await;
+        assert_eq!(seqs, [1, 2, 3, 4, 5]);
     }
 
     #[tokio::test]

@@ -29,6 +29,8 @@ pub const DEFAULT_TENANT: &str = "default";
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest `ListSessions` page.
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// Events read at a time when looking for a message's idempotency key.
+const MESSAGE_SCAN_BATCH: usize = 1024;
 /// How long `CancelSession` waits for the session to record its end.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
@@ -85,17 +87,20 @@ pub enum ServiceError {
         /// The call.
         call_id: String,
     },
+    /// SendMessage for a session that is not waiting for input.
+    #[error(
+        "session {session_id} is {status}, not waiting for input; SendMessage is accepted only \
+         while a conversation session (an agent with conversation = true) waits between answers"
+    )]
+    NotWaitingForInput {
+        /// The session.
+        session_id: SessionId,
+        /// Its status.
+        status: String,
+    },
     /// A page token that was not issued by ListSessions.
     #[error("invalid page_token {0:?}")]
     BadPageToken(String),
-    /// The rpc is part of the contract but not built yet.
-    #[error("{rpc} is not implemented yet: {missing}")]
-    Unimplemented {
-        /// The rpc.
-        rpc: &'static str,
-        /// What is missing.
-        missing: &'static str,
-    },
     /// The store failed.
     #[error("storage failed")]
     Store(#[source] StoreError),
@@ -132,8 +137,9 @@ impl From<ServiceError> for Status {
             ServiceError::UnknownAgent(_) | ServiceError::UnknownSession(_) => {
                 Status::not_found(message)
             }
-            ServiceError::Unimplemented { .. } => Status::unimplemented(message),
-            ServiceError::NotAwaitingApproval { .. } => Status::failed_precondition(message),
+            ServiceError::NotAwaitingApproval { .. } | ServiceError::NotWaitingForInput { .. } => {
+                Status::failed_precondition(message)
+            }
             ServiceError::Store(_) => Status::internal(message),
             ServiceError::Follow(FollowError::ShuttingDown) => Status::unavailable(message),
             ServiceError::Follow(FollowError::SessionGone(_)) => Status::not_found(message),
@@ -322,6 +328,105 @@ impl ControlPlaneService {
         Ok(control::ResolveApprovalResponse { seq: event.seq })
     }
 
+    async fn send(
+        &self,
+        request: control::SendMessageRequest,
+    ) -> Result<control::SendMessageResponse, ServiceError> {
+        if request.session_id.is_empty() {
+            return Err(ServiceError::MissingField("session_id"));
+        }
+        if request.message.is_empty() {
+            return Err(ServiceError::MissingField("message"));
+        }
+        let session = self.session(&SessionId::from(request.session_id)).await?;
+        let key = request.idempotency_key;
+        if let Some(seq) = self.message_with_key(&session, &key).await? {
+            return Ok(control::SendMessageResponse { seq });
+        }
+        let not_waiting = |status: control::SessionStatus| ServiceError::NotWaitingForInput {
+            session_id: session.session_id.clone(),
+            status: crate::event::session_status_label(status),
+        };
+        if session.status != control::SessionStatus::WaitingForInput {
+            return Err(not_waiting(session.status));
+        }
+        let turn = self.turn_of_last_event(&session).await?;
+        let message = control::UserMessage {
+            text: request.message,
+            idempotency_key: key.clone(),
+            reply_to_seq: session.last_seq,
+        };
+        match self
+            .log
+            .append(&session.session_id, turn, Kind::UserMessage(message))
+            .await
+        {
+            Ok(event) => {
+                tracing::info!(
+                    session_id = session.session_id.as_str(),
+                    seq = event.seq,
+                    "user message recorded"
+                );
+                Ok(control::SendMessageResponse { seq: event.seq })
+            }
+            // Another message answered this wait first: the same one retried
+            // (its key is in the log now), or another.
+            Err(StoreError::NotWaitingForInput(_)) => {
+                match self.message_with_key(&session, &key).await? {
+                    Some(seq) => Ok(control::SendMessageResponse { seq }),
+                    None => {
+                        let now = self.session(&session.session_id).await?;
+                        Err(not_waiting(now.status))
+                    }
+                }
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The seq of the session's user message sent with idempotency key
+    /// `key`; `None` for an empty key or one not used yet.
+    async fn message_with_key(
+        &self,
+        session: &SessionRecord,
+        key: &str,
+    ) -> Result<Option<u64>, ServiceError> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let store = self.log.store();
+        let mut after = 0;
+        loop {
+            let batch = store
+                .read_events(session.session_id.clone(), after, MESSAGE_SCAN_BATCH)
+                .await?;
+            let Some(last) = batch.last() else {
+                return Ok(None);
+            };
+            after = last.seq;
+            let found = batch.iter().find(|event| {
+                matches!(&event.kind, Some(Kind::UserMessage(message)) if message.idempotency_key == key)
+            });
+            if let Some(event) = found {
+                return Ok(Some(event.seq));
+            }
+        }
+    }
+
+    /// The turn of the session's latest event (0 for none).
+    async fn turn_of_last_event(&self, session: &SessionRecord) -> Result<u32, ServiceError> {
+        let last = self
+            .log
+            .store()
+            .read_events(
+                session.session_id.clone(),
+                session.last_seq.saturating_sub(1),
+                1,
+            )
+            .await?;
+        Ok(last.first().map_or(0, |event| event.turn))
+    }
+
     /// Waits (bounded) until the session records `finished`.
     async fn wait_for_finish(&self, session: &SessionRecord) {
         let events = self.log.follow(
@@ -374,13 +479,9 @@ impl ControlService for ControlPlaneService {
 
     async fn send_message(
         &self,
-        _request: Request<control::SendMessageRequest>,
+        request: Request<control::SendMessageRequest>,
     ) -> Result<Response<control::SendMessageResponse>, Status> {
-        Err(ServiceError::Unimplemented {
-            rpc: "SendMessage",
-            missing: "sessions never wait for input yet (agents finish after their final answer)",
-        }
-        .into())
+        Ok(Response::new(self.send(request.into_inner()).await?))
     }
 
     type StreamEventsStream = BoxStream<'static, Result<control::SessionEvent, Status>>;
@@ -460,7 +561,10 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::agent::{AgentDefinition, ProviderKind, SandboxSettings};
+    use crate::agent::{
+        AgentDefinition, ConversationSettings, DEFAULT_MAX_REPEATED_CALLS, ProviderKind,
+        SandboxSettings,
+    };
     use crate::budget::ModelPrice;
     use crate::provider::scripted::{Script, ScriptedProvider};
 
@@ -483,6 +587,8 @@ mod tests {
             },
             policy: Default::default(),
             sandbox: SandboxSettings::default(),
+            conversation: ConversationSettings::default(),
+            max_repeated_calls: DEFAULT_MAX_REPEATED_CALLS,
             source: PathBuf::from("a.toml"),
         };
         let provider = ScriptedProvider::new(Script { turns: Vec::new() }, "none");

@@ -37,7 +37,14 @@ fn render_details(kind: &Kind) -> String {
             started.model,
             quoted(&started.input)
         ),
-        Kind::UserMessage(message) => quoted(&message.text),
+        Kind::UserMessage(message) if message.idempotency_key.is_empty() => quoted(&message.text),
+        Kind::UserMessage(message) => {
+            format!(
+                "{}  [key {}]",
+                quoted(&message.text),
+                message.idempotency_key
+            )
+        }
         Kind::TextDelta(delta) => quoted(&delta.text),
         Kind::ToolCallRequested(call) => format!(
             "{} {}  [{}]",
@@ -95,6 +102,7 @@ fn render_details(kind: &Kind) -> String {
         ),
         Kind::TurnCompleted(turn) => render_turn_completed(turn),
         Kind::WaitingForInput(waiting) => quoted(&waiting.assistant_text),
+        Kind::InputClosed(closed) => closed.reason.clone(),
         Kind::Finished(finished) => render_finished(finished),
     }
 }

@@ -6,6 +6,7 @@
 mod support;
 
 mod approvals;
+mod conversations;
 mod health;
 mod network_agents;
 mod providers;

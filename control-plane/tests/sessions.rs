@@ -359,18 +359,44 @@ async fn unknown_sessions_and_agents_are_not_found() {
 }
 
 #[tokio::test]
-async fn send_message_is_not_built_yet_and_says_why() {
+async fn send_message_checks_its_fields_and_refuses_a_session_that_does_not_wait() {
     let plane = TestPlane::start(Sockets::Tcp).await;
     let mut client = plane.client.clone();
-    let send = client
-        .send_message(control::SendMessageRequest::default())
+    let empty = client
+        .send_message(control::SendMessageRequest {
+            session_id: "s".to_owned(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(
-        (send.code(), send.message()),
+        (empty.code(), empty.message()),
         (
-            tonic::Code::Unimplemented,
-            "SendMessage is not implemented yet: sessions never wait for input yet (agents finish after their final answer)"
+            tonic::Code::InvalidArgument,
+            "request field `message` must be set"
+        )
+    );
+    let started = plane.start_session("checker", "").await;
+    let session_id = started.session.unwrap().session_id;
+    plane.events(&session_id, 0).await;
+    let refused = client
+        .send_message(control::SendMessageRequest {
+            session_id: session_id.clone(),
+            message: "more?".to_owned(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (
+            tonic::Code::FailedPrecondition,
+            format!(
+                "session {session_id} is finished, not waiting for input; SendMessage is \
+                 accepted only while a conversation session (an agent with conversation = \
+                 true) waits between answers"
+            )
+            .as_str()
         )
     );
 }

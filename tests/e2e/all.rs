@@ -6,6 +6,7 @@
 mod support;
 
 mod confinement;
+mod conversation;
 mod crash;
 mod defaults;
 mod health;

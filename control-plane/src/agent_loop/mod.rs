@@ -47,6 +47,7 @@
 //! session on sandboxd). [`state`] replays the log; [`tools`] maps results.
 
 mod approvals;
+mod conversation;
 mod dispatch;
 pub mod executor;
 mod model_turn;
@@ -147,9 +148,15 @@ pub enum LoopError {
     /// Waiting for an approval failed.
     #[error("waiting for an approval failed")]
     Approval(#[source] FollowError),
+    /// Waiting for a user message failed.
+    #[error("waiting for a user message failed")]
+    Input(#[source] FollowError),
     /// CancelSession was called.
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// The model asked for the same call too many times in a row.
+    #[error("{0}")]
+    LoopDetected(String),
     /// The wall-clock budget ran out mid-turn.
     #[error("the wall-clock budget ran out")]
     WallClock,
@@ -166,6 +173,7 @@ enum Ending {
     MaxTurns,
     BudgetExhausted(String),
     Cancelled(String),
+    LoopDetected(String),
     Error(String),
 }
 
@@ -251,6 +259,7 @@ impl AgentLoop {
                 return;
             }
             Err(LoopError::Cancelled(reason)) => Ending::Cancelled(reason),
+            Err(LoopError::LoopDetected(message)) => Ending::LoopDetected(message),
             Err(LoopError::WallClock) => {
                 Ending::BudgetExhausted(run.exhausted_message(BudgetKind::WallClock))
             }
@@ -455,6 +464,13 @@ impl SessionRun<'_> {
             self.create_sandbox(&agent).await?;
         }
         loop {
+            if let Some(reason) = self.state.input_closed.clone() {
+                return Ok(Ending::Completed(reason));
+            }
+            if self.state.waiting.is_some() {
+                self.await_input(&agent).await?;
+                continue;
+            }
             let turn = match &self.state.open {
                 Some(open) => open.turn,
                 None => {
@@ -468,7 +484,10 @@ impl SessionRun<'_> {
             };
             self.run_turn(turn, &agent).await?;
             if let Some(ending) = self.ending_after_turn() {
-                return Ok(ending);
+                match self.wait_or_end(ending, &agent) {
+                    Some(ending) => return Ok(ending),
+                    None => continue,
+                }
             }
         }
     }
@@ -574,12 +593,54 @@ impl SessionRun<'_> {
         if !has_model {
             self.model_call(turn, agent).await?;
         }
+        self.stop_a_repeating_model(turn, agent)?;
         self.admit_calls(turn, agent);
         self.await_approvals(turn, agent).await?;
         self.start_calls(turn, agent).await?;
         self.collect_results(turn).await?;
         self.close_turn(turn);
         Ok(())
+    }
+
+    /// Ends the session (LOOP_DETECTED) if the model asked for the same call
+    /// `max-repeated-calls` times in a row: the turn's calls are not run,
+    /// each gets a denied result, and the turn closes.
+    fn stop_a_repeating_model(&mut self, turn: u32, agent: &SessionAgent) -> Result<(), LoopError> {
+        let limit = agent.max_repeated_calls;
+        let Some((call, count)) = self.state.repeated_call.clone() else {
+            return Ok(());
+        };
+        let in_this_turn = self
+            .state
+            .open
+            .as_ref()
+            .is_some_and(|open| !open.calls.is_empty());
+        if limit == 0 || count < limit || !in_this_turn {
+            return Ok(());
+        }
+        let message = format!(
+            "the model asked for the same call {count} times in a row ({} with arguments {}); \
+             stopped before running it again",
+            call.tool, call.arguments_json
+        );
+        let unfinished: Vec<ToolCall> = self
+            .state
+            .open
+            .iter()
+            .flat_map(|open| &open.calls)
+            .filter(|state| state.finished.is_none())
+            .map(|state| state.call.clone())
+            .collect();
+        for call in unfinished {
+            let finished = tools::finished_with_error(
+                &call,
+                control::ToolErrorKind::Denied,
+                format!("not run: {message}"),
+            );
+            self.stage(turn, Kind::ToolFinished(finished));
+        }
+        self.close_turn(turn);
+        Err(LoopError::LoopDetected(message))
     }
 
     /// Records `turn_completed` and any budget warnings; written with the
@@ -672,6 +733,7 @@ impl SessionRun<'_> {
             ),
             Ending::BudgetExhausted(message) => (control::StopReason::BudgetExhausted, message),
             Ending::Cancelled(reason) => (control::StopReason::Cancelled, reason),
+            Ending::LoopDetected(message) => (control::StopReason::LoopDetected, message),
             Ending::Error(message) => (control::StopReason::Error, message),
         };
         // The partial answer: the turn in progress if the model spoke in it.

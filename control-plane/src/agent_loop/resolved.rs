@@ -20,7 +20,7 @@ use harness_proto::sandbox::v1 as sandbox;
 
 use super::executor::HarnessRegistry;
 use super::tools::ToolSchema;
-use crate::agent::Agent;
+use crate::agent::{Agent, ConversationSettings};
 use crate::budget::ModelPrice;
 use crate::policy::{Policy, PolicyError, PolicySettings};
 use crate::provider::{ModelProvider, ToolDefinition};
@@ -116,6 +116,10 @@ pub struct SessionAgent {
     pub sandbox_policy: sandbox::SessionPolicy,
     /// The provider answering model calls (the agent's, as loaded now).
     pub provider: Arc<dyn ModelProvider>,
+    /// Whether the session waits for `SendMessage` after a final answer.
+    pub conversation: ConversationSettings,
+    /// Identical calls in a row that stop the session (0: never).
+    pub max_repeated_calls: u32,
 }
 
 /// The record of `agent` for a new session: its tools in the agent's order,
@@ -145,6 +149,8 @@ pub fn record(
         policy: Some(definition.policy.to_proto()),
         sandbox_policy: Some(definition.sandbox.session_policy()),
         price: agent.price.as_ref().map(ModelPrice::to_proto),
+        conversation: definition.conversation.to_proto(),
+        max_repeated_calls: definition.max_repeated_calls,
     })
 }
 
@@ -295,6 +301,22 @@ impl SessionAgent {
             price: record.price.as_ref().map(ModelPrice::from_proto),
             sandbox_policy: record.sandbox_policy.clone().unwrap_or_default(),
             provider: Arc::clone(&current.provider),
+            conversation: conversation_of(record),
+            max_repeated_calls: record.max_repeated_calls,
         })
+    }
+}
+
+/// The conversation settings a session recorded (none: it is no conversation).
+fn conversation_of(record: &control::ResolvedAgent) -> ConversationSettings {
+    match &record.conversation {
+        Some(settings) if settings.enabled => ConversationSettings {
+            enabled: true,
+            input_timeout: settings
+                .input_timeout
+                .as_ref()
+                .map(harness_proto::duration_from_proto),
+        },
+        _ => ConversationSettings::default(),
     }
 }

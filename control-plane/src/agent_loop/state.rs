@@ -195,6 +195,14 @@ pub struct SessionState {
     pub open: Option<OpenTurn>,
     /// Every call id used in the session.
     pub call_ids: HashSet<String>,
+    /// The wait for `SendMessage` in progress (a conversation between
+    /// answers).
+    pub waiting: Option<control::WaitingForInput>,
+    /// The last wait ended without a message, and why: the session finishes.
+    pub input_closed: Option<String>,
+    /// The latest requested call (tool and arguments) and how many times in
+    /// a row, across turns, the model asked for exactly it.
+    pub repeated_call: Option<(ToolCall, u32)>,
 }
 
 /// Why stored data cannot be replayed.
@@ -243,6 +251,7 @@ impl SessionState {
             }
             Kind::TextDelta(delta) => self.open_turn(turn).recorded_text.push_str(&delta.text),
             Kind::ToolCallRequested(requested) => {
+                self.count_repeats(requested);
                 self.call_ids.insert(requested.call_id.clone());
                 self.open_turn(turn).calls.push(CallState::new(ToolCall {
                     call_id: requested.call_id.clone(),
@@ -284,6 +293,18 @@ impl SessionState {
                     text: budget::wrap_up_notice(warning),
                 });
             }
+            Kind::WaitingForInput(waiting) => self.waiting = Some(waiting.clone()),
+            Kind::UserMessage(message) => {
+                self.waiting = None;
+                self.last_turn_without_calls = false;
+                Arc::make_mut(&mut self.messages).push(Message::User {
+                    text: message.text.clone(),
+                });
+            }
+            Kind::InputClosed(closed) => {
+                self.waiting = None;
+                self.input_closed = Some(closed.reason.clone());
+            }
             Kind::Finished(_) => self.finished = true,
             _ => {}
         }
@@ -308,6 +329,28 @@ impl SessionState {
             call.request = Some(request.map_err(bad)?);
         }
         Ok(())
+    }
+
+    /// Counts `requested` into the run of identical calls.
+    fn count_repeats(&mut self, requested: &control::ToolCallRequested) {
+        match &mut self.repeated_call {
+            Some((call, count))
+                if call.tool == requested.tool
+                    && call.arguments_json == requested.arguments_json =>
+            {
+                *count += 1;
+            }
+            _ => {
+                self.repeated_call = Some((
+                    ToolCall {
+                        call_id: requested.call_id.clone(),
+                        tool: requested.tool.clone(),
+                        arguments_json: requested.arguments_json.clone(),
+                    },
+                    1,
+                ));
+            }
+        }
     }
 
     fn call_mut(&mut self, call_id: &str) -> Option<&mut CallState> {

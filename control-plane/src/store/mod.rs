@@ -267,6 +267,10 @@ pub enum StoreError {
         /// The call.
         call_id: String,
     },
+    /// A `user_message` (or `input_closed`) for a session that is not
+    /// waiting for input, or that was answered already.
+    #[error("session {0} is not waiting for input")]
+    NotWaitingForInput(SessionId),
     /// Step records must come with at least one event to ride on.
     #[error("step records for session {0} came without an event")]
     StepsWithoutEvents(SessionId),

@@ -17,8 +17,9 @@
 use harness_proto::control::v1::session_event::Kind;
 use harness_proto::control::v1::{BudgetUsage, SessionEvent, SessionStatus, StopReason};
 
-use super::{NewEvent, PendingApproval};
+use super::{NewEvent, PendingApproval, StoreError};
 use crate::event;
+use crate::ids::SessionId;
 
 /// What the log says about a session so far.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -48,6 +49,24 @@ pub enum Refusal {
         /// The call.
         call_id: String,
     },
+    /// A `user_message` or `input_closed` while the session is not waiting
+    /// for input, or a `user_message` answering an earlier wait than the
+    /// latest event.
+    NotWaitingForInput,
+}
+
+impl Refusal {
+    /// The store error every backend reports for this refusal.
+    pub fn into_error(self, session_id: &SessionId) -> StoreError {
+        match self {
+            Self::Finished => StoreError::SessionFinished(session_id.clone()),
+            Self::ApprovalNotPending { call_id } => StoreError::ApprovalNotPending {
+                session_id: session_id.clone(),
+                call_id,
+            },
+            Self::NotWaitingForInput => StoreError::NotWaitingForInput(session_id.clone()),
+        }
+    }
 }
 
 /// An approval requested by an appended event.
@@ -144,6 +163,12 @@ impl Projection {
                 }
                 applied.approvals_resolved.push(resolved.call_id.clone());
             }
+            Kind::UserMessage(message) if !self.accepts_reply_to(message.reply_to_seq) => {
+                return Err(Refusal::NotWaitingForInput);
+            }
+            Kind::InputClosed(_) if self.status != SessionStatus::WaitingForInput => {
+                return Err(Refusal::NotWaitingForInput);
+            }
             Kind::Finished(finished) => {
                 self.pending_approvals.clear();
                 self.stop_reason = finished.stop_reason();
@@ -158,6 +183,12 @@ impl Projection {
         }
         event::apply_to_usage(&mut self.usage, kind);
         Ok(())
+    }
+
+    /// True if a user message answering the event `reply_to_seq` may be
+    /// appended: the session waits for input and that event is its latest.
+    fn accepts_reply_to(&self, reply_to_seq: u64) -> bool {
+        self.status == SessionStatus::WaitingForInput && reply_to_seq == self.last_seq
     }
 
     /// Drops `call_id` from the pending approvals; false if it was not there.
@@ -177,7 +208,9 @@ impl Projection {
 /// and makes it run once none is.
 pub fn status_after(kind: &Kind, pending: &[PendingApproval]) -> Option<SessionStatus> {
     match kind {
-        Kind::Started(_) | Kind::UserMessage(_) => Some(SessionStatus::Running),
+        Kind::Started(_) | Kind::UserMessage(_) | Kind::InputClosed(_) => {
+            Some(SessionStatus::Running)
+        }
         Kind::ApprovalRequested(_) => Some(SessionStatus::AwaitingApproval),
         Kind::ApprovalResolved(_) if pending.is_empty() => Some(SessionStatus::Running),
         Kind::ApprovalResolved(_) => Some(SessionStatus::AwaitingApproval),
@@ -192,8 +225,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use harness_proto::control::v1::{
-        ModelTextDelta, SessionStarted, ToolStarted, TurnCompleted, TurnUsage, UserMessage,
-        WaitingForInput,
+        InputClosed, ModelTextDelta, SessionStarted, ToolStarted, TurnCompleted, TurnUsage,
+        UserMessage, WaitingForInput,
     };
     use proptest::prelude::*;
 
@@ -331,6 +364,58 @@ mod tests {
     }
 
     #[test]
+    fn a_user_message_lands_only_in_answer_to_the_latest_wait() {
+        let message = |reply_to_seq| {
+            Kind::UserMessage(UserMessage {
+                text: "next".to_owned(),
+                idempotency_key: "k".to_owned(),
+                reply_to_seq,
+            })
+        };
+        let running = applied(
+            &Projection::default(),
+            1,
+            &[Kind::Started(SessionStarted::default())],
+        );
+        assert_eq!(
+            running.apply_batch(batch(1, &[message(1)])),
+            Err(Refusal::NotWaitingForInput)
+        );
+        let waiting = applied(
+            &running,
+            1,
+            &[Kind::WaitingForInput(WaitingForInput::default())],
+        );
+        assert_eq!(waiting.status, SessionStatus::WaitingForInput);
+        // Answering an earlier event: something was appended since.
+        assert_eq!(
+            waiting.apply_batch(batch(1, &[message(1)])),
+            Err(Refusal::NotWaitingForInput)
+        );
+        let answered = applied(&waiting, 1, &[message(2)]);
+        assert_eq!(
+            (answered.status, answered.last_seq),
+            (SessionStatus::Running, 3)
+        );
+        // A second message for the same wait (a racing SendMessage).
+        assert_eq!(
+            answered.apply_batch(batch(1, &[message(2)])),
+            Err(Refusal::NotWaitingForInput)
+        );
+        // Once a message landed, the wait can no longer be closed by its timeout.
+        assert_eq!(
+            answered.apply_batch(batch(1, &[Kind::InputClosed(InputClosed::default())])),
+            Err(Refusal::NotWaitingForInput)
+        );
+        let closed = applied(&waiting, 1, &[Kind::InputClosed(InputClosed::default())]);
+        assert_eq!(closed.status, SessionStatus::Running);
+        assert_eq!(
+            closed.apply_batch(batch(1, &[message(3)])),
+            Err(Refusal::NotWaitingForInput)
+        );
+    }
+
+    #[test]
     fn a_call_asked_again_is_pending_once_at_its_new_place() {
         let projection = applied(
             &Projection::default(),
@@ -362,7 +447,11 @@ mod tests {
         prop_oneof![
             Just(Kind::Started(SessionStarted::default())),
             Just(Kind::TextDelta(ModelTextDelta::default())),
-            Just(Kind::UserMessage(UserMessage::default())),
+            (0_u64..40).prop_map(|reply_to_seq| Kind::UserMessage(UserMessage {
+                reply_to_seq,
+                ..Default::default()
+            })),
+            Just(Kind::InputClosed(InputClosed::default())),
             Just(Kind::ToolStarted(ToolStarted::default())),
             Just(Kind::WaitingForInput(WaitingForInput::default())),
             (1_u64..100).prop_map(|tokens| Kind::TurnCompleted(TurnCompleted {

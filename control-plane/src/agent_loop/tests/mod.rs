@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::future::BoxFuture;
 
 use super::*;
-use crate::agent::{AgentDefinition, SandboxSettings};
+use crate::agent::{AgentDefinition, ConversationSettings, SandboxSettings};
 use crate::budget::ModelPrice;
 use crate::event;
 use crate::policy::PolicySettings;
@@ -388,6 +388,9 @@ fn definition(tools: &[&str]) -> AgentDefinition {
         },
         policy: PolicySettings::default(),
         sandbox: SandboxSettings::default(),
+        conversation: ConversationSettings::default(),
+        // Tests repeat calls on purpose; loop detection has tests of its own.
+        max_repeated_calls: 0,
         source: PathBuf::from("tester.toml"),
     }
 }
@@ -672,6 +675,7 @@ fn describe(event: &control::SessionEvent) -> String {
 
 mod approvals;
 mod budgets;
+mod conversations;
 mod harness_tools;
 mod resume;
 mod turns;

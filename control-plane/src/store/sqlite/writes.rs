@@ -15,7 +15,7 @@ use super::query_error;
 use super::schema::ANCHOR_EVERY;
 use super::writer::{WriteError, WriteResult, WriterMemory, check, refused, write_step};
 use crate::ids::SessionId;
-use crate::store::projection::{self, Projection, Refusal, RequestedApproval};
+use crate::store::projection::{self, Projection, RequestedApproval};
 use crate::store::{CreatedSession, NewEvent, NewSession, StepRecord, StoreError};
 
 pub(super) fn create_session(
@@ -162,7 +162,7 @@ pub(super) fn append_events(
     let now = from_micros(now_micros);
     let (projection, applied) = match state.projection.apply_batch(events) {
         Ok(applied) => applied,
-        Err(refusal) => return refused(refusal_error(session_id, refusal)),
+        Err(refusal) => return refused(refusal.into_error(session_id)),
     };
     let row_changed = (projection.status, projection.stop_reason)
         != (state.projection.status, state.projection.stop_reason)
@@ -235,17 +235,6 @@ pub(super) fn append_events(
         memory.sessions.insert(session_id.clone(), state);
     }
     Ok(stored)
-}
-
-/// The error a refused append reports.
-pub(super) fn refusal_error(session_id: &SessionId, refusal: Refusal) -> StoreError {
-    match refusal {
-        Refusal::Finished => StoreError::SessionFinished(session_id.clone()),
-        Refusal::ApprovalNotPending { call_id } => StoreError::ApprovalNotPending {
-            session_id: session_id.clone(),
-            call_id,
-        },
-    }
 }
 
 /// One batch row to insert.
