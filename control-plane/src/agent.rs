@@ -625,7 +625,7 @@ mod tests {
             .agents()
             .map(|agent| agent.definition.name.as_str())
             .collect();
-        assert_eq!(names, ["demo"]);
+        assert_eq!(names, ["chat", "demo"]);
         let demo = catalog.get("demo").unwrap();
         assert_eq!(
             demo.definition,

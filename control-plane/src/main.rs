@@ -17,6 +17,7 @@ use harness_daemon::logging::LogFormat;
 use harness_daemon::{DefaultPaths, ListenAddress};
 use harness_proto::control::v1 as control;
 use harness_proto::control::v1::control_service_client::ControlServiceClient;
+use harness_proto::control::v1::session_event::Kind;
 use tonic::transport::Channel;
 
 /// Every event crosses threads (a session's task allocates it, the SQLite
@@ -59,7 +60,8 @@ enum Command {
         /// Lower the agent's limits for this session (never raise them).
         #[command(flatten)]
         budget: BudgetArgs,
-        /// Print the session's events until it finishes.
+        /// Print the session's events until it finishes (or, for a conversation,
+        /// until it answers and waits for the next message).
         #[arg(long)]
         follow: bool,
     },
@@ -73,6 +75,20 @@ enum Command {
         after: u64,
         /// Keep following until the session finishes, reconnecting (from the
         /// last event seen) if the control plane restarts.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Send the next message to a conversation session that waits for input.
+    Send {
+        /// Session id.
+        session: String,
+        /// The message.
+        message: String,
+        /// Idempotency key: repeating it sends the message once.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        /// Print the session's events until it answers (waits again) or
+        /// finishes.
         #[arg(long)]
         follow: bool,
     },
@@ -244,7 +260,27 @@ async fn main() -> anyhow::Result<()> {
             session,
             after,
             follow,
-        } => print_events(&client, session, after, follow).await,
+        } => {
+            let until = if follow {
+                PrintUntil::Finished
+            } else {
+                PrintUntil::Recorded
+            };
+            print_events(&client, session, after, until).await
+        }
+        Command::Send {
+            session,
+            message,
+            idempotency_key,
+            follow,
+        } => {
+            let request = control::SendMessageRequest {
+                session_id: session,
+                message,
+                idempotency_key,
+            };
+            send(&client, request, follow).await
+        }
         Command::Approve {
             session,
             call,
@@ -351,9 +387,42 @@ async fn start(
     };
     println!("session {} ({how})", session.session_id);
     if follow {
-        print_events(client_args, session.session_id, 0, true).await?;
+        print_events(client_args, session.session_id, 0, PrintUntil::Answered).await?;
     }
     Ok(())
+}
+
+/// Sends a message; with `follow`, prints what follows it until the
+/// session has answered (waits again) or finishes.
+async fn send(
+    client_args: &ClientArgs,
+    request: control::SendMessageRequest,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let session_id = request.session_id.clone();
+    let seq = client_args
+        .client()?
+        .send_message(request)
+        .await
+        .map_err(rpc_error("SendMessage"))?
+        .into_inner()
+        .seq;
+    println!("message #{seq} sent to session {session_id}");
+    if follow {
+        print_events(client_args, session_id, seq, PrintUntil::Answered).await?;
+    }
+    Ok(())
+}
+
+/// How far `print_events` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PrintUntil {
+    /// The events recorded so far.
+    Recorded,
+    /// Until the session finishes (a conversation's waits included).
+    Finished,
+    /// Until the session finishes or waits for input now.
+    Answered,
 }
 
 /// How long `events --follow` keeps trying to reconnect.
@@ -367,8 +436,10 @@ async fn print_events(
     client_args: &ClientArgs,
     session_id: String,
     mut after_seq: u64,
-    follow: bool,
+    print_until: PrintUntil,
 ) -> anyhow::Result<()> {
+    let follow = print_until != PrintUntil::Recorded;
+    let stop_at_wait = print_until == PrintUntil::Answered;
     let until = if follow {
         None
     } else {
@@ -390,7 +461,14 @@ async fn print_events(
     let mut broken_since: Option<std::time::Instant> = None;
     loop {
         let before = after_seq;
-        let outcome = stream_once(client_args, &session_id, &mut after_seq, until).await;
+        let outcome = stream_once(
+            client_args,
+            &session_id,
+            &mut after_seq,
+            until,
+            stop_at_wait,
+        )
+        .await;
         if after_seq > before {
             broken_since = None;
         }
@@ -416,12 +494,14 @@ fn reconnectable(status: &tonic::Status) -> bool {
 }
 
 /// One StreamEvents call; advances `after_seq` past every event printed and
-/// stops after `until`, if given.
+/// stops after `until`, if given, or (with `stop_at_wait`) at a
+/// `waiting_for_input` the session is still in.
 async fn stream_once(
     client_args: &ClientArgs,
     session_id: &str,
     after_seq: &mut u64,
     until: Option<u64>,
+    stop_at_wait: bool,
 ) -> Result<(), tonic::Status> {
     let mut client = client_args
         .client()
@@ -441,8 +521,30 @@ async fn stream_once(
         if until.is_some_and(|last| event.seq >= last) {
             break;
         }
+        let waits = matches!(event.kind, Some(Kind::WaitingForInput(_)));
+        if stop_at_wait && waits && still_waiting_at(&mut client, session_id, event.seq).await? {
+            break;
+        }
     }
     Ok(())
+}
+
+/// True if the session waits for input and `seq` is its latest event.
+async fn still_waiting_at(
+    client: &mut ControlServiceClient<Channel>,
+    session_id: &str,
+    seq: u64,
+) -> Result<bool, tonic::Status> {
+    let session = client
+        .get_session(control::GetSessionRequest {
+            session_id: session_id.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .session;
+    Ok(session.is_some_and(|session| {
+        session.status() == control::SessionStatus::WaitingForInput && session.last_seq == seq
+    }))
 }
 
 async fn resolve(
