@@ -51,16 +51,50 @@ pub trait Backend: Send + Sync + 'static {
     /// built-ins.
     fn digest(&self, call: &Self::Call) -> String;
 
-    /// Runs `call` in `session` to its result, sending output on `output` as
-    /// it comes; stops early, with an error result, when the session is
-    /// destroyed. Drops `output` (and every clone of it) before returning.
+    /// How its output reaches the caller.
+    const OUTPUT: OutputMode;
+
+    /// Runs `call` in `session` to its result; stops early, with an error
+    /// result, when the session is destroyed. A [`OutputMode::Streamed`]
+    /// backend gets `output` and sends chunks on it as they come (dropping
+    /// it, and every clone, before returning); a [`OutputMode::Captured`]
+    /// one gets `None` and returns its output with the result.
     fn run(
         &self,
-        session: Arc<Session>,
+        session: &Arc<Session>,
         call: Self::Call,
         timeout: Duration,
-        output: mpsc::Sender<pb::OutputChunk>,
-    ) -> impl Future<Output = pb::InvokeResult> + Send;
+        output: Option<mpsc::Sender<pb::OutputChunk>>,
+    ) -> impl Future<Output = Ran> + Send;
+}
+
+/// How a backend's output reaches the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Sent while the call runs (a process writing to its pipes).
+    Streamed,
+    /// Known only once the call ran (a component's captured stdio): no
+    /// channel, no second hop per chunk.
+    Captured,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ran {
+    /// The result.
+    pub result: pb::InvokeResult,
+    /// The output of a [`OutputMode::Captured`] backend, in order (empty
+    /// for a streamed one: its output was sent already).
+    pub captured: Vec<pb::OutputChunk>,
+}
+
+impl From<pb::InvokeResult> for Ran {
+    fn from(result: pb::InvokeResult) -> Self {
+        Self {
+            result,
+            captured: Vec::new(),
+        }
+    }
 }
 
 /// The requested deadline (zero or none: none requested), capped by the

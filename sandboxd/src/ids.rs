@@ -21,6 +21,14 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SandboxSessionId(String);
 
+/// Lookups by the id as a request gave it: the derived `Hash` and `Eq` are
+/// those of the string, as `Borrow` requires.
+impl std::borrow::Borrow<str> for SandboxSessionId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl SandboxSessionId {
     /// A new, random id for a session being created.
     pub fn generate() -> Self {

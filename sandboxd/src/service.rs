@@ -14,7 +14,7 @@ use harness_proto::sandbox::v1::sandbox_service_server::SandboxService;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, OutputMode};
 use crate::config::SandboxdConfig;
 use crate::error::ServiceError;
 use crate::ids::{InvocationId, SandboxSessionId};
@@ -311,7 +311,7 @@ impl SandboxService for SandboxApi {
 
 impl SandboxApi {
     fn session(&self, id: &str) -> Result<Arc<Session>, ServiceError> {
-        Ok(self.daemon.sessions.get(&SandboxSessionId::new(id))?)
+        Ok(self.daemon.sessions.get(id)?)
     }
 }
 
@@ -341,33 +341,48 @@ async fn invoke_on<B: Backend>(
     let (sender, receiver) = mpsc::channel(64);
     tokio::spawn(async move {
         let _ = sender.send(Ok(started)).await;
-        let (output, mut chunks) = mpsc::channel::<pb::OutputChunk>(64);
-        let run = async {
-            let result = backend
-                .run(Arc::clone(&session), call, timeout, output)
-                .await;
-            // Recorded as soon as it is known, not after the output has
-            // drained to a slow reader.
+        // Recorded as soon as it is known, not after the output has drained
+        // to a slow reader.
+        let record = |result: &pb::InvokeResult| {
             session.complete(&invocation_id, fingerprint, result.clone());
             let _ = completion.send(Some(result.clone()));
-            result
         };
-        let forward = async {
-            while let Some(chunk) = chunks.recv().await {
-                let _ = sender
-                    .send(Ok(pb::InvokeEvent {
-                        event: Some(pb::invoke_event::Event::Output(chunk)),
-                    }))
-                    .await;
+        let ran = match B::OUTPUT {
+            OutputMode::Captured => {
+                let ran = backend.run(&session, call, timeout, None).await;
+                record(&ran.result);
+                ran
+            }
+            OutputMode::Streamed => {
+                let (output, mut chunks) = mpsc::channel::<pb::OutputChunk>(64);
+                let run = async {
+                    let ran = backend.run(&session, call, timeout, Some(output)).await;
+                    record(&ran.result);
+                    ran
+                };
+                let forward = async {
+                    while let Some(chunk) = chunks.recv().await {
+                        let _ = sender.send(Ok(output_event(chunk))).await;
+                    }
+                };
+                // One task: the backend runs while its output is forwarded.
+                tokio::join!(run, forward).0
             }
         };
-        // One task: the backend runs while its output is forwarded.
-        let (result, ()) = tokio::join!(run, forward);
-        let _ = sender.send(Ok(result_event(result))).await;
+        for chunk in ran.captured {
+            let _ = sender.send(Ok(output_event(chunk))).await;
+        }
+        let _ = sender.send(Ok(result_event(ran.result))).await;
     });
     Ok(Response::new(Box::pin(
         tokio_stream::wrappers::ReceiverStream::new(receiver),
     )))
+}
+
+fn output_event(chunk: pb::OutputChunk) -> pb::InvokeEvent {
+    pb::InvokeEvent {
+        event: Some(pb::invoke_event::Event::Output(chunk)),
+    }
 }
 
 async fn recorded_result(
@@ -407,7 +422,7 @@ fn started_event(
 ) -> pb::InvokeEvent {
     pb::InvokeEvent {
         event: Some(pb::invoke_event::Event::Started(pb::InvokeStarted {
-            invocation_id: invocation_id.to_string(),
+            invocation_id: invocation_id.as_str().to_owned(),
             backend: backend as i32,
             digest,
         })),

@@ -573,8 +573,13 @@ impl SessionManager {
         Ok(())
     }
 
-    /// Looks a session up.
-    pub fn get(&self, id: &SandboxSessionId) -> Result<Arc<Session>, SessionError> {
+    /// Looks a session up (by its typed id or, without building one per
+    /// request, by the id as the request gave it).
+    pub fn get<Id>(&self, id: &Id) -> Result<Arc<Session>, SessionError>
+    where
+        SandboxSessionId: std::borrow::Borrow<Id>,
+        Id: std::hash::Hash + Eq + std::fmt::Display + ?Sized,
+    {
         self.read()
             .get(id)
             .cloned()

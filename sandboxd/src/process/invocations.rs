@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::exec_tool::ParsedExec;
 use super::sandbox::Command;
-use crate::backend::{Backend, capped_timeout, error_result};
+use crate::backend::{Backend, OutputMode, Ran, capped_timeout, error_result};
 use crate::error::ServiceError;
 use crate::session::Session;
 
@@ -26,6 +26,7 @@ impl Backend for ProcessInvocations {
     type Call = Result<ParsedExec, pb::ToolError>;
 
     const KIND: pb::Backend = pb::Backend::Process;
+    const OUTPUT: OutputMode = OutputMode::Streamed;
 
     fn admit(&self, session: &Session) -> Result<(), ServiceError> {
         session.process().map(drop).map_err(ServiceError::from)
@@ -60,11 +61,18 @@ impl Backend for ProcessInvocations {
 
     async fn run(
         &self,
-        session: Arc<Session>,
+        session: &Arc<Session>,
         call: Self::Call,
         timeout: Duration,
-        output: mpsc::Sender<pb::OutputChunk>,
-    ) -> pb::InvokeResult {
+        output: Option<mpsc::Sender<pb::OutputChunk>>,
+    ) -> Ran {
+        let Some(output) = output else {
+            return error_result(
+                pb::ErrorKind::Internal,
+                "the process backend streams its output but was given no channel",
+            )
+            .into();
+        };
         let command =
             match call.and_then(|p| command_of(p.call, timeout, session.policy.max_output_bytes)) {
                 Ok(command) => command,
@@ -73,13 +81,17 @@ impl Backend for ProcessInvocations {
                         outcome: Some(pb::invoke_result::Outcome::Error(error)),
                         usage: Some(pb::Usage::default()),
                         replayed: false,
-                    };
+                    }
+                    .into();
                 }
             };
         let _running = session.start_running();
         match session.process() {
-            Ok(sandbox) => sandbox.run(command, output, session.cancelled()).await,
-            Err(error) => error_result(pb::ErrorKind::Internal, error.to_string()),
+            Ok(sandbox) => sandbox
+                .run(command, output, session.cancelled())
+                .await
+                .into(),
+            Err(error) => error_result(pb::ErrorKind::Internal, error.to_string()).into(),
         }
     }
 }

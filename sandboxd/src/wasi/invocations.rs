@@ -10,7 +10,7 @@ use harness_proto::sandbox::v1 as pb;
 use tokio::sync::mpsc;
 
 use super::backend::{Completed, WasiBackend};
-use crate::backend::{Backend, capped_timeout, error_result};
+use crate::backend::{Backend, OutputMode, Ran, capped_timeout, error_result};
 use crate::error::ServiceError;
 use crate::session::Session;
 use crate::workspace::{CapReached, Workspace};
@@ -19,6 +19,7 @@ impl Backend for WasiBackend {
     type Call = pb::WasiCall;
 
     const KIND: pb::Backend = pb::Backend::Wasi;
+    const OUTPUT: OutputMode = OutputMode::Captured;
 
     fn admit(&self, _session: &Session) -> Result<(), ServiceError> {
         // Every session runs WASI tools.
@@ -50,11 +51,11 @@ impl Backend for WasiBackend {
 
     async fn run(
         &self,
-        session: Arc<Session>,
+        session: &Arc<Session>,
         call: pb::WasiCall,
         timeout: Duration,
-        output: mpsc::Sender<pb::OutputChunk>,
-    ) -> pb::InvokeResult {
+        _output: Option<mpsc::Sender<pb::OutputChunk>>,
+    ) -> Ran {
         let _running = session.start_running();
         let invoked = self.invoke(
             session.workspace_root(),
@@ -70,15 +71,12 @@ impl Backend for WasiBackend {
             _ = session.cancelled() => return error_result(
                 pb::ErrorKind::Internal,
                 "the sandbox session was destroyed while the invocation ran; it was stopped",
-            ),
+            ).into(),
         };
-        // A component's output is captured whole; it is sent once it ran.
-        for chunk in completed.chunks {
-            if output.send(chunk).await.is_err() {
-                break;
-            }
+        Ran {
+            result: completed.result,
+            captured: completed.chunks,
         }
-        completed.result
     }
 }
 
