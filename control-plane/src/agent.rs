@@ -10,7 +10,8 @@
 //! # api-key-env = "VLLM_API_KEY"           # network providers: variable holding the key
 //! # max-tokens-per-turn = 4096             # output-token cap of one model call
 //! system-prompt = "You are a careful assistant."
-//! tools = ["write_file", "list_dir", "read_file"]
+//! tools = ["write_file", "list_dir", "read_file"]   # sandboxd's, or the harness's own:
+//!                                # "escalate" ends the session with ESCALATED and a reason
 //! max-turns = 20                 # default 20
 //! # conversation = true          # wait for SendMessage after each final answer
 //! # input-timeout = "1h"         # conversations: how long one wait lasts (default 1h)

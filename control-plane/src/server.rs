@@ -29,6 +29,7 @@ use crate::agent::{AgentCatalog, AgentError};
 use crate::agent_loop::{AgentLoop, LoopSettings};
 use crate::config::ControlPlaneConfig;
 use crate::event_log::EventLog;
+use crate::harness_tools;
 use crate::provider::factory::ProviderFactory;
 use crate::sandbox::{GrpcSandbox, SandboxDispatch, SandboxError};
 use crate::service::ControlPlaneService;
@@ -46,6 +47,9 @@ pub enum ServerError {
     /// The agent definitions could not be loaded.
     #[error("cannot load agents")]
     Agents(#[source] AgentError),
+    /// The harness tools could not be registered.
+    #[error("cannot register the harness tools")]
+    HarnessTools(#[source] crate::agent_loop::executor::RegistryError),
     /// The database could not be opened.
     #[error("cannot open the session store")]
     Store(#[source] StoreError),
@@ -119,7 +123,13 @@ impl ControlPlane {
     pub async fn from_parts(parts: ControlPlaneParts) -> Result<Self, ServerError> {
         let (shutdown, shutdown_signal) = watch::channel(false);
         let log = EventLog::new(parts.store, shutdown_signal);
-        let agent_loop = Arc::new(AgentLoop::new(log.clone(), parts.sandbox, parts.settings));
+        let harness_tools = harness_tools::standard().map_err(ServerError::HarnessTools)?;
+        let agent_loop = Arc::new(AgentLoop::with_harness_tools(
+            log.clone(),
+            parts.sandbox,
+            parts.settings,
+            harness_tools,
+        ));
         let supervisor = Arc::new(SessionSupervisor::new(agent_loop));
         let resumed = supervisor
             .resume_unfinished(&parts.agents)

@@ -22,10 +22,12 @@ use crate::event_log::{FollowError, FollowMode};
 use crate::store::StoreError;
 
 impl SessionRun<'_> {
-    /// After a final answer: stages `waiting_for_input` for a conversation
-    /// with budget left, and returns `None`; otherwise the ending as it is.
+    /// After a final answer (or an escalation: the person decides what
+    /// next): stages `waiting_for_input` for a conversation with budget
+    /// left, and returns `None`; otherwise the ending as it is.
     pub(super) fn wait_or_end(&mut self, ending: Ending, agent: &SessionAgent) -> Option<Ending> {
-        if !agent.conversation.enabled || !matches!(ending, Ending::Completed(_)) {
+        let answered = matches!(ending, Ending::Completed(_) | Ending::Escalated(_));
+        if !agent.conversation.enabled || !answered {
             return Some(ending);
         }
         // A message the session could not answer must not be invited.

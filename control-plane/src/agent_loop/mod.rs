@@ -12,7 +12,10 @@
 //!           → budget_warning at 80% (the model is told to wrap up)
 //!   until: no tool calls (COMPLETED) | turn limit (MAX_TURNS) | another budget
 //!          (BUDGET_EXHAUSTED) | provider or sandbox failure (ERROR) |
-//!          CancelSession (CANCELLED)
+//!          CancelSession (CANCELLED) | an `escalate` call (ESCALATED) | the
+//!          same call max-repeated-calls times in a row (LOOP_DETECTED);
+//!          a conversation waits for SendMessage after COMPLETED or
+//!          ESCALATED instead (conversation.rs)
 //! → sandbox session destroyed → finished (final or partial answer)
 //! ```
 //!
@@ -174,6 +177,7 @@ enum Ending {
     BudgetExhausted(String),
     Cancelled(String),
     LoopDetected(String),
+    Escalated(String),
     Error(String),
 }
 
@@ -571,6 +575,9 @@ impl SessionRun<'_> {
 
     /// The ending after a closed turn, if the model is done.
     fn ending_after_turn(&self) -> Option<Ending> {
+        if let Some(reason) = &self.state.escalation {
+            return Some(Ending::Escalated(reason.clone()));
+        }
         if !self.state.last_turn_without_calls {
             return None;
         }
@@ -734,6 +741,7 @@ impl SessionRun<'_> {
             Ending::BudgetExhausted(message) => (control::StopReason::BudgetExhausted, message),
             Ending::Cancelled(reason) => (control::StopReason::Cancelled, reason),
             Ending::LoopDetected(message) => (control::StopReason::LoopDetected, message),
+            Ending::Escalated(reason) => (control::StopReason::Escalated, reason),
             Ending::Error(message) => (control::StopReason::Error, message),
         };
         // The partial answer: the turn in progress if the model spoke in it.

@@ -17,6 +17,7 @@ use prost::Message as _;
 
 use crate::budget::{self, BudgetKind};
 use crate::event;
+use crate::harness_tools;
 use crate::provider::{Message, ToolCall};
 use crate::store::StepRecord;
 
@@ -200,6 +201,9 @@ pub struct SessionState {
     pub waiting: Option<control::WaitingForInput>,
     /// The last wait ended without a message, and why: the session finishes.
     pub input_closed: Option<String>,
+    /// The last closed turn called `escalate` (successfully), with this
+    /// reason; a user message (a conversation going on) clears it.
+    pub escalation: Option<String>,
     /// The latest requested call (tool and arguments) and how many times in
     /// a row, across turns, the model asked for exactly it.
     pub repeated_call: Option<(ToolCall, u32)>,
@@ -296,6 +300,7 @@ impl SessionState {
             Kind::WaitingForInput(waiting) => self.waiting = Some(waiting.clone()),
             Kind::UserMessage(message) => {
                 self.waiting = None;
+                self.escalation = None;
                 self.last_turn_without_calls = false;
                 Arc::make_mut(&mut self.messages).push(Message::User {
                     text: message.text.clone(),
@@ -374,6 +379,7 @@ impl SessionState {
         self.last_assistant_text = completed.assistant_text.clone();
         self.last_stop_reason = completed.model_stop_reason.clone();
         self.last_turn_without_calls = open.calls.is_empty();
+        self.escalation = open.calls.iter().find_map(escalated);
         self.closed_turns = completed.turn.max(self.closed_turns);
     }
 
@@ -388,6 +394,19 @@ impl SessionState {
         }
         usage
     }
+}
+
+/// The reason of a call that escalated: a successful `escalate`.
+fn escalated(call: &CallState) -> Option<String> {
+    let finished = call.finished.as_ref()?;
+    let succeeded = matches!(
+        finished.outcome,
+        Some(control::tool_finished::Outcome::OutputJson(_))
+    );
+    if call.call.tool != harness_tools::ESCALATE || !succeeded {
+        return None;
+    }
+    harness_tools::escalation_reason(&call.call.arguments_json)
 }
 
 /// The conversation's first messages: the system prompt (if any) and the input.

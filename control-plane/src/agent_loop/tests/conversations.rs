@@ -318,3 +318,70 @@ async fn a_different_call_in_between_resets_the_count() {
         harness.last().await
     );
 }
+
+const ESCALATING: &str = r#"
+    [[turn]]
+    text = "I cannot do this."
+    [[turn.tool-calls]]
+    tool = "escalate"
+    arguments = { reason = "no access to the billing system" }
+    [[turn]]
+    text = "Thanks, going on."
+"#;
+
+async fn escalating_harness(definition: AgentDefinition) -> Harness {
+    let provider = ScriptedProvider::new(toml::from_str(ESCALATING).unwrap(), "test.script.toml");
+    let mut harness = Harness::with(Arc::new(provider), definition, FakeSandbox::new(&[])).await;
+    harness.harness_tools = crate::harness_tools::standard().unwrap();
+    harness
+}
+
+#[tokio::test]
+async fn an_escalation_ends_the_session_with_its_reason_and_no_more_model_calls() {
+    let harness = escalating_harness(definition(&["escalate"])).await;
+    harness.run(10, 2).await;
+    assert_eq!(
+        harness.last().await,
+        "9 t1 end STOP_REASON_ESCALATED \"I cannot do this.\" \"no access to the billing system\""
+    );
+    assert_eq!(harness.provider.requests.lock().unwrap().len(), 1);
+    assert_eq!(
+        harness.sandbox.executions(),
+        0,
+        "escalate runs in the harness"
+    );
+}
+
+#[tokio::test]
+async fn an_escalating_conversation_waits_for_the_person_and_goes_on() {
+    let harness = escalating_harness(AgentDefinition {
+        conversation: ConversationSettings::waiting(Duration::from_secs(30)),
+        ..definition(&["escalate"])
+    })
+    .await;
+    let session = harness.create_session(10).await;
+    let (cancel, cancel_signal) = watch::channel(None);
+    let agent_loop = harness.agent_loop(2);
+    let run = agent_loop.run(session, harness.agent.clone(), cancel_signal);
+    let talk = async {
+        harness.send_when_waiting("Access granted.").await;
+        while harness.provider.requests.lock().unwrap().len() < 2
+            || harness.session().await.status != control::SessionStatus::WaitingForInput
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cancel.send_replace(Some("done".to_owned()));
+    };
+    tokio::time::timeout(Duration::from_secs(10), futures::future::join(run, talk))
+        .await
+        .unwrap();
+    assert_eq!(
+        harness.last_request_dialogue(),
+        [
+            "user: go",
+            "assistant: I cannot do this.",
+            "user: Access granted."
+        ]
+    );
+    assert!(harness.last().await.contains("STOP_REASON_CANCELLED"));
+}
