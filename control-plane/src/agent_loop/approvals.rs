@@ -9,7 +9,7 @@ use harness_proto::control::v1 as control;
 use harness_proto::control::v1::session_event::Kind;
 
 use super::resolved::SessionAgent;
-use super::{LoopError, Plan, SessionRun, state, tools};
+use super::{LoopError, Plan, SessionRun, sleep_until_deadline, state, tools};
 use crate::event_log::{FollowError, FollowMode};
 use crate::policy::Verdict;
 use crate::provider::ToolCall;
@@ -95,17 +95,7 @@ impl SessionRun<'_> {
         );
         while self.waiting_for_approval() {
             let deadline = self.next_approval_deadline();
-            let timer = async move {
-                match deadline {
-                    Some(deadline) => {
-                        let wait = deadline
-                            .duration_since(SystemTime::now())
-                            .unwrap_or_default();
-                        tokio::time::sleep(wait).await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
+            let timer = sleep_until_deadline(deadline);
             let next = self
                 .until_stopped(async {
                     tokio::select! {

@@ -17,7 +17,7 @@ use harness_proto::control::v1 as control;
 use harness_proto::control::v1::session_event::Kind;
 
 use super::resolved::SessionAgent;
-use super::{Ending, LoopError, SessionRun};
+use super::{Ending, LoopError, SessionRun, sleep_until_deadline};
 use crate::event_log::{FollowError, FollowMode};
 use crate::store::StoreError;
 
@@ -67,17 +67,7 @@ impl SessionRun<'_> {
                 .and_then(|waiting| waiting.input_deadline)
                 .and_then(|deadline| SystemTime::try_from(deadline).ok())
                 .filter(|_| !closing_refused);
-            let timer = async move {
-                match deadline {
-                    Some(deadline) => {
-                        let wait = deadline
-                            .duration_since(SystemTime::now())
-                            .unwrap_or_default();
-                        tokio::time::sleep(wait).await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
+            let timer = sleep_until_deadline(deadline);
             let next = self
                 .until_stopped(async {
                     tokio::select! {

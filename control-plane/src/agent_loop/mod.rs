@@ -682,18 +682,7 @@ impl SessionRun<'_> {
         &mut self,
         future: F,
     ) -> Result<F::Output, LoopError> {
-        let wall_deadline = self.wall_deadline;
-        let wall_clock = async move {
-            match wall_deadline {
-                Some(deadline) => {
-                    let wait = deadline
-                        .duration_since(SystemTime::now())
-                        .unwrap_or_default();
-                    tokio::time::sleep(wait).await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
+        let wall_clock = sleep_until_deadline(self.wall_deadline);
         tokio::select! {
             biased;
             reason = cancelled(&mut self.cancel) => Err(LoopError::Cancelled(reason)),
@@ -762,6 +751,19 @@ impl SessionRun<'_> {
                 ..self.state.usage
             }),
         }
+    }
+}
+
+/// Sleeps until `deadline` (at once if it passed); never wakes without one.
+async fn sleep_until_deadline(deadline: Option<SystemTime>) {
+    match deadline {
+        Some(deadline) => {
+            let wait = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait).await;
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 

@@ -54,6 +54,29 @@ impl Harness {
         panic!("the session never waited for input");
     }
 
+    /// Runs the stored session while `messages` are sent, one per wait;
+    /// once it has answered the last (`answers` model requests in all) and
+    /// waits again, cancels it with `reason`.
+    async fn converse(&self, messages: &[&str], answers: usize, reason: &str) {
+        let (cancel, cancel_signal) = watch::channel(None);
+        let agent_loop = self.agent_loop(2);
+        let run = agent_loop.run(self.session().await, self.agent.clone(), cancel_signal);
+        let talk = async {
+            for message in messages {
+                self.send_when_waiting(message).await;
+            }
+            while self.provider.requests.lock().unwrap().len() < answers
+                || self.session().await.status != control::SessionStatus::WaitingForInput
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            cancel.send_replace(Some(reason.to_owned()));
+        };
+        tokio::time::timeout(Duration::from_secs(10), futures::future::join(run, talk))
+            .await
+            .unwrap();
+    }
+
     /// The user and assistant texts of the last model request.
     fn last_request_dialogue(&self) -> Vec<String> {
         let requests = self.provider.requests.lock().unwrap();
@@ -74,27 +97,11 @@ impl Harness {
 #[tokio::test]
 async fn a_conversation_answers_each_message_with_the_whole_history() {
     let harness = conversation_harness(Duration::from_secs(30)).await;
-    let session = harness.create_session(10).await;
-    let (cancel, cancel_signal) = watch::channel(None);
-    let agent_loop = harness.agent_loop(2);
-    let run = agent_loop.run(session, harness.agent.clone(), cancel_signal);
-    let talk = async {
-        harness.send_when_waiting("and then?").await;
-        harness.send_when_waiting("last one").await;
-        // Answered, then waiting again: the caller ends the conversation.
-        for _ in 0..1000 {
-            if harness.session().await.status == control::SessionStatus::WaitingForInput
-                && harness.provider.requests.lock().unwrap().len() == 3
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        cancel.send_replace(Some("done talking".to_owned()));
-    };
-    tokio::time::timeout(Duration::from_secs(10), futures::future::join(run, talk))
-        .await
-        .unwrap();
+    harness.create_session(10).await;
+    // Answered, then waiting again: the caller ends the conversation.
+    harness
+        .converse(&["and then?", "last one"], 3, "done talking")
+        .await;
     assert_eq!(
         harness.last_request_dialogue(),
         [
@@ -160,25 +167,7 @@ async fn a_conversation_resumed_while_waiting_waits_again_and_answers() {
         .await
         .unwrap();
     }
-    let (cancel, cancel_signal) = watch::channel(None);
-    let agent_loop = harness.agent_loop(2);
-    let run = agent_loop.run(
-        harness.session().await,
-        harness.agent.clone(),
-        cancel_signal,
-    );
-    let talk = async {
-        harness.send_when_waiting("still there?").await;
-        while harness.provider.requests.lock().unwrap().len() < 2
-            || harness.session().await.status != control::SessionStatus::WaitingForInput
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        cancel.send_replace(Some("bye".to_owned()));
-    };
-    tokio::time::timeout(Duration::from_secs(10), futures::future::join(run, talk))
-        .await
-        .unwrap();
+    harness.converse(&["still there?"], 2, "bye").await;
     assert_eq!(
         harness.provider.requests.lock().unwrap().len(),
         2,
@@ -359,22 +348,8 @@ async fn an_escalating_conversation_waits_for_the_person_and_goes_on() {
         ..definition(&["escalate"])
     })
     .await;
-    let session = harness.create_session(10).await;
-    let (cancel, cancel_signal) = watch::channel(None);
-    let agent_loop = harness.agent_loop(2);
-    let run = agent_loop.run(session, harness.agent.clone(), cancel_signal);
-    let talk = async {
-        harness.send_when_waiting("Access granted.").await;
-        while harness.provider.requests.lock().unwrap().len() < 2
-            || harness.session().await.status != control::SessionStatus::WaitingForInput
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        cancel.send_replace(Some("done".to_owned()));
-    };
-    tokio::time::timeout(Duration::from_secs(10), futures::future::join(run, talk))
-        .await
-        .unwrap();
+    harness.create_session(10).await;
+    harness.converse(&["Access granted."], 2, "done").await;
     assert_eq!(
         harness.last_request_dialogue(),
         [
