@@ -125,6 +125,7 @@ fn definition(name: &str, tools: &[&str], max_turns: u32) -> AgentDefinition {
         conversation: ConversationSettings::default(),
         // The steps repeat one call on purpose.
         max_repeated_calls: 0,
+        delegation: harness_control_plane::agent::DelegationSettings::default(),
         source: Path::new("bench.toml").to_owned(),
     }
 }
@@ -141,6 +142,7 @@ fn new_session(id: &str, agent: &str, input: &str, max_turns: u32) -> NewSession
             ..Default::default()
         },
         idempotency_key: None,
+        parent: None,
     }
 }
 
@@ -444,6 +446,26 @@ impl SandboxDispatch for InstantSandbox {
         _reason: String,
     ) -> BoxFuture<'_, Result<sandbox::TeardownReport, SandboxError>> {
         Box::pin(async { Ok(sandbox::TeardownReport::default()) })
+    }
+
+    /// Every path is a small text file.
+    fn read_files(
+        &self,
+        request: sandbox::ReadFilesRequest,
+    ) -> BoxFuture<'_, Result<Vec<sandbox::FileContent>, SandboxError>> {
+        let files = request
+            .paths
+            .into_iter()
+            .map(|path| sandbox::FileContent {
+                path,
+                content: b"bench file\n".to_vec(),
+                size: 11,
+                truncated: false,
+                sha256: "0".repeat(64),
+                missing: false,
+            })
+            .collect();
+        Box::pin(async move { Ok(files) })
     }
 }
 

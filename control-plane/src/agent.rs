@@ -17,6 +17,12 @@
 //! # input-timeout = "1h"         # conversations: how long one wait lasts (default 1h)
 //! # max-repeated-calls = 3       # same call, same arguments, this many times in a row
 //!                                # stops the session (LOOP_DETECTED); 0: never; default 3
+//! # subagents = ["researcher"]   # agents it may delegate to: the model sees one
+//!                                # `delegate_to_<name>` tool each ({task, files?})
+//! # max-children = 8             # delegations over a session's life (default 8)
+//! # max-parallel-subagents = 4   # delegations running at once (default 4)
+//! # workspace = "shared"         # as a subagent: work in the parent's sandbox session
+//!                                # ("shared", default) or a fresh one ("isolated")
 //!
 //! [budget]                       # every limit optional; StartSession may lower them
 //! max-tool-calls = 50
@@ -66,6 +72,15 @@ pub const DEFAULT_INPUT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 /// Identical calls in a row that stop a session unless it sets
 /// `max-repeated-calls`.
 pub const DEFAULT_MAX_REPEATED_CALLS: u32 = 3;
+/// Delegations over a session's life unless it sets `max-children`.
+pub const DEFAULT_MAX_CHILDREN: u32 = 8;
+/// Delegations at once unless it sets `max-parallel-subagents`.
+pub const DEFAULT_MAX_PARALLEL_SUBAGENTS: u32 = 4;
+/// Prefix of the harness tool that delegates to a subagent.
+pub const DELEGATE_PREFIX: &str = "delegate_to_";
+/// Longest subagent name (the tool name `delegate_to_<name>` stays within
+/// the 64 characters model APIs accept).
+const MAX_SUBAGENT_NAME: usize = 52;
 
 const SCRIPT_SUFFIX: &str = ".script.toml";
 
@@ -141,6 +156,14 @@ struct AgentFile {
     #[serde(default = "default_max_repeated_calls")]
     max_repeated_calls: u32,
     #[serde(default)]
+    subagents: Vec<String>,
+    #[serde(default = "default_max_children")]
+    max_children: u32,
+    #[serde(default = "default_max_parallel_subagents")]
+    max_parallel_subagents: u32,
+    #[serde(default)]
+    workspace: Workspace,
+    #[serde(default)]
     budget: BudgetSettings,
     #[serde(default)]
     policy: PolicySettings,
@@ -166,6 +189,64 @@ fn default_max_turns() -> u32 {
 
 fn default_max_repeated_calls() -> u32 {
     DEFAULT_MAX_REPEATED_CALLS
+}
+
+fn default_max_children() -> u32 {
+    DEFAULT_MAX_CHILDREN
+}
+
+fn default_max_parallel_subagents() -> u32 {
+    DEFAULT_MAX_PARALLEL_SUBAGENTS
+}
+
+/// Where an agent works when it runs as a subagent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workspace {
+    /// In its parent's sandbox session: work product passes as files.
+    #[default]
+    Shared,
+    /// In a fresh sandbox session of its own.
+    Isolated,
+}
+
+impl Workspace {
+    /// As a session records it.
+    pub fn to_proto(self) -> control::SubagentWorkspace {
+        match self {
+            Self::Shared => control::SubagentWorkspace::Shared,
+            Self::Isolated => control::SubagentWorkspace::Isolated,
+        }
+    }
+}
+
+/// Delegation: the subagents an agent may call, and its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelegationSettings {
+    /// Agents it may delegate to, in the order their tools follow its own.
+    pub subagents: Vec<String>,
+    /// Most delegations over a session's life.
+    pub max_children: u32,
+    /// Most delegations running at once (at least 1).
+    pub max_parallel_subagents: u32,
+    /// Where it works when another agent delegates to it.
+    pub workspace: Workspace,
+}
+
+impl Default for DelegationSettings {
+    fn default() -> Self {
+        Self {
+            subagents: Vec::new(),
+            max_children: DEFAULT_MAX_CHILDREN,
+            max_parallel_subagents: DEFAULT_MAX_PARALLEL_SUBAGENTS,
+            workspace: Workspace::Shared,
+        }
+    }
+}
+
+/// The harness tool that delegates to `agent`.
+pub fn delegate_tool_name(agent: &str) -> String {
+    format!("{DELEGATE_PREFIX}{agent}")
 }
 
 /// How a conversation agent's sessions wait for `SendMessage`.
@@ -229,6 +310,8 @@ pub struct AgentDefinition {
     pub conversation: ConversationSettings,
     /// Identical calls in a row that stop a session (0: never).
     pub max_repeated_calls: u32,
+    /// Its subagents and delegation limits.
+    pub delegation: DelegationSettings,
     /// The file it was loaded from.
     pub source: PathBuf,
 }
@@ -243,7 +326,7 @@ impl AgentDefinition {
             model: self.model.clone(),
             tools: self.tools.clone(),
             budget: Some(self.budget),
-            subagents: Vec::new(),
+            subagents: self.delegation.subagents.clone(),
         }
     }
 }
@@ -374,6 +457,7 @@ impl AgentCatalog {
         for file in agent_files(dir)? {
             catalog.insert(load_agent_file(&file, providers)?)?;
         }
+        catalog.check_subagents()?;
         Ok(catalog)
     }
 
@@ -383,7 +467,39 @@ impl AgentCatalog {
         for agent in agents {
             catalog.insert(agent)?;
         }
+        catalog.check_subagents()?;
         Ok(catalog)
+    }
+
+    /// Every subagent an agent lists is an agent of the catalog.
+    fn check_subagents(&self) -> Result<(), AgentError> {
+        for agent in self.agents.values() {
+            let definition = &agent.definition;
+            if let Some(missing) = definition
+                .delegation
+                .subagents
+                .iter()
+                .find(|name| !self.agents.contains_key(*name))
+            {
+                return Err(AgentError::Invalid {
+                    file: definition.source.clone(),
+                    problem: format!(
+                        "subagent \"{missing}\" is not an agent of this control plane (agents: {})",
+                        self.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the agents some agent delegates to, sorted.
+    pub fn subagent_names(&self) -> std::collections::BTreeSet<&str> {
+        self.agents
+            .values()
+            .flat_map(|agent| &agent.definition.delegation.subagents)
+            .map(String::as_str)
+            .collect()
     }
 
     fn insert(&mut self, agent: Agent) -> Result<(), AgentError> {
@@ -504,6 +620,7 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
     {
         return Err(invalid("input-timeout must be longer than 0s".to_owned()));
     }
+    validate_delegation(&parsed).map_err(invalid)?;
     let conversation = ConversationSettings {
         enabled: parsed.conversation,
         input_timeout: parsed
@@ -537,8 +654,48 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
         sandbox: parsed.sandbox,
         conversation,
         max_repeated_calls: parsed.max_repeated_calls,
+        delegation: DelegationSettings {
+            subagents: parsed.subagents,
+            max_children: parsed.max_children,
+            max_parallel_subagents: parsed.max_parallel_subagents,
+            workspace: parsed.workspace,
+        },
         source: file.to_owned(),
     })
+}
+
+/// Subagent names fit in a tool name, are listed once, and their tools are
+/// not listed by hand; the limits leave room for a delegation.
+fn validate_delegation(parsed: &AgentFile) -> Result<(), String> {
+    if let Some(tool) = parsed
+        .tools
+        .iter()
+        .find(|tool| tool.starts_with(DELEGATE_PREFIX))
+    {
+        return Err(format!(
+            "tool \"{tool}\" is the harness's: list the agent in `subagents` instead"
+        ));
+    }
+    if let Some(duplicate) = first_duplicate(&parsed.subagents) {
+        return Err(format!("subagent \"{duplicate}\" is listed twice"));
+    }
+    let bad_name = |name: &&String| {
+        name.is_empty()
+            || name.len() > MAX_SUBAGENT_NAME
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    if let Some(name) = parsed.subagents.iter().find(bad_name) {
+        return Err(format!(
+            "subagent \"{name}\" cannot name a tool: use 1 to {MAX_SUBAGENT_NAME} letters, \
+             digits, '_' or '-'"
+        ));
+    }
+    if !parsed.subagents.is_empty() && parsed.max_parallel_subagents == 0 {
+        return Err("max-parallel-subagents must be at least 1".to_owned());
+    }
+    Ok(())
 }
 
 fn first_duplicate(names: &[String]) -> Option<&str> {
@@ -659,6 +816,7 @@ mod tests {
                 },
                 conversation: ConversationSettings::default(),
                 max_repeated_calls: DEFAULT_MAX_REPEATED_CALLS,
+                delegation: DelegationSettings::default(),
                 source: dir.join("demo.toml"),
             }
         );
@@ -692,6 +850,7 @@ mod tests {
                 sandbox: SandboxSettings::default(),
                 conversation: ConversationSettings::default(),
                 max_repeated_calls: DEFAULT_MAX_REPEATED_CALLS,
+                delegation: DelegationSettings::default(),
                 source: file,
             }
         );

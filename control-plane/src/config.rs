@@ -58,6 +58,12 @@ pub struct ControlPlaneConfig {
     /// results are still recorded in the order the model asked for them.
     /// Default: 4.
     pub max_parallel_tool_calls: usize,
+    /// How deep a tree of subagents may grow: a session started through
+    /// StartSession is at depth 0, its subagents at 1, theirs at 2. A
+    /// delegation deeper than this is refused (the model gets a
+    /// limit_exceeded error, no child runs). 0 turns delegation off.
+    /// Default: 2.
+    pub max_subagent_depth: u32,
     /// How hard SQLite works to keep each committed event: `"normal"` (the
     /// default) survives any crash of the control-plane process — SIGKILL,
     /// OOM kill, panic — because WAL commits reach the OS before the loop
@@ -101,6 +107,7 @@ impl ControlPlaneConfig {
             agents_dir: paths.agents_dir.clone(),
             tool_timeout: Duration::from_secs(60),
             max_parallel_tool_calls: 4,
+            max_subagent_depth: crate::agent_loop::DEFAULT_MAX_SUBAGENT_DEPTH,
             sqlite_synchronous: SqliteSynchronous::Normal,
             sqlite_max_wal_bytes: 256 << 20,
             providers: ProvidersConfig::default(),
@@ -213,6 +220,7 @@ mod tests {
                 agents_dir: PathBuf::from("/etc/harness/agents"),
                 tool_timeout: Duration::from_secs(90),
                 max_parallel_tool_calls: 8,
+                max_subagent_depth: 3,
                 sqlite_synchronous: SqliteSynchronous::Full,
                 sqlite_max_wal_bytes: 64 << 20,
                 providers: ProvidersConfig {

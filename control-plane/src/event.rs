@@ -61,6 +61,19 @@ pub fn apply_to_usage(usage: &mut BudgetUsage, kind: &Kind) {
         Kind::TurnCompleted(turn) => apply_turn_to_usage(usage, turn),
         // A call counts once it is dispatched: denied and invalid calls cost nothing.
         Kind::ToolStarted(_) => usage.tool_calls = usage.tool_calls.saturating_add(1),
+        // A finished subagent's model and tool use count against its
+        // parent's budget (its turns and wall clock are its own).
+        Kind::SubagentFinished(finished) => {
+            if let Some(child) = &finished.usage {
+                usage.tool_calls = usage.tool_calls.saturating_add(child.tool_calls);
+                usage.input_tokens = usage.input_tokens.saturating_add(child.input_tokens);
+                usage.output_tokens = usage.output_tokens.saturating_add(child.output_tokens);
+                usage.cached_input_tokens = usage
+                    .cached_input_tokens
+                    .saturating_add(child.cached_input_tokens);
+                usage.cost_micros = usage.cost_micros.saturating_add(child.cost_micros);
+            }
+        }
         Kind::Finished(finished) => {
             if let Some(wall_clock) = finished.usage.as_ref().and_then(|u| u.wall_clock) {
                 usage.wall_clock = Some(wall_clock);
@@ -87,7 +100,7 @@ pub fn apply_turn_to_usage(usage: &mut BudgetUsage, turn: &TurnCompleted) {
 #[cfg(test)]
 mod tests {
     use harness_proto::control::v1::{
-        SessionFinished, ToolCallRequested, ToolStarted, TurnCompleted, TurnUsage,
+        SessionFinished, SubagentFinished, ToolCallRequested, ToolStarted, TurnCompleted, TurnUsage,
     };
 
     use super::*;
@@ -111,6 +124,24 @@ mod tests {
             &Kind::ToolCallRequested(ToolCallRequested::default()),
         );
         apply_to_usage(&mut usage, &Kind::ToolStarted(ToolStarted::default()));
+        apply_to_usage(
+            &mut usage,
+            &Kind::SubagentFinished(SubagentFinished {
+                usage: Some(BudgetUsage {
+                    turns: 4,
+                    tool_calls: 2,
+                    input_tokens: 100,
+                    output_tokens: 10,
+                    cached_input_tokens: 1,
+                    cost_micros: 5,
+                    wall_clock: Some(prost_types::Duration {
+                        seconds: 60,
+                        nanos: 0,
+                    }),
+                }),
+                ..Default::default()
+            }),
+        );
         let wall_clock = prost_types::Duration {
             seconds: 3,
             nanos: 0,
@@ -129,11 +160,11 @@ mod tests {
             usage,
             BudgetUsage {
                 turns: 2,
-                tool_calls: 1,
-                input_tokens: 20,
-                output_tokens: 6,
-                cached_input_tokens: 4,
-                cost_micros: 14,
+                tool_calls: 3,
+                input_tokens: 120,
+                output_tokens: 16,
+                cached_input_tokens: 5,
+                cost_micros: 19,
                 wall_clock: Some(wall_clock),
             }
         );

@@ -320,6 +320,7 @@ mod tests {
                 metadata: HashMap::new(),
                 budget: Default::default(),
                 idempotency_key: None,
+                parent: None,
             })
             .await
             .unwrap();

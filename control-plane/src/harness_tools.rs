@@ -12,7 +12,9 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use harness_proto::control::v1 as control;
 
-use crate::agent_loop::executor::{HarnessRegistry, HarnessTool, HarnessToolError, RegistryError};
+use crate::agent_loop::executor::{
+    HarnessCallError, HarnessOutput, HarnessRegistry, HarnessTool, HarnessToolError, RegistryError,
+};
 
 /// Name of the escalation tool.
 pub const ESCALATE: &str = "escalate";
@@ -39,13 +41,14 @@ impl HarnessTool for EscalateTool {
     fn call(
         &self,
         call: control::HarnessToolCall,
-    ) -> BoxFuture<'static, Result<String, HarnessToolError>> {
+    ) -> BoxFuture<'static, Result<HarnessOutput, HarnessCallError>> {
         Box::pin(async move {
             let reason = escalation_reason(&call.input_json).ok_or_else(|| HarnessToolError {
                 kind: control::ToolErrorKind::InvalidInput,
                 message: "escalate needs a non-empty \"reason\"".to_owned(),
             })?;
-            Ok(serde_json::json!({ "escalated": true, "reason": reason }).to_string())
+            let output = serde_json::json!({ "escalated": true, "reason": reason });
+            Ok(HarnessOutput::json(output.to_string()))
         })
     }
 }
@@ -100,9 +103,13 @@ mod tests {
                 invocation_id: "s:c".to_owned(),
                 tool: ESCALATE.to_owned(),
                 input_json: r#"{"reason":"needs a human"}"#.to_owned(),
+                delegation: None,
             })
             .await
             .unwrap();
-        assert_eq!(output, r#"{"escalated":true,"reason":"needs a human"}"#);
+        assert_eq!(
+            output,
+            HarnessOutput::json(r#"{"escalated":true,"reason":"needs a human"}"#.to_owned())
+        );
     }
 }

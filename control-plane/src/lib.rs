@@ -49,6 +49,7 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod subagent;
 pub mod supervisor;
 mod sys;
 pub mod transcript;

@@ -46,6 +46,9 @@ pub enum SandboxError {
     /// `DestroySession` failed.
     #[error("sandboxd DestroySession failed ({:?}): {}", .0.code(), .0.message())]
     DestroySession(tonic::Status),
+    /// `ReadFiles` failed.
+    #[error("sandboxd ReadFiles failed ({:?}): {}", .0.code(), .0.message())]
+    ReadFiles(tonic::Status),
 }
 
 impl SandboxError {
@@ -56,7 +59,8 @@ impl SandboxError {
             Self::CreateSession(status)
             | Self::ListTools(status)
             | Self::Invoke(status)
-            | Self::DestroySession(status) => status.code() == tonic::Code::Unavailable,
+            | Self::DestroySession(status)
+            | Self::ReadFiles(status) => status.code() == tonic::Code::Unavailable,
             Self::Endpoint(_) | Self::MissingSession | Self::MissingResult => false,
         }
     }
@@ -86,6 +90,13 @@ pub trait SandboxDispatch: Send + Sync + std::fmt::Debug {
         sandbox_session_id: String,
         reason: String,
     ) -> BoxFuture<'_, Result<sandbox::TeardownReport, SandboxError>>;
+
+    /// Reads workspace files of a sandbox session (contents up to a limit,
+    /// sizes and SHA-256 digests).
+    fn read_files(
+        &self,
+        request: sandbox::ReadFilesRequest,
+    ) -> BoxFuture<'_, Result<Vec<sandbox::FileContent>, SandboxError>>;
 }
 
 /// [`SandboxDispatch`] over gRPC.
@@ -180,6 +191,20 @@ impl SandboxDispatch for GrpcSandbox {
                 .await
                 .map_err(SandboxError::DestroySession)?;
             Ok(response.into_inner().report.unwrap_or_default())
+        })
+    }
+
+    fn read_files(
+        &self,
+        request: sandbox::ReadFilesRequest,
+    ) -> BoxFuture<'_, Result<Vec<sandbox::FileContent>, SandboxError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let response = client
+                .read_files(request)
+                .await
+                .map_err(SandboxError::ReadFiles)?;
+            Ok(response.into_inner().files)
         })
     }
 }

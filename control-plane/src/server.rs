@@ -34,6 +34,7 @@ use crate::provider::factory::ProviderFactory;
 use crate::sandbox::{GrpcSandbox, SandboxDispatch, SandboxError};
 use crate::service::ControlPlaneService;
 use crate::store::{EventStore, SqliteStore, StoreError};
+use crate::subagent::Delegator;
 use crate::supervisor::SessionSupervisor;
 
 pub use harness_daemon::Listener;
@@ -113,7 +114,10 @@ impl ControlPlane {
             store: Arc::new(store),
             sandbox: Arc::new(sandbox),
             agents,
-            settings: LoopSettings::new(config.tool_timeout, config.max_parallel_tool_calls),
+            settings: LoopSettings {
+                max_subagent_depth: config.max_subagent_depth,
+                ..LoopSettings::new(config.tool_timeout, config.max_parallel_tool_calls)
+            },
         })
         .await
     }
@@ -123,7 +127,15 @@ impl ControlPlane {
     pub async fn from_parts(parts: ControlPlaneParts) -> Result<Self, ServerError> {
         let (shutdown, shutdown_signal) = watch::channel(false);
         let log = EventLog::new(parts.store, shutdown_signal);
-        let harness_tools = harness_tools::standard().map_err(ServerError::HarnessTools)?;
+        let agents = Arc::new(parts.agents);
+        let delegator =
+            Delegator::new(log.clone(), Arc::clone(&parts.sandbox), Arc::clone(&agents));
+        let mut harness_tools = harness_tools::standard().map_err(ServerError::HarnessTools)?;
+        for tool in delegator.tools() {
+            harness_tools
+                .register(tool)
+                .map_err(ServerError::HarnessTools)?;
+        }
         let agent_loop = Arc::new(AgentLoop::with_harness_tools(
             log.clone(),
             parts.sandbox,
@@ -131,8 +143,9 @@ impl ControlPlane {
             harness_tools,
         ));
         let supervisor = Arc::new(SessionSupervisor::new(agent_loop));
+        delegator.set_launcher(&supervisor);
         let resumed = supervisor
-            .resume_unfinished(&parts.agents)
+            .resume_unfinished(&agents)
             .await
             .map_err(ServerError::Recover)?;
         if resumed > 0 {
@@ -141,7 +154,7 @@ impl ControlPlane {
                 "resumed sessions interrupted by a restart"
             );
         }
-        let service = ControlPlaneService::new(Arc::new(parts.agents), log, supervisor);
+        let service = ControlPlaneService::new(agents, log, supervisor);
         Ok(Self { service, shutdown })
     }
 

@@ -200,6 +200,7 @@ impl ControlPlaneService {
             metadata: request.metadata,
             budget,
             idempotency_key: Some(request.idempotency_key).filter(|key| !key.is_empty()),
+            parent: None,
         };
         let outcome = self.log.store().create_session(new).await?;
         if outcome.created {
@@ -234,6 +235,9 @@ impl ControlPlaneService {
             status,
             page_size,
             page_token: Some(request.page_token).filter(|token| !token.is_empty()),
+            parent: Some(request.parent_session_id)
+                .filter(|parent| !parent.is_empty())
+                .map(SessionId::from),
         };
         let page = self.log.store().list_sessions(query).await?;
         let now = SystemTime::now();
@@ -589,6 +593,7 @@ mod tests {
             sandbox: SandboxSettings::default(),
             conversation: ConversationSettings::default(),
             max_repeated_calls: DEFAULT_MAX_REPEATED_CALLS,
+            delegation: crate::agent::DelegationSettings::default(),
             source: PathBuf::from("a.toml"),
         };
         let provider = ScriptedProvider::new(Script { turns: Vec::new() }, "none");

@@ -162,6 +162,7 @@ impl SessionSupervisor {
                             session.agent
                         ),
                         usage: Some(session.usage),
+                        files_written: Vec::new(),
                     };
                     let last = log
                         .store()

@@ -289,6 +289,7 @@ mod tests {
                 final_output: "All done.\nBye".to_owned(),
                 message: String::new(),
                 usage: None,
+                files_written: Vec::new(),
             }),
         );
         let failed = event(
@@ -298,6 +299,7 @@ mod tests {
                 final_output: String::new(),
                 message: "model provider failed: script exhausted after 2 turns".to_owned(),
                 usage: None,
+                files_written: Vec::new(),
             }),
         );
         assert_eq!(

@@ -12,3 +12,4 @@ mod network_agents;
 mod providers;
 mod sessions;
 mod stream_events;
+mod subagents;

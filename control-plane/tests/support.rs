@@ -35,6 +35,14 @@ pub struct SandboxRecord {
     pub invocations: Vec<(String, String, String, serde_json::Value)>,
     /// Each DestroySession's session id.
     pub destroyed: Vec<String>,
+    /// What `write_file` calls wrote, by (sandbox session, path).
+    pub files: std::collections::BTreeMap<(String, String), String>,
+}
+
+/// The digest the fake reports for `content` (it is no hash: tests only
+/// need it to name the contents).
+pub fn fake_digest(content: &str) -> String {
+    format!("digest-of-{content}")
 }
 
 /// A sandboxd stand-in with the three standard tools and canned answers.
@@ -224,12 +232,24 @@ impl SandboxService for FakeSandboxd {
         };
         let input: serde_json::Value = serde_json::from_str(&call.input_json)
             .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        self.record.lock().unwrap().invocations.push((
-            request.session_id,
-            request.invocation_id.clone(),
-            call.tool.clone(),
-            input.clone(),
-        ));
+        {
+            let mut record = self.record.lock().unwrap();
+            if call.tool == "write_file"
+                && let (Some(path), Some(content)) =
+                    (input["path"].as_str(), input["content"].as_str())
+            {
+                record.files.insert(
+                    (request.session_id.clone(), path.to_owned()),
+                    content.to_owned(),
+                );
+            }
+            record.invocations.push((
+                request.session_id,
+                request.invocation_id.clone(),
+                call.tool.clone(),
+                input.clone(),
+            ));
+        }
         let started = sandbox::InvokeEvent {
             event: Some(sandbox::invoke_event::Event::Started(
                 sandbox::InvokeStarted {
@@ -267,9 +287,37 @@ impl SandboxService for FakeSandboxd {
 
     async fn read_files(
         &self,
-        _: Request<sandbox::ReadFilesRequest>,
+        request: Request<sandbox::ReadFilesRequest>,
     ) -> Result<Response<sandbox::ReadFilesResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        let request = request.into_inner();
+        let record = self.record.lock().unwrap();
+        let limit = match request.max_bytes_per_file {
+            0 => usize::MAX,
+            limit => usize::try_from(limit).unwrap(),
+        };
+        let mut files = Vec::new();
+        for path in request.paths {
+            match record
+                .files
+                .get(&(request.session_id.clone(), path.clone()))
+            {
+                Some(content) => files.push(sandbox::FileContent {
+                    content: content.as_bytes()[..content.len().min(limit)].to_vec(),
+                    size: content.len() as u64,
+                    truncated: content.len() > limit,
+                    sha256: fake_digest(content),
+                    missing: false,
+                    path,
+                }),
+                None if request.allow_missing => files.push(sandbox::FileContent {
+                    path,
+                    missing: true,
+                    ..Default::default()
+                }),
+                None => return Err(Status::not_found(format!("no file {path}"))),
+            }
+        }
+        Ok(Response::new(sandbox::ReadFilesResponse { files }))
     }
 }
 
@@ -604,6 +652,16 @@ pub fn describe(event: &control::SessionEvent) -> String {
             "finished {} {:?}",
             finished.stop_reason().as_str_name(),
             finished.final_output
+        ),
+        Kind::SubagentStarted(started) => format!(
+            "subagent_started {} {} {}",
+            started.call_id, started.agent, started.child_session_id
+        ),
+        Kind::SubagentFinished(finished) => format!(
+            "subagent_finished {} {} {}",
+            finished.call_id,
+            finished.status().as_str_name(),
+            finished.stop_reason().as_str_name()
         ),
         other => format!("unexpected {other:?}"),
     };

@@ -304,7 +304,9 @@ impl SandboxService for SandboxApi {
         } else {
             request.max_bytes_per_file.min(max)
         };
-        let files = blocking(move || read_all(&session, &request.paths, limit)).await?;
+        let files =
+            blocking(move || read_all(&session, &request.paths, limit, request.allow_missing))
+                .await?;
         Ok(Response::new(pb::ReadFilesResponse { files }))
     }
 }
@@ -477,17 +479,30 @@ fn read_all(
     session: &Session,
     paths: &[String],
     limit: u64,
+    allow_missing: bool,
 ) -> Result<Vec<pb::FileContent>, ServiceError> {
     let mut files = Vec::with_capacity(paths.len());
     for path in paths {
-        let (content, size, truncated) =
-            session.with_workspace(|ws| ws.read_file(path, limit))??;
-        files.push(pb::FileContent {
-            path: path.clone(),
-            content,
-            size,
-            truncated,
-        });
+        let read = session.with_workspace(|ws| ws.read_file(path, limit))?;
+        let file = match read {
+            Ok(read) => pb::FileContent {
+                path: path.clone(),
+                content: read.content,
+                size: read.size,
+                truncated: read.truncated,
+                sha256: read.sha256,
+                missing: false,
+            },
+            Err(crate::workspace::WorkspaceError::NotFound { .. }) if allow_missing => {
+                pb::FileContent {
+                    path: path.clone(),
+                    missing: true,
+                    ..Default::default()
+                }
+            }
+            Err(error) => return Err(error.into()),
+        };
+        files.push(file);
     }
     Ok(files)
 }

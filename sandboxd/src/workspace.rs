@@ -17,6 +17,20 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use cap_std::fs::Dir;
+use sha2::{Digest as _, Sha256};
+
+/// A file read from a workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRead {
+    /// Its contents, up to the byte limit.
+    pub content: Vec<u8>,
+    /// Its full size.
+    pub size: u64,
+    /// The contents were cut at the byte limit.
+    pub truncated: bool,
+    /// SHA-256 of the whole file, lowercase hex.
+    pub sha256: String,
+}
 
 /// Errors of workspace operations.
 #[derive(Debug, thiserror::Error)]
@@ -308,15 +322,11 @@ impl Workspace {
         Ok(content_len)
     }
 
-    /// Reads up to `limit` bytes of a file; returns the bytes, the full size
-    /// and whether the content was cut.
-    pub fn read_file(
-        &self,
-        path: &str,
-        limit: u64,
-    ) -> Result<(Vec<u8>, u64, bool), WorkspaceError> {
+    /// Reads up to `limit` bytes of a file, and hashes all of it (a digest
+    /// of a prefix would name no file).
+    pub fn read_file(&self, path: &str, limit: u64) -> Result<FileRead, WorkspaceError> {
         let rel = checked_relative(path)?;
-        let file = self
+        let mut file = self
             .dir()?
             .open(&rel)
             .map_err(|e| classify(path, "open", e))?;
@@ -325,10 +335,28 @@ impl Workspace {
             .map_err(|e| classify(path, "stat", e))?
             .len();
         let mut content = Vec::with_capacity(usize::try_from(size.min(limit)).unwrap_or(0));
-        file.take(limit)
+        (&mut file)
+            .take(limit)
             .read_to_end(&mut content)
             .map_err(|e| classify(path, "read", e))?;
-        Ok((content, size, size > limit))
+        let mut hasher = Sha256::new();
+        hasher.update(&content);
+        let mut rest = [0_u8; 64 * 1024];
+        loop {
+            let read = file
+                .read(&mut rest)
+                .map_err(|e| classify(path, "read", e))?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&rest[..read]);
+        }
+        Ok(FileRead {
+            truncated: size > limit,
+            content,
+            size,
+            sha256: hex::encode(hasher.finalize()),
+        })
     }
 
     /// Total files and bytes in the workspace (symlinks are counted, never
@@ -654,13 +682,26 @@ mod tests {
     fn write_then_read_round_trips() {
         let (_tmp, ws) = workspace();
         assert_eq!(ws.write_file("dir/a.txt", b"hello", 0).unwrap(), 5);
+        // sha256("hello")
+        let digest = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
         assert_eq!(
             ws.read_file("dir/a.txt", 100).unwrap(),
-            (b"hello".to_vec(), 5, false)
+            FileRead {
+                content: b"hello".to_vec(),
+                size: 5,
+                truncated: false,
+                sha256: digest.to_owned(),
+            }
         );
+        // Cut at the limit, the digest is still the whole file's.
         assert_eq!(
             ws.read_file("dir/a.txt", 2).unwrap(),
-            (b"he".to_vec(), 5, true)
+            FileRead {
+                content: b"he".to_vec(),
+                size: 5,
+                truncated: true,
+                sha256: digest.to_owned(),
+            }
         );
     }
 

@@ -97,6 +97,7 @@ async fn file_rpcs_refuse_escapes() {
                 session_id: id.clone(),
                 paths: vec![path.to_owned()],
                 max_bytes_per_file: 0,
+                allow_missing: false,
             })
             .await
             .unwrap_err();

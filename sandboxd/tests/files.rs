@@ -49,6 +49,7 @@ async fn files_written_by_rpc_are_seen_by_tools_and_back() {
             session_id: id.clone(),
             paths: vec!["out.txt".to_owned()],
             max_bytes_per_file: 4,
+            allow_missing: false,
         })
         .await
         .unwrap()
@@ -61,7 +62,61 @@ async fn files_written_by_rpc_are_seen_by_tools_and_back() {
             content: b"from".to_vec(),
             size: 13,
             truncated: true,
+            // sha256("from the tool"): the whole file, not the 4 bytes read.
+            sha256: "7ac5ba94468d44337f385677e2a21bc217f5838147b6bf644a25eff650329ff4".to_owned(),
+            missing: false,
         }]
+    );
+    daemon.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_file_fails_the_read_unless_allowed() {
+    let mut daemon = TestDaemon::start().await;
+    let id = daemon.create_session().await.session_id;
+    daemon
+        .invoke(
+            &id,
+            "w",
+            "write_file",
+            json!({"path": "a.txt", "content": "a"}),
+        )
+        .await
+        .ok_json();
+    let request = |allow_missing| pb::ReadFilesRequest {
+        session_id: id.clone(),
+        paths: vec!["a.txt".to_owned(), "gone.txt".to_owned()],
+        max_bytes_per_file: 0,
+        allow_missing,
+    };
+    let refused = daemon.client.read_files(request(false)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    let files = daemon
+        .client
+        .read_files(request(true))
+        .await
+        .unwrap()
+        .into_inner()
+        .files;
+    assert_eq!(
+        files,
+        vec![
+            pb::FileContent {
+                path: "a.txt".to_owned(),
+                content: b"a".to_vec(),
+                size: 1,
+                truncated: false,
+                // sha256("a")
+                sha256: "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"
+                    .to_owned(),
+                missing: false,
+            },
+            pb::FileContent {
+                path: "gone.txt".to_owned(),
+                missing: true,
+                ..Default::default()
+            },
+        ]
     );
     daemon.shutdown().await;
 }

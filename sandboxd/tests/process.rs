@@ -118,6 +118,7 @@ async fn the_host_file_system_is_read_only_and_symlinks_reach_nothing_outside() 
                 session_id: session.clone(),
                 paths: vec![path.to_owned()],
                 max_bytes_per_file: 0,
+                allow_missing: false,
             })
             .await;
         let status = read.unwrap_err();

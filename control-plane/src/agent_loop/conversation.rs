@@ -27,7 +27,9 @@ impl SessionRun<'_> {
     /// left, and returns `None`; otherwise the ending as it is.
     pub(super) fn wait_or_end(&mut self, ending: Ending, agent: &SessionAgent) -> Option<Ending> {
         let answered = matches!(ending, Ending::Completed(_) | Ending::Escalated(_));
-        if !agent.conversation.enabled || !answered {
+        // A subagent answers its parent, which waits for it to finish.
+        let is_subagent = self.session.parent_session_id().is_some();
+        if !agent.conversation.enabled || !answered || is_subagent {
             return Some(ending);
         }
         // A message the session could not answer must not be invited.

@@ -38,6 +38,16 @@ impl SessionRun<'_> {
             .filter(|call| !self.plans.contains_key(&call.call.call_id))
             .map(|call| (call.call.clone(), refusal(call)))
             .collect();
+        // Delegations started together split what the parent has left.
+        let mut sharing = u32::try_from(
+            pending
+                .iter()
+                .filter(|(call, refused)| {
+                    refused.is_none() && agent.subagents.contains_key(&call.tool)
+                })
+                .count(),
+        )
+        .unwrap_or(u32::MAX);
         for (call, refused) in pending {
             let call_id = call.call_id.clone();
             if let Some(denial) = refused {
@@ -50,9 +60,26 @@ impl SessionRun<'_> {
                 continue;
             }
             if self.sandbox_lost {
+                if self.session.sandbox_borrowed {
+                    return Err(LoopError::BorrowedSandboxLost);
+                }
                 self.create_sandbox(agent).await?;
                 self.sandbox_lost = false;
             }
+            let delegation = match agent.subagents.get(&call.tool) {
+                Some(subagent) => {
+                    let decided = self.decide_delegation(&call, subagent, agent, sharing);
+                    sharing = sharing.saturating_sub(1);
+                    match decided {
+                        Ok(delegation) => Some(delegation),
+                        Err(refusal) => {
+                            self.plans.insert(call_id, Plan::Limit(refusal));
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
             let invocation_id = format!("{}:{}", self.session_id(), call_id);
             let request = self.agent_loop.executors.request(
                 agent.executor_of(&call.tool),
@@ -61,6 +88,7 @@ impl SessionRun<'_> {
                     invocation_id: &invocation_id,
                     sandbox_session_id: self.sandbox_session_id.as_deref().unwrap_or_default(),
                     timeout: self.agent_loop.settings.tool_timeout,
+                    delegation: delegation.as_ref(),
                 },
             );
             self.staged_steps.push(request.step_record(&call_id));
@@ -73,6 +101,20 @@ impl SessionRun<'_> {
                     tool: call.tool,
                 }),
             );
+            if let Some(delegation) = delegation {
+                self.stage(
+                    turn,
+                    Kind::SubagentStarted(control::SubagentStarted {
+                        child_session_id: delegation.child_session_id,
+                        agent: delegation.agent,
+                        task: delegation.task,
+                        call_id: call_id.clone(),
+                        budget: delegation.budget,
+                        lineage: delegation.lineage,
+                        workspace: delegation.workspace,
+                    }),
+                );
+            }
             if let Some(call) = self
                 .state
                 .open
@@ -86,7 +128,7 @@ impl SessionRun<'_> {
     }
 
     /// A budget (other than turns, which limit model calls) used up, counting
-    /// the open turn's model call.
+    /// the open turn's model call and what running subagents hold reserved.
     pub(super) fn dispatch_budget_stop(&self) -> Option<BudgetKind> {
         let usage = self.state.usage_with_open_turn();
         let elapsed = self.elapsed();
@@ -94,14 +136,29 @@ impl SessionRun<'_> {
             .into_iter()
             .filter(|kind| *kind != BudgetKind::Turns)
             .find(|kind| {
-                kind.limit(&self.session.budget)
-                    .is_some_and(|limit| kind.used(&usage, elapsed) >= limit)
+                let reserved: u64 = match kind {
+                    // Children run alongside: time is not shared out.
+                    BudgetKind::WallClock | BudgetKind::Turns => 0,
+                    kind => self
+                        .state
+                        .reservations
+                        .values()
+                        .filter_map(|reserved| kind.limit(reserved))
+                        .fold(0, u64::saturating_add),
+                };
+                kind.limit(&self.session.budget).is_some_and(|limit| {
+                    kind.used(&usage, elapsed).saturating_add(reserved) >= limit
+                })
             })
     }
 
     /// Dispatches the calls in flight (bounded), and records every call's
     /// result in call order.
-    pub(super) async fn collect_results(&mut self, turn: u32) -> Result<(), LoopError> {
+    pub(super) async fn collect_results(
+        &mut self,
+        turn: u32,
+        agent: &SessionAgent,
+    ) -> Result<(), LoopError> {
         let Some(open) = &self.state.open else {
             return Ok(());
         };
@@ -113,6 +170,9 @@ impl SessionRun<'_> {
             .collect();
         let settings = self.agent_loop.settings;
         let slots = Arc::new(Semaphore::new(settings.max_parallel_tool_calls.max(1)));
+        let long_running_slots = Arc::new(Semaphore::new(
+            usize::try_from(agent.max_parallel_subagents.max(1)).unwrap_or(1),
+        ));
         let deadline = settings.tool_timeout + SANDBOX_ANSWER_GRACE;
         // All calls are polled; the semaphore bounds how many run at once (in
         // call order: it is fair), and `FuturesOrdered` yields results in
@@ -126,6 +186,7 @@ impl SessionRun<'_> {
                     request,
                     DispatchSettings {
                         slots: Arc::clone(&slots),
+                        long_running_slots: Arc::clone(&long_running_slots),
                         deadline,
                         retry: settings.dispatch_retry,
                     },
@@ -145,6 +206,18 @@ impl SessionRun<'_> {
                     }
                 };
                 let result = result.unwrap_or(CallResult::Failed(SandboxError::MissingResult));
+                if matches!(result, CallResult::ShuttingDown) {
+                    return Err(LoopError::ShuttingDown);
+                }
+                if let CallResult::Harness(Ok(output)) = &result
+                    && let Some(subagent) = &output.subagent
+                {
+                    let subagent = control::SubagentFinished {
+                        call_id: call_id.clone(),
+                        ..subagent.clone()
+                    };
+                    self.stage(turn, Kind::SubagentFinished(subagent));
+                }
                 if let CallResult::Outcome(outcome) = &result {
                     for chunk in &outcome.output {
                         self.stage(turn, Kind::ToolOutput(tools::tool_output(&call_id, chunk)));
@@ -167,6 +240,9 @@ impl SessionRun<'_> {
                     }
                     Some(Plan::Denied(message)) => {
                         (control::ToolErrorKind::Denied, message.clone())
+                    }
+                    Some(Plan::Limit(message)) => {
+                        (control::ToolErrorKind::LimitExceeded, message.clone())
                     }
                     None => (
                         control::ToolErrorKind::Internal,

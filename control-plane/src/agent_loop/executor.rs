@@ -37,6 +37,8 @@ pub struct CallTarget<'a> {
     pub sandbox_session_id: &'a str,
     /// Its deadline, as sent to sandboxd.
     pub timeout: Duration,
+    /// For a delegation: what the loop decided about the child.
+    pub delegation: Option<&'a control::Delegation>,
 }
 
 /// How recorded requests are run.
@@ -44,7 +46,11 @@ pub struct CallTarget<'a> {
 pub struct DispatchSettings {
     /// Bounds the calls of a turn running at once.
     pub slots: Arc<Semaphore>,
-    /// Longest wait for a result.
+    /// Bounds the long-running harness calls (delegations) of a turn
+    /// running at once; they hold no slot of `slots`.
+    pub long_running_slots: Arc<Semaphore>,
+    /// Longest wait for a result (not for long-running harness calls,
+    /// which their own budget bounds).
     pub deadline: Duration,
     /// Retries while sandboxd is unreachable.
     pub retry: DispatchRetry,
@@ -111,6 +117,42 @@ pub struct HarnessToolError {
     pub message: String,
 }
 
+/// What a harness tool call returned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HarnessOutput {
+    /// The output the model sees, as JSON text.
+    pub output_json: String,
+    /// For a delegation: the child's receipt, recorded as the parent's
+    /// `subagent_finished` right before the call's `tool_finished`.
+    pub subagent: Option<control::SubagentFinished>,
+}
+
+impl HarnessOutput {
+    /// Output without a subagent.
+    pub fn json(output_json: String) -> Self {
+        Self {
+            output_json,
+            subagent: None,
+        }
+    }
+}
+
+/// Why a harness tool call returned no output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HarnessCallError {
+    /// It failed; the model sees the error as the call's result.
+    Failed(HarnessToolError),
+    /// The control plane is shutting down: nothing is recorded, and the
+    /// call runs again (with the same invocation id) at the next start.
+    ShuttingDown,
+}
+
+impl From<HarnessToolError> for HarnessCallError {
+    fn from(error: HarnessToolError) -> Self {
+        Self::Failed(error)
+    }
+}
+
 /// A tool the control plane runs itself.
 pub trait HarnessTool: Send + Sync + std::fmt::Debug {
     /// Its name, as agents list it (unique in a registry).
@@ -123,12 +165,29 @@ pub trait HarnessTool: Send + Sync + std::fmt::Debug {
     /// uses it; the loop validates arguments against it).
     fn input_schema_json(&self) -> &str;
 
-    /// Runs one call; the output is JSON text. A call may arrive again with
-    /// the same invocation id after a restart.
+    /// Runs one call. A call may arrive again with the same invocation id
+    /// after a restart.
     fn call(
         &self,
         call: control::HarnessToolCall,
-    ) -> BoxFuture<'static, Result<String, HarnessToolError>>;
+    ) -> BoxFuture<'static, Result<HarnessOutput, HarnessCallError>>;
+
+    /// A call runs as long as the work it stands for (a delegation runs a
+    /// whole child session): no tool deadline, and a slot of its own kind.
+    fn long_running(&self) -> bool {
+        false
+    }
+
+    /// The subagent it delegates to, as a session records it.
+    fn subagent(&self) -> Option<control::ResolvedSubagent> {
+        None
+    }
+
+    /// The session ended while `call` ran (cancelled, out of time): stop
+    /// whatever it started. Called once per call left in flight.
+    fn abandon(&self, _call: &control::HarnessToolCall, _reason: &str) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Registering a harness tool failed.
@@ -173,6 +232,11 @@ impl HarnessRegistry {
         })
     }
 
+    /// The subagent behind the tool called `name`, if it delegates.
+    pub fn subagent(&self, name: &str) -> Option<control::ResolvedSubagent> {
+        self.get(name)?.subagent()
+    }
+
     /// Names of every tool, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tools.keys().map(String::as_str)
@@ -193,6 +257,7 @@ impl ToolExecutor for HarnessExecutor {
             invocation_id: target.invocation_id.to_owned(),
             tool: call.tool.clone(),
             input_json: call.arguments_json.clone(),
+            delegation: target.delegation.cloned(),
         }
     }
 
@@ -209,11 +274,21 @@ impl ToolExecutor for HarnessExecutor {
                     message: format!("harness tool \"{}\" is not registered", request.tool),
                 }));
             };
-            // The semaphore is never closed, so acquiring cannot fail.
-            let _slot = settings.slots.acquire().await.ok();
-            match tokio::time::timeout(settings.deadline, tool.call(request)).await {
-                Ok(result) => CallResult::Harness(result),
-                Err(_) => CallResult::TimedOut(settings.deadline),
+            let result = if tool.long_running() {
+                // The semaphore is never closed, so acquiring cannot fail.
+                let _slot = settings.long_running_slots.acquire().await.ok();
+                tool.call(request).await
+            } else {
+                let _slot = settings.slots.acquire().await.ok();
+                match tokio::time::timeout(settings.deadline, tool.call(request)).await {
+                    Ok(result) => result,
+                    Err(_) => return CallResult::TimedOut(settings.deadline),
+                }
+            };
+            match result {
+                Ok(output) => CallResult::Harness(Ok(output)),
+                Err(HarnessCallError::Failed(error)) => CallResult::Harness(Err(error)),
+                Err(HarnessCallError::ShuttingDown) => CallResult::ShuttingDown,
             }
         })
     }
@@ -256,6 +331,17 @@ impl Executors {
             control::ToolExecutor::Harness => {
                 ToolRequest::Harness(self.harness.request(call, target))
             }
+        }
+    }
+
+    /// Stops what a request left in flight at the session's end started.
+    pub fn abandon(&self, request: &ToolRequest, reason: &str) -> BoxFuture<'static, ()> {
+        match request {
+            ToolRequest::Sandbox(_) => Box::pin(std::future::ready(())),
+            ToolRequest::Harness(call) => match self.harness.registry.get(&call.tool) {
+                Some(tool) => tool.abandon(call, reason),
+                None => Box::pin(std::future::ready(())),
+            },
         }
     }
 

@@ -51,6 +51,7 @@
 
 mod approvals;
 mod conversation;
+mod delegation;
 mod dispatch;
 pub mod executor;
 mod model_turn;
@@ -102,15 +103,22 @@ pub struct LoopSettings {
     pub max_parallel_tool_calls: usize,
     /// Retries of an invocation while sandboxd is unreachable.
     pub dispatch_retry: DispatchRetry,
+    /// How deep a tree of subagents may grow (a top-level session is at
+    /// depth 0; its subagents at 1).
+    pub max_subagent_depth: u32,
 }
 
+/// Subagent depth unless the control-plane configuration sets it.
+pub const DEFAULT_MAX_SUBAGENT_DEPTH: u32 = 2;
+
 impl LoopSettings {
-    /// Settings with the default dispatch retries.
+    /// Settings with the default dispatch retries and subagent depth.
     pub fn new(tool_timeout: Duration, max_parallel_tool_calls: usize) -> Self {
         Self {
             tool_timeout,
             max_parallel_tool_calls,
             dispatch_retry: DispatchRetry::default(),
+            max_subagent_depth: DEFAULT_MAX_SUBAGENT_DEPTH,
         }
     }
 }
@@ -163,6 +171,10 @@ pub enum LoopError {
     /// The wall-clock budget ran out mid-turn.
     #[error("the wall-clock budget ran out")]
     WallClock,
+    /// A subagent's borrowed sandbox session (its parent's workspace) is
+    /// gone; a new one would not be the parent's, so the child stops.
+    #[error("the parent's sandbox session this subagent worked in is gone")]
+    BorrowedSandboxLost,
     /// The control plane is shutting down; the session resumes at the next
     /// start.
     #[error("the control plane is shutting down")]
@@ -198,6 +210,8 @@ pub type CancelSignal = watch::Receiver<Option<String>>;
 enum Plan {
     Invalid(String),
     Denied(String),
+    /// A harness limit (subagent depth, count or budget) refused it.
+    Limit(String),
 }
 
 impl AgentLoop {
@@ -604,7 +618,7 @@ impl SessionRun<'_> {
         self.admit_calls(turn, agent);
         self.await_approvals(turn, agent).await?;
         self.start_calls(turn, agent).await?;
-        self.collect_results(turn).await?;
+        self.collect_results(turn, agent).await?;
         self.close_turn(turn);
         Ok(())
     }
@@ -706,7 +720,9 @@ impl SessionRun<'_> {
             .open
             .as_ref()
             .map_or(self.state.closed_turns, |open| open.turn);
+        let reason = ending.summary();
         for call in interrupted {
+            self.abandon(&call.call_id, &reason).await;
             let message = "the session ended before this call finished; \
                            its side effects may or may not have happened"
                 .to_owned();
@@ -714,8 +730,10 @@ impl SessionRun<'_> {
                 tools::finished_with_error(&call, control::ToolErrorKind::Interrupted, message);
             self.stage(turn, Kind::ToolFinished(finished));
         }
+        let files_written = self.files_written().await;
         self.destroy_sandbox().await;
-        let finished = self.finished_event(ending);
+        let mut finished = self.finished_event(ending);
+        finished.files_written = files_written;
         self.stage(turn, Kind::Finished(finished));
         self.flush().await
     }
@@ -750,6 +768,36 @@ impl SessionRun<'_> {
                 wall_clock: Some(harness_proto::duration_to_proto(self.elapsed())),
                 ..self.state.usage
             }),
+            files_written: Vec::new(),
+        }
+    }
+
+    /// Stops what an unfinished call started (a delegation's child).
+    async fn abandon(&self, call_id: &str, reason: &str) {
+        let request = self
+            .state
+            .open
+            .iter()
+            .flat_map(|open| &open.calls)
+            .find(|call| call.call.call_id == call_id)
+            .and_then(|call| call.request.as_ref());
+        if let Some(request) = request {
+            self.agent_loop.executors.abandon(request, reason).await;
+        }
+    }
+}
+
+impl Ending {
+    /// One line on why the session ended (told to the children it stops).
+    fn summary(&self) -> String {
+        match self {
+            Self::Completed(_) => "it completed".to_owned(),
+            Self::MaxTurns => "it reached its turn limit".to_owned(),
+            Self::BudgetExhausted(message)
+            | Self::Cancelled(message)
+            | Self::LoopDetected(message)
+            | Self::Escalated(message)
+            | Self::Error(message) => message.clone(),
         }
     }
 }

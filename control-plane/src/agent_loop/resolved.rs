@@ -20,7 +20,7 @@ use harness_proto::sandbox::v1 as sandbox;
 
 use super::executor::HarnessRegistry;
 use super::tools::ToolSchema;
-use crate::agent::{Agent, ConversationSettings};
+use crate::agent::{Agent, ConversationSettings, delegate_tool_name};
 use crate::budget::ModelPrice;
 use crate::policy::{Policy, PolicyError, PolicySettings};
 use crate::provider::{ModelProvider, ToolDefinition};
@@ -120,6 +120,12 @@ pub struct SessionAgent {
     pub conversation: ConversationSettings,
     /// Identical calls in a row that stop the session (0: never).
     pub max_repeated_calls: u32,
+    /// The subagents it may delegate to, by their `delegate_to_*` tool.
+    pub subagents: HashMap<String, control::ResolvedSubagent>,
+    /// Most delegations over the session's life.
+    pub max_children: u32,
+    /// Most delegations running at once.
+    pub max_parallel_subagents: u32,
 }
 
 /// The record of `agent` for a new session: its tools in the agent's order,
@@ -131,7 +137,7 @@ pub fn record(
     harness: &HarnessRegistry,
 ) -> Result<control::ResolvedAgent, ResolveError> {
     let definition = &agent.definition;
-    let tools = definition
+    let mut tools: Vec<control::ResolvedTool> = definition
         .tools
         .iter()
         .map(|name| match harness.describe(name) {
@@ -139,6 +145,16 @@ pub fn record(
             None => find_tool(offered, name).map(sandbox_tool),
         })
         .collect::<Result<_, ResolveError>>()?;
+    let mut subagents = Vec::with_capacity(definition.delegation.subagents.len());
+    for name in &definition.delegation.subagents {
+        let tool_name = delegate_tool_name(name);
+        let missing = || ResolveError::HarnessToolGone {
+            tool: tool_name.clone(),
+            available: harness.names().collect::<Vec<_>>().join(", "),
+        };
+        tools.push(harness.describe(&tool_name).ok_or_else(missing)?);
+        subagents.push(harness.subagent(&tool_name).ok_or_else(missing)?);
+    }
     Ok(control::ResolvedAgent {
         system_prompt: definition.system_prompt.clone(),
         provider: definition.provider.as_str().to_owned(),
@@ -151,6 +167,9 @@ pub fn record(
         price: agent.price.as_ref().map(ModelPrice::to_proto),
         conversation: definition.conversation.to_proto(),
         max_repeated_calls: definition.max_repeated_calls,
+        subagents,
+        max_children: definition.delegation.max_children,
+        max_parallel_subagents: definition.delegation.max_parallel_subagents,
     })
 }
 
@@ -303,6 +322,13 @@ impl SessionAgent {
             provider: Arc::clone(&current.provider),
             conversation: conversation_of(record),
             max_repeated_calls: record.max_repeated_calls,
+            subagents: record
+                .subagents
+                .iter()
+                .map(|subagent| (delegate_tool_name(&subagent.name), subagent.clone()))
+                .collect(),
+            max_children: record.max_children,
+            max_parallel_subagents: record.max_parallel_subagents,
         })
     }
 }

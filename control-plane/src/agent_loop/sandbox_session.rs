@@ -67,11 +67,16 @@ impl SessionRun<'_> {
         }
     }
 
-    /// Best effort: a failure is logged, and sandboxd's TTL cleans up.
+    /// Best effort: a failure is logged, and sandboxd's TTL cleans up. A
+    /// borrowed sandbox session (a subagent's, in its parent's workspace)
+    /// is its owner's to destroy.
     pub(super) async fn destroy_sandbox(&mut self) {
         let Some(sandbox_session_id) = self.sandbox_session_id.take() else {
             return;
         };
+        if self.session.sandbox_borrowed {
+            return;
+        }
         let reason = format!("control-plane session {} ended", self.session.session_id);
         if let Err(error) = self
             .agent_loop

@@ -207,6 +207,11 @@ pub struct SessionState {
     /// The latest requested call (tool and arguments) and how many times in
     /// a row, across turns, the model asked for exactly it.
     pub repeated_call: Option<(ToolCall, u32)>,
+    /// Subagents started over the session's life.
+    pub children_started: u32,
+    /// The budgets reserved for subagents still running, by the call that
+    /// delegated.
+    pub reservations: std::collections::BTreeMap<String, control::BudgetLimits>,
 }
 
 /// Why stored data cannot be replayed.
@@ -284,9 +289,20 @@ impl SessionState {
                 }
             }
             Kind::ToolFinished(finished) => {
+                // A delegation that failed before its child ran holds
+                // nothing either.
+                self.reservations.remove(&finished.call_id);
                 if let Some(call) = self.call_mut(&finished.call_id) {
                     call.finished = Some(finished.clone());
                 }
+            }
+            Kind::SubagentStarted(started) => {
+                self.children_started = self.children_started.saturating_add(1);
+                self.reservations
+                    .insert(started.call_id.clone(), started.budget.unwrap_or_default());
+            }
+            Kind::SubagentFinished(finished) => {
+                self.reservations.remove(&finished.call_id);
             }
             Kind::TurnCompleted(completed) => self.close_turn(completed),
             Kind::BudgetWarning(warning) => {
@@ -452,6 +468,7 @@ fn error_kind_for_model(kind: control::ToolErrorKind) -> &'static str {
         control::ToolErrorKind::Internal => "internal",
         control::ToolErrorKind::Interrupted => "interrupted",
         control::ToolErrorKind::NotFound => "not_found",
+        control::ToolErrorKind::LimitExceeded => "limit_exceeded",
     }
 }
 
@@ -562,8 +579,52 @@ mod tests {
     }
 
     #[test]
+    fn subagent_events_track_children_and_reservations() {
+        let mut state = SessionState::new("", "go");
+        let budget = control::BudgetLimits {
+            max_output_tokens: Some(100),
+            ..Default::default()
+        };
+        let started = |call_id: &str| {
+            Kind::SubagentStarted(control::SubagentStarted {
+                call_id: call_id.to_owned(),
+                budget: Some(budget),
+                ..Default::default()
+            })
+        };
+        state.apply(1, &started("a"));
+        state.apply(1, &started("b"));
+        state.apply(
+            1,
+            &Kind::SubagentFinished(control::SubagentFinished {
+                call_id: "a".to_owned(),
+                usage: Some(control::BudgetUsage {
+                    output_tokens: 40,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(state.children_started, 2);
+        assert_eq!(
+            state.reservations,
+            std::collections::BTreeMap::from([("b".to_owned(), budget)])
+        );
+        assert_eq!(state.usage.output_tokens, 40);
+        // A delegation whose call failed before its child ran holds nothing.
+        state.apply(
+            1,
+            &Kind::ToolFinished(control::ToolFinished {
+                call_id: "b".to_owned(),
+                ..Default::default()
+            }),
+        );
+        assert!(state.reservations.is_empty());
+    }
+
+    #[test]
     fn error_kinds_are_named_to_the_model_as_the_transcript_names_them() {
-        for value in 0..=8 {
+        for value in 0..=9 {
             let kind = control::ToolErrorKind::try_from(value).unwrap();
             assert_eq!(
                 error_kind_for_model(kind),
@@ -601,6 +662,7 @@ mod tests {
             invocation_id: "s:c2".to_owned(),
             tool: "remember".to_owned(),
             input_json: "{}".to_owned(),
+            delegation: None,
         };
         state.apply(1, &requested("c2"));
         let harness_step = ToolRequest::Harness(harness_call.clone()).step_record("c2");

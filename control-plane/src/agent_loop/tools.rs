@@ -10,7 +10,7 @@ use harness_proto::control::v1 as control;
 use harness_proto::sandbox::v1 as sandbox;
 use tokio::sync::Semaphore;
 
-use super::executor::HarnessToolError;
+use super::executor::{HarnessOutput, HarnessToolError};
 use crate::error_report::error_chain;
 use crate::provider::ToolCall;
 use crate::sandbox::{InvocationOutcome, SandboxDispatch, SandboxError};
@@ -101,7 +101,10 @@ pub enum CallResult {
     /// sandboxd could not be reached.
     Failed(SandboxError),
     /// A harness tool's output, or its error.
-    Harness(Result<String, HarnessToolError>),
+    Harness(Result<HarnessOutput, HarnessToolError>),
+    /// The control plane is shutting down before the call could finish;
+    /// nothing is recorded and it runs again at the next start.
+    ShuttingDown,
     /// The call was started without a recorded request, so nothing ran.
     MissingRequest,
 }
@@ -216,18 +219,22 @@ pub fn finished_from_failure(
 ) -> control::ToolFinished {
     let (kind, message) = match result {
         CallResult::Outcome(outcome) => return finished_from_result(call, &outcome.result),
-        CallResult::Harness(Ok(output_json)) => {
+        CallResult::Harness(Ok(output)) => {
             return control::ToolFinished {
                 call_id: call.call_id.clone(),
                 tool: call.tool.clone(),
                 outcome: Some(control::tool_finished::Outcome::OutputJson(
-                    output_json.clone(),
+                    output.output_json.clone(),
                 )),
                 wall_time: None,
                 peak_memory_bytes: 0,
             };
         }
         CallResult::Harness(Err(error)) => (error.kind, error.message.clone()),
+        CallResult::ShuttingDown => (
+            control::ToolErrorKind::Interrupted,
+            "the control plane shut down while this call ran".to_owned(),
+        ),
         CallResult::MissingRequest => (
             control::ToolErrorKind::Internal,
             "the call was started without a recorded request, so it did not run".to_owned(),

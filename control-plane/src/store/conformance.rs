@@ -76,6 +76,7 @@ pub fn new_session(session_id: &str, key: Option<&str>) -> NewSession {
             ..Default::default()
         },
         idempotency_key: key.map(str::to_owned),
+        parent: None,
     }
 }
 
@@ -187,6 +188,8 @@ pub async fn create_is_idempotent_by_tenant_and_key<H: StoreHarness>(harness: &H
             final_output: String::new(),
             sandbox_session_id: None,
             cancel_reason: None,
+            lineage: Vec::new(),
+            sandbox_borrowed: false,
         }
     );
     let again = store
@@ -656,6 +659,7 @@ pub async fn sessions_list_cancel_and_record_their_sandbox<H: StoreHarness>(harn
         status: None,
         page_size: 2,
         page_token: None,
+        parent: None,
     };
     let first = store.list_sessions(query.clone()).await.unwrap();
     assert_eq!(first.sessions, [created[2].clone(), created[1].clone()]);

@@ -58,6 +58,25 @@ pub struct NewSession {
     pub budget: BudgetLimits,
     /// Idempotency key; `None` never matches another session.
     pub idempotency_key: Option<String>,
+    /// For a subagent: the session that delegated to it.
+    pub parent: Option<Parentage>,
+}
+
+/// Where a subagent's session sits in its tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parentage {
+    /// Its ancestors, the top-level session first and its parent last.
+    pub lineage: Vec<SessionId>,
+    /// The parent's sandbox session, which the child works in (shared
+    /// workspace) and must never destroy; `None`: it gets its own.
+    pub borrowed_sandbox: Option<String>,
+}
+
+impl Parentage {
+    /// The session that delegated.
+    pub fn parent(&self) -> Option<&SessionId> {
+        self.lineage.last()
+    }
 }
 
 /// A stored session.
@@ -96,6 +115,11 @@ pub struct SessionRecord {
     /// Set once CancelSession was called: the reason. A session resumed
     /// after a restart with this set stops as cancelled.
     pub cancel_reason: Option<String>,
+    /// Its ancestors (top-level session first); empty for a top-level
+    /// session.
+    pub lineage: Vec<SessionId>,
+    /// Its sandbox session belongs to its parent: it never destroys it.
+    pub sandbox_borrowed: bool,
 }
 
 impl SessionRecord {
@@ -125,7 +149,21 @@ impl SessionRecord {
             budget: Some(self.budget),
             usage: Some(usage),
             final_output: self.final_output.clone(),
+            parent_session_id: self
+                .parent_session_id()
+                .map(|parent| parent.as_str().to_owned())
+                .unwrap_or_default(),
+            lineage: self
+                .lineage
+                .iter()
+                .map(|id| id.as_str().to_owned())
+                .collect(),
         }
+    }
+
+    /// The session that delegated to this one, if it is a subagent.
+    pub fn parent_session_id(&self) -> Option<&SessionId> {
+        self.lineage.last()
     }
 }
 
@@ -147,6 +185,8 @@ pub struct SessionQuery {
     pub agent: Option<String>,
     /// Only sessions in this status.
     pub status: Option<SessionStatus>,
+    /// Only the subagents of this session.
+    pub parent: Option<SessionId>,
     /// Maximum sessions to return (at least 1).
     pub page_size: usize,
     /// Continue after this token from a previous page.

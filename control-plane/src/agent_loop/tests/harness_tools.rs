@@ -24,14 +24,21 @@ impl crate::agent_loop::executor::HarnessTool for NoteTool {
     fn call(
         &self,
         call: control::HarnessToolCall,
-    ) -> BoxFuture<'static, Result<String, crate::agent_loop::executor::HarnessToolError>> {
+    ) -> BoxFuture<
+        'static,
+        Result<
+            crate::agent_loop::executor::HarnessOutput,
+            crate::agent_loop::executor::HarnessCallError,
+        >,
+    > {
         self.runs.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             let input: serde_json::Value = serde_json::from_str(&call.input_json).unwrap();
-            Ok(
-                serde_json::json!({"noted": input["line"], "invocation": call.invocation_id})
-                    .to_string(),
-            )
+            let output =
+                serde_json::json!({"noted": input["line"], "invocation": call.invocation_id});
+            Ok(crate::agent_loop::executor::HarnessOutput::json(
+                output.to_string(),
+            ))
         })
     }
 }
@@ -120,6 +127,7 @@ async fn a_harness_tool_is_offered_in_the_agents_order_and_its_call_recorded_as_
             invocation_id: "s1:call_1_0".to_owned(),
             tool: "note".to_owned(),
             input_json: r#"{"line":"hello"}"#.to_owned(),
+            delegation: None,
         }
     );
     assert!(steps.iter().any(|step| step.step == "invoke:call_1_1"));

@@ -49,6 +49,8 @@ struct FakeSandbox {
     policies: Mutex<Vec<sandbox::SessionPolicy>>,
     recorded: Mutex<HashMap<String, InvocationOutcome>>,
     executions: AtomicUsize,
+    /// Files `write_file` calls wrote, by (sandbox session, path).
+    files: Mutex<HashMap<(String, String), String>>,
     running: AtomicUsize,
     max_running: AtomicUsize,
     sessions: AtomicUsize,
@@ -155,6 +157,16 @@ impl SandboxDispatch for FakeSandbox {
                 return Err(SandboxError::MissingResult);
             };
             self.note(format!("invoke {} {}", request.invocation_id, call.tool));
+            if call.tool == "write_file"
+                && let Ok(input) = serde_json::from_str::<serde_json::Value>(&call.input_json)
+                && let (Some(path), Some(content)) =
+                    (input["path"].as_str(), input["content"].as_str())
+            {
+                self.files.lock().unwrap().insert(
+                    (request.session_id.clone(), path.to_owned()),
+                    content.to_owned(),
+                );
+            }
             let behaviour = self.behaviours.get(call.tool.as_str()).cloned();
             if matches!(behaviour, Some(Behaviour::SessionGone)) {
                 return Err(SandboxError::Invoke(tonic::Status::not_found(format!(
@@ -208,6 +220,39 @@ impl SandboxDispatch for FakeSandbox {
     ) -> BoxFuture<'_, Result<sandbox::TeardownReport, SandboxError>> {
         self.note(format!("destroy {session_id}"));
         Box::pin(async { Ok(sandbox::TeardownReport::default()) })
+    }
+
+    /// What `write_file` calls wrote; the digest is a stand-in naming the
+    /// contents.
+    fn read_files(
+        &self,
+        request: sandbox::ReadFilesRequest,
+    ) -> BoxFuture<'_, Result<Vec<sandbox::FileContent>, SandboxError>> {
+        let files = self.files.lock().unwrap();
+        let mut read = Vec::new();
+        for path in request.paths {
+            match files.get(&(request.session_id.clone(), path.clone())) {
+                Some(content) => read.push(sandbox::FileContent {
+                    path,
+                    content: content.as_bytes().to_vec(),
+                    size: content.len() as u64,
+                    truncated: false,
+                    sha256: format!("digest of {content:?}"),
+                    missing: false,
+                }),
+                None if request.allow_missing => read.push(sandbox::FileContent {
+                    path,
+                    missing: true,
+                    ..Default::default()
+                }),
+                None => {
+                    return Box::pin(async move {
+                        Err(SandboxError::ReadFiles(tonic::Status::not_found(path)))
+                    });
+                }
+            }
+        }
+        Box::pin(async move { Ok(read) })
     }
 }
 
@@ -391,6 +436,7 @@ fn definition(tools: &[&str]) -> AgentDefinition {
         conversation: ConversationSettings::default(),
         // Tests repeat calls on purpose; loop detection has tests of its own.
         max_repeated_calls: 0,
+        delegation: crate::agent::DelegationSettings::default(),
         source: PathBuf::from("tester.toml"),
     }
 }
@@ -471,6 +517,7 @@ impl Harness {
                 metadata: HashMap::new(),
                 budget,
                 idempotency_key: None,
+                parent: None,
             })
             .await
             .unwrap()
@@ -508,6 +555,7 @@ impl Harness {
                     attempts: 2,
                     backoff: Duration::from_millis(1),
                 },
+                max_subagent_depth: DEFAULT_MAX_SUBAGENT_DEPTH,
             },
             self.harness_tools.clone(),
         )

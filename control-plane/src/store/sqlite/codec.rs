@@ -74,6 +74,8 @@ pub(super) struct SessionRow {
     pub(super) sandbox_session_id: Option<String>,
     pub(super) cancel_reason: Option<String>,
     pub(super) key: i64,
+    pub(super) lineage_json: String,
+    pub(super) sandbox_borrowed: bool,
 }
 
 impl SessionRow {
@@ -96,6 +98,8 @@ impl SessionRow {
             sandbox_session_id: row.get(14)?,
             cancel_reason: row.get(15)?,
             key: row.get(16)?,
+            lineage_json: row.get(17)?,
+            sandbox_borrowed: row.get(18)?,
         })
     }
 
@@ -112,6 +116,8 @@ impl SessionRow {
             .map_err(|error| corrupt(&format!("budget: {error}")))?;
         let usage = BudgetUsage::decode(self.usage.as_deref().unwrap_or_default())
             .map_err(|error| corrupt(&format!("usage: {error}")))?;
+        let lineage: Vec<String> = serde_json::from_str(&self.lineage_json)
+            .map_err(|error| corrupt(&format!("lineage: {error}")))?;
         Ok(SessionRecord {
             status,
             stop_reason,
@@ -129,6 +135,8 @@ impl SessionRow {
             final_output: self.final_output,
             sandbox_session_id: self.sandbox_session_id,
             cancel_reason: self.cancel_reason,
+            lineage: lineage.into_iter().map(SessionId::new).collect(),
+            sandbox_borrowed: self.sandbox_borrowed,
         })
     }
 }

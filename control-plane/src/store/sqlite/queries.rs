@@ -21,7 +21,7 @@ use crate::store::{
 pub(super) const SESSION_COLUMNS: &str = "s.session_id, s.tenant, s.agent, s.input, s.status, \
      s.stop_reason, s.metadata_json, s.budget, b.usage, s.idempotency_key, s.created_at, \
      COALESCE(b.created_at, s.created_at), COALESCE(b.last_seq, 0), s.final_output, \
-     s.sandbox_session_id, s.cancel_reason, s.session_key";
+     s.sandbox_session_id, s.cancel_reason, s.session_key, s.lineage_json, s.sandbox_borrowed";
 
 /// A session with its last saved batch of events (none before the first);
 /// [`with_fresh_head`] brings it up to date.
@@ -340,6 +340,10 @@ pub(super) fn list_sessions(
     if let Some(status) = query.status {
         values.push(status.as_str_name().to_owned().into());
         sql.push_str(&format!(" AND s.status = ?{}", values.len()));
+    }
+    if let Some(parent) = &query.parent {
+        values.push(parent.as_str().to_owned().into());
+        sql.push_str(&format!(" AND s.parent_session_id = ?{}", values.len()));
     }
     if let Some((created_at, session_id)) = after {
         values.push(created_at.into());

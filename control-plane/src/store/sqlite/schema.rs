@@ -141,6 +141,18 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE TABLE store_meta (heads_through INTEGER NOT NULL);
     INSERT INTO store_meta (heads_through) SELECT COALESCE(MAX(batch_id), 0) FROM event_batches;
 ",
+    // Version 5: subagent sessions. `lineage_json` lists a session's
+    // ancestors (top-level first; ids are arbitrary text, so JSON rather
+    // than a separator), `parent_session_id` is its last entry, indexed to
+    // list a session's children, and `sandbox_borrowed` marks a sandbox
+    // session that belongs to the parent.
+    r"
+    ALTER TABLE sessions ADD COLUMN parent_session_id TEXT;
+    ALTER TABLE sessions ADD COLUMN lineage_json TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE sessions ADD COLUMN sandbox_borrowed INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX sessions_by_parent ON sessions (parent_session_id, created_at DESC, session_id DESC)
+        WHERE parent_session_id IS NOT NULL;
+",
 ];
 
 /// A batch that holds an event whose seq is a multiple of this is indexed

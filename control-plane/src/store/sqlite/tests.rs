@@ -738,7 +738,7 @@ async fn newer_schema_is_refused() {
             error,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 4
+                supported: 5
             }
         ),
         "{error:?}"

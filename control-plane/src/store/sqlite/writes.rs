@@ -28,12 +28,28 @@ pub(super) fn create_session(
         serde_json::to_string(&new.metadata)
             .map_err(|error| StoreError::Corrupt(format!("metadata: {error}"))),
     )?;
+    let lineage: Vec<&str> = new
+        .parent
+        .iter()
+        .flat_map(|parent| &parent.lineage)
+        .map(SessionId::as_str)
+        .collect();
+    let lineage_json = check(
+        serde_json::to_string(&lineage)
+            .map_err(|error| StoreError::Corrupt(format!("lineage: {error}"))),
+    )?;
+    let parent = new.parent.as_ref().and_then(|parent| parent.parent());
+    let borrowed = new
+        .parent
+        .as_ref()
+        .and_then(|parent| parent.borrowed_sandbox.as_deref());
     let inserted = write_step(
         connection
             .execute(
                 "INSERT INTO sessions (session_id, tenant, agent, input, status, stop_reason, \
-                 metadata_json, budget, idempotency_key, created_at, final_output) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '') \
+                 metadata_json, budget, idempotency_key, created_at, final_output, \
+                 parent_session_id, lineage_json, sandbox_session_id, sandbox_borrowed) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '', ?11, ?12, ?13, ?14) \
                  ON CONFLICT (tenant, idempotency_key) DO NOTHING",
                 params![
                     new.session_id,
@@ -46,6 +62,10 @@ pub(super) fn create_session(
                     new.budget.encode_to_vec(),
                     new.idempotency_key,
                     now,
+                    parent,
+                    lineage_json,
+                    borrowed,
+                    borrowed.is_some(),
                 ],
             )
             .map_err(query_error("create a session")),
