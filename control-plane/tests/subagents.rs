@@ -240,18 +240,19 @@ async fn children_start_from_their_task_alone_and_the_parent_gets_one_receipt_ea
 
     // The researcher worked in the supervisor's sandbox and left it; the
     // reviewer got one of its own, destroyed when it finished.
-    let record = plane.sandboxd.record.lock().unwrap();
-    let wrote_notes = record
-        .invocations
-        .iter()
-        .find(|(_, _, _, input)| input["path"] == "notes/a.md")
-        .unwrap();
-    assert_eq!(wrote_notes.0, "sb-1");
-    assert_eq!(record.created.len(), 2);
-    let mut destroyed = record.destroyed.clone();
-    destroyed.sort();
-    assert_eq!(destroyed, ["sb-1", "sb-2"]);
-    drop(record);
+    {
+        let record = plane.sandboxd.record.lock().unwrap();
+        let wrote_notes = record
+            .invocations
+            .iter()
+            .find(|(_, _, _, input)| input["path"] == "notes/a.md")
+            .unwrap();
+        assert_eq!(wrote_notes.0, "sb-1");
+        assert_eq!(record.created.len(), 2);
+        let mut destroyed = record.destroyed.clone();
+        destroyed.sort();
+        assert_eq!(destroyed, ["sb-1", "sb-2"]);
+    }
 
     // The parent's usage includes its children's.
     let usage = plane.session(&session.session_id).await.usage.unwrap();
