@@ -464,3 +464,109 @@ async fn a_child_over_its_token_budget_reports_budget_exhausted() {
     assert_eq!(kids[0].stop_reason(), control::StopReason::BudgetExhausted);
     plane.shut_down().await;
 }
+
+/// Waits until the session's log holds a `subagent_started`.
+async fn wait_for_child(plane: &TestPlane, session_id: &str) {
+    for _ in 0..500 {
+        if !children(plane, session_id).await.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no subagent started");
+}
+
+#[tokio::test]
+async fn cancelling_the_parent_cancels_its_children() {
+    let parent = model(vec![
+        FakeTurn::text("Delegating.").with_call("delegate_to_slow", r#"{"task":"Take ages."}"#),
+        FakeTurn::text("Never reached."),
+    ])
+    .await;
+    let slow = model(vec![FakeTurn::text("Finally.")]).await;
+    slow.set_shape(StreamShape {
+        first_byte_delay: Duration::from_secs(30),
+        ..StreamShape::default()
+    });
+    let files = [
+        (
+            "parent.toml",
+            agent("parent", &parent, &[], "subagents = [\"slow\"]\n"),
+        ),
+        ("slow.toml", agent("slow", &slow, &[], "")),
+    ];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let plane = TestPlane::start_with_agents(Sockets::Tcp, &files).await;
+    let session = start(&plane, "parent", "Go.").await;
+    wait_for_child(&plane, &session.session_id).await;
+    let cancelled = plane
+        .client
+        .clone()
+        .cancel_session(control::CancelSessionRequest {
+            session_id: session.session_id.clone(),
+            reason: "changed my mind".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(cancelled.stop_reason(), control::StopReason::Cancelled);
+    let child = &children(&plane, &session.session_id).await[0];
+    let events = plane.events(&child.session_id, 0).await;
+    let Some(Kind::Finished(finished)) = &events.last().unwrap().kind else {
+        panic!("the child did not finish");
+    };
+    assert_eq!(finished.stop_reason(), control::StopReason::Cancelled);
+    assert_eq!(
+        finished.message,
+        "its parent session ended: changed my mind"
+    );
+    assert_eq!(parent.requests().len(), 1);
+    plane.shut_down().await;
+}
+
+#[tokio::test]
+async fn an_escalating_child_returns_its_reason_to_the_parent() {
+    let parent = model(vec![
+        FakeTurn::text("Delegating.")
+            .with_call("delegate_to_cautious", r#"{"task":"Delete production."}"#),
+        FakeTurn::text("It escalated."),
+    ])
+    .await;
+    let cautious =
+        model(vec![FakeTurn::text("No.").with_call(
+            "escalate",
+            r#"{"reason":"needs a human's approval"}"#,
+        )])
+        .await;
+    let files = [
+        (
+            "parent.toml",
+            agent("parent", &parent, &[], "subagents = [\"cautious\"]\n"),
+        ),
+        (
+            "cautious.toml",
+            agent("cautious", &cautious, &["escalate"], ""),
+        ),
+    ];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let plane = TestPlane::start_with_agents(Sockets::Tcp, &files).await;
+    let session = start(&plane, "parent", "Go.").await;
+    plane.events(&session.session_id, 0).await;
+    let receipt = receipt(&tool_results(&parent.requests()[1].body)[0]);
+    assert_eq!(
+        (
+            &receipt["status"],
+            &receipt["stop_reason"],
+            &receipt["message"]
+        ),
+        (
+            &json!("failed"),
+            &json!("escalated"),
+            &json!("needs a human's approval")
+        )
+    );
+    assert_eq!(cautious.requests().len(), 1);
+    plane.shut_down().await;
+}
