@@ -42,6 +42,23 @@ struct Cli {
     command: Command,
 }
 
+/// Which pending tool call an approve or deny answers.
+#[derive(Debug, clap::Args)]
+struct Resolution {
+    /// Session id.
+    session: String,
+    /// The call id (from the approval_requested event).
+    call: String,
+    /// Why (recorded; passed to the model on denial).
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// The call is a subagent's: the id of that descendant session of
+    /// `session` (shown in its approval_requested event and by
+    /// `list --parent`).
+    #[arg(long)]
+    subagent: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane.
@@ -93,25 +110,9 @@ enum Command {
         follow: bool,
     },
     /// Allow a tool call that is awaiting approval.
-    Approve {
-        /// Session id.
-        session: String,
-        /// The call id (from the approval_requested event).
-        call: String,
-        /// Why (recorded).
-        #[arg(long, default_value = "")]
-        reason: String,
-    },
+    Approve(Resolution),
     /// Deny a tool call that is awaiting approval; the model is told why.
-    Deny {
-        /// Session id.
-        session: String,
-        /// The call id (from the approval_requested event).
-        call: String,
-        /// Why (passed to the model).
-        #[arg(long, default_value = "")]
-        reason: String,
-    },
+    Deny(Resolution),
     /// Cancel a session; running tool calls are stopped.
     Cancel {
         /// Session id.
@@ -134,6 +135,9 @@ enum Command {
         /// waiting_for_input or finished.
         #[arg(long)]
         status: Option<String>,
+        /// Only the subagent sessions this session delegated to.
+        #[arg(long)]
+        parent: Option<String>,
         /// Maximum sessions to show.
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -281,30 +285,18 @@ async fn main() -> anyhow::Result<()> {
             };
             send(&client, request, follow).await
         }
-        Command::Approve {
-            session,
-            call,
-            reason,
-        } => {
+        Command::Approve(resolution) => {
             resolve(
                 client.client()?,
-                session,
-                call,
-                reason,
+                resolution,
                 control::ApprovalDecision::Allow,
             )
             .await
         }
-        Command::Deny {
-            session,
-            call,
-            reason,
-        } => {
+        Command::Deny(resolution) => {
             resolve(
                 client.client()?,
-                session,
-                call,
-                reason,
+                resolution,
                 control::ApprovalDecision::Deny,
             )
             .await
@@ -314,8 +306,9 @@ async fn main() -> anyhow::Result<()> {
         Command::List {
             agent,
             status,
+            parent,
             limit,
-        } => list(client.client()?, agent, status, limit).await,
+        } => list(client.client()?, agent, status, parent, limit).await,
         Command::Agents => agents(client.client()?).await,
     }
 }
@@ -549,17 +542,17 @@ async fn still_waiting_at(
 
 async fn resolve(
     mut client: ControlServiceClient<Channel>,
-    session_id: String,
-    call_id: String,
-    reason: String,
+    resolution: Resolution,
     decision: control::ApprovalDecision,
 ) -> anyhow::Result<()> {
+    let call_id = resolution.call.clone();
     let response = client
         .resolve_approval(control::ResolveApprovalRequest {
-            session_id,
-            call_id: call_id.clone(),
+            session_id: resolution.session,
+            call_id: resolution.call,
             decision: decision.into(),
-            reason,
+            reason: resolution.reason,
+            subagent_session_id: resolution.subagent.unwrap_or_default(),
         })
         .await
         .map_err(rpc_error("ResolveApproval"))?
@@ -627,6 +620,7 @@ async fn list(
     mut client: ControlServiceClient<Channel>,
     agent: Option<String>,
     status: Option<String>,
+    parent: Option<String>,
     limit: u32,
 ) -> anyhow::Result<()> {
     let status = match status {
@@ -642,6 +636,7 @@ async fn list(
             page_size: limit,
             agent: agent.unwrap_or_default(),
             status: status.into(),
+            parent_session_id: parent.unwrap_or_default(),
             ..Default::default()
         })
         .await

@@ -101,6 +101,14 @@ pub enum ServiceError {
     /// A page token that was not issued by ListSessions.
     #[error("invalid page_token {0:?}")]
     BadPageToken(String),
+    /// `subagent_session_id` is not a descendant of `session_id`.
+    #[error("session {subagent} is not a subagent of session {ancestor}")]
+    NotADescendant {
+        /// The session the request named.
+        ancestor: SessionId,
+        /// The session it asked to resolve.
+        subagent: SessionId,
+    },
     /// The store failed.
     #[error("storage failed")]
     Store(#[source] StoreError),
@@ -134,9 +142,9 @@ impl From<ServiceError> for Status {
             | ServiceError::CostWithoutPrice { .. }
             | ServiceError::MissingDecision
             | ServiceError::BadPageToken(_) => Status::invalid_argument(message),
-            ServiceError::UnknownAgent(_) | ServiceError::UnknownSession(_) => {
-                Status::not_found(message)
-            }
+            ServiceError::UnknownAgent(_)
+            | ServiceError::UnknownSession(_)
+            | ServiceError::NotADescendant { .. } => Status::not_found(message),
             ServiceError::NotAwaitingApproval { .. } | ServiceError::NotWaitingForInput { .. } => {
                 Status::failed_precondition(message)
             }
@@ -293,7 +301,21 @@ impl ControlPlaneService {
         if decision == control::ApprovalDecision::Unspecified {
             return Err(ServiceError::MissingDecision);
         }
-        let session = self.session(&SessionId::from(request.session_id)).await?;
+        let named = self.session(&SessionId::from(request.session_id)).await?;
+        let session = if request.subagent_session_id.is_empty() {
+            named
+        } else {
+            let subagent = self
+                .session(&SessionId::from(request.subagent_session_id))
+                .await?;
+            if !subagent.lineage.contains(&named.session_id) {
+                return Err(ServiceError::NotADescendant {
+                    ancestor: named.session_id,
+                    subagent: subagent.session_id,
+                });
+            }
+            subagent
+        };
         let pending = self
             .log
             .store()

@@ -20,6 +20,7 @@ async fn resolve(
             call_id: call_id.to_owned(),
             decision: decision.into(),
             reason: reason.to_owned(),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)

@@ -570,3 +570,147 @@ async fn an_escalating_child_returns_its_reason_to_the_parent() {
     assert_eq!(cautious.requests().len(), 1);
     plane.shut_down().await;
 }
+
+/// The session's first `approval_requested`, once it is recorded.
+async fn approval_requested(plane: &TestPlane, session_id: &str) -> control::ApprovalRequested {
+    use futures::StreamExt as _;
+    let mut stream = plane
+        .client
+        .clone()
+        .stream_events(control::StreamEventsRequest {
+            session_id: session_id.to_owned(),
+            after_seq: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let found = async {
+        while let Some(event) = stream.next().await {
+            if let Some(Kind::ApprovalRequested(requested)) = event.unwrap().kind {
+                return requested;
+            }
+        }
+        panic!("the session ended without asking for approval");
+    };
+    tokio::time::timeout(Duration::from_secs(10), found)
+        .await
+        .expect("an approval is requested within 10s")
+}
+
+#[tokio::test]
+async fn a_childs_approval_is_listed_with_its_lineage_and_resolved_through_the_parent() {
+    let lead = model(vec![
+        FakeTurn::text("Delegating.").with_call("delegate_to_writer", r#"{"task":"Write it."}"#),
+        FakeTurn::text("Done."),
+    ])
+    .await;
+    let writer = model(vec![
+        FakeTurn::text("Writing.")
+            .with_call("write_file", r#"{"path":"notes/tally.txt","content":"1"}"#),
+        FakeTurn::text("Finished."),
+    ])
+    .await;
+    let policy = "[[policy.rule]]\ntool = \"write_file\"\nverdict = \"ask\"\nreason = \"writes need a human\"\n";
+    let files = [
+        (
+            "lead.toml",
+            agent("lead", &lead, &[], "subagents = [\"writer\"]\n"),
+        ),
+        (
+            "writer.toml",
+            agent("writer", &writer, &["write_file"], policy),
+        ),
+    ];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let plane = TestPlane::start_with_agents(Sockets::Tcp, &files).await;
+    let writes = |plane: &TestPlane| {
+        plane
+            .sandboxd
+            .record
+            .lock()
+            .unwrap()
+            .invocations
+            .iter()
+            .filter(|(_, _, tool, _)| tool == "write_file")
+            .count()
+    };
+    let resolve = |parent: &str, child: &str, call: &str, decision: control::ApprovalDecision| {
+        let mut client = plane.client.clone();
+        let request = control::ResolveApprovalRequest {
+            session_id: parent.to_owned(),
+            call_id: call.to_owned(),
+            decision: decision.into(),
+            reason: "checked".to_owned(),
+            subagent_session_id: child.to_owned(),
+        };
+        async move { client.resolve_approval(request).await }
+    };
+
+    for (decision, writes_after) in [
+        (control::ApprovalDecision::Allow, 1),
+        (control::ApprovalDecision::Deny, 1),
+    ] {
+        let session = start(&plane, "lead", "Go.").await;
+        wait_for_child(&plane, &session.session_id).await;
+        let child = children(&plane, &session.session_id).await.remove(0);
+        let requested = approval_requested(&plane, &child.session_id).await;
+        let call_id = requested.call_id.clone();
+        assert_eq!(
+            (requested.session_id.as_str(), requested.lineage.clone()),
+            (child.session_id.as_str(), vec![session.session_id.clone()])
+        );
+        let waiting = plane
+            .client
+            .clone()
+            .list_sessions(control::ListSessionsRequest {
+                parent_session_id: session.session_id.clone(),
+                status: control::SessionStatus::AwaitingApproval.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .sessions;
+        assert_eq!(waiting.len(), 1);
+        // Only an ancestor may answer for the child.
+        let stranger = start(&plane, "writer", "Elsewhere.").await;
+        let refused = resolve(&stranger.session_id, &child.session_id, &call_id, decision)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+        resolve(&session.session_id, &child.session_id, &call_id, decision)
+            .await
+            .unwrap();
+        plane.events(&session.session_id, 0).await;
+        // The stranger asks too; deny it so it ends.
+        let stranger_call = plane.pending_approval(&stranger.session_id).await;
+        resolve(
+            &stranger.session_id,
+            "",
+            &stranger_call,
+            control::ApprovalDecision::Deny,
+        )
+        .await
+        .unwrap();
+        plane.events(&stranger.session_id, 0).await;
+        assert_eq!(writes(&plane), writes_after, "{decision:?}");
+    }
+    // The denied child's model was told so (the approved one got the
+    // write's result).
+    let results: Vec<String> = writer
+        .requests()
+        .iter()
+        .filter(|request| request.body["messages"][1]["content"] == "Write it.")
+        .flat_map(|request| tool_results(&request.body))
+        .map(|result| result["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        results,
+        [
+            r#"{"bytes_written":1}"#,
+            "denied: denied by default: checked"
+        ]
+    );
+    plane.shut_down().await;
+}

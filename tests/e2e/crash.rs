@@ -318,6 +318,7 @@ async fn approve(cluster: &Cluster, session_id: &str, call_id: &str) -> bool {
             call_id: call_id.to_owned(),
             decision: control::ApprovalDecision::Allow.into(),
             reason: "ok".to_owned(),
+            ..Default::default()
         })
         .await;
     match answer {

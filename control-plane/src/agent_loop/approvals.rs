@@ -70,6 +70,13 @@ impl SessionRun<'_> {
                         arguments_json: call.arguments_json,
                         reason,
                         deadline,
+                        session_id: self.session.session_id.as_str().to_owned(),
+                        lineage: self
+                            .session
+                            .lineage
+                            .iter()
+                            .map(|id| id.as_str().to_owned())
+                            .collect(),
                     }),
                 );
             }
