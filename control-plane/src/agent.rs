@@ -23,6 +23,13 @@
 //! # max-parallel-subagents = 4   # delegations running at once (default 4)
 //! # workspace = "shared"         # as a subagent: work in the parent's sandbox session
 //!                                # ("shared", default) or a fresh one ("isolated")
+//! # handoffs = ["billing"]       # agents it may hand the session over to: the model
+//!                                # sees one `transfer_to_<name>` tool each ({reason})
+//! # max-handoffs = 4             # handoffs over a session's life (default 4)
+//! # handoff-history = "full"     # what this agent receives when a session is handed
+//!                                # to it: "full" (default), "summary" (the transferring
+//!                                # model's summary) or "last-user" (the user's latest
+//!                                # message only)
 //!
 //! [budget]                       # every limit optional; StartSession may lower them
 //! max-tool-calls = 50
@@ -78,6 +85,10 @@ pub const DEFAULT_MAX_CHILDREN: u32 = 8;
 pub const DEFAULT_MAX_PARALLEL_SUBAGENTS: u32 = 4;
 /// Prefix of the harness tool that delegates to a subagent.
 pub const DELEGATE_PREFIX: &str = "delegate_to_";
+/// Prefix of the harness tool that hands the session to another agent.
+pub const TRANSFER_PREFIX: &str = "transfer_to_";
+/// Handoffs over a session's life unless its agent sets `max-handoffs`.
+pub const DEFAULT_MAX_HANDOFFS: u32 = 4;
 /// Longest subagent name (the tool name `delegate_to_<name>` stays within
 /// the 64 characters model APIs accept).
 const MAX_SUBAGENT_NAME: usize = 52;
@@ -164,6 +175,12 @@ struct AgentFile {
     #[serde(default)]
     workspace: Workspace,
     #[serde(default)]
+    handoffs: Vec<String>,
+    #[serde(default = "default_max_handoffs")]
+    max_handoffs: u32,
+    #[serde(default)]
+    handoff_history: HandoffHistory,
+    #[serde(default)]
     budget: BudgetSettings,
     #[serde(default)]
     policy: PolicySettings,
@@ -199,6 +216,34 @@ fn default_max_parallel_subagents() -> u32 {
     DEFAULT_MAX_PARALLEL_SUBAGENTS
 }
 
+fn default_max_handoffs() -> u32 {
+    DEFAULT_MAX_HANDOFFS
+}
+
+/// What an agent receives of the conversation when a session is handed to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HandoffHistory {
+    /// Everything so far.
+    #[default]
+    Full,
+    /// The summary the transferring model writes with its transfer call.
+    Summary,
+    /// The user's latest message only.
+    LastUser,
+}
+
+impl HandoffHistory {
+    /// As a session records it.
+    pub fn to_proto(self) -> control::HandoffHistory {
+        match self {
+            Self::Full => control::HandoffHistory::Full,
+            Self::Summary => control::HandoffHistory::Summary,
+            Self::LastUser => control::HandoffHistory::LastUser,
+        }
+    }
+}
+
 /// Where an agent works when it runs as a subagent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -220,7 +265,8 @@ impl Workspace {
     }
 }
 
-/// Delegation: the subagents an agent may call, and its limits.
+/// The other agents an agent works with: subagents it delegates to,
+/// agents it hands sessions over to, and the limits of both.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DelegationSettings {
     /// Agents it may delegate to, in the order their tools follow its own.
@@ -231,6 +277,13 @@ pub struct DelegationSettings {
     pub max_parallel_subagents: u32,
     /// Where it works when another agent delegates to it.
     pub workspace: Workspace,
+    /// Agents it may hand a session over to, in the order their tools
+    /// follow its own.
+    pub handoffs: Vec<String>,
+    /// Most handoffs over a session's life.
+    pub max_handoffs: u32,
+    /// What it receives when a session is handed to it.
+    pub handoff_history: HandoffHistory,
 }
 
 impl Default for DelegationSettings {
@@ -240,6 +293,9 @@ impl Default for DelegationSettings {
             max_children: DEFAULT_MAX_CHILDREN,
             max_parallel_subagents: DEFAULT_MAX_PARALLEL_SUBAGENTS,
             workspace: Workspace::Shared,
+            handoffs: Vec::new(),
+            max_handoffs: DEFAULT_MAX_HANDOFFS,
+            handoff_history: HandoffHistory::Full,
         }
     }
 }
@@ -247,6 +303,11 @@ impl Default for DelegationSettings {
 /// The harness tool that delegates to `agent`.
 pub fn delegate_tool_name(agent: &str) -> String {
     format!("{DELEGATE_PREFIX}{agent}")
+}
+
+/// The harness tool that hands the session to `agent`.
+pub fn transfer_tool_name(agent: &str) -> String {
+    format!("{TRANSFER_PREFIX}{agent}")
 }
 
 /// How a conversation agent's sessions wait for `SendMessage`.
@@ -475,22 +536,34 @@ impl AgentCatalog {
     fn check_subagents(&self) -> Result<(), AgentError> {
         for agent in self.agents.values() {
             let definition = &agent.definition;
-            if let Some(missing) = definition
-                .delegation
+            let delegation = &definition.delegation;
+            let named = delegation
                 .subagents
                 .iter()
-                .find(|name| !self.agents.contains_key(*name))
-            {
-                return Err(AgentError::Invalid {
-                    file: definition.source.clone(),
-                    problem: format!(
-                        "subagent \"{missing}\" is not an agent of this control plane (agents: {})",
-                        self.agents.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                });
+                .map(|name| ("subagent", name))
+                .chain(delegation.handoffs.iter().map(|name| ("handoff", name)));
+            for (what, name) in named {
+                if !self.agents.contains_key(name) {
+                    return Err(AgentError::Invalid {
+                        file: definition.source.clone(),
+                        problem: format!(
+                            "{what} \"{name}\" is not an agent of this control plane (agents: {})",
+                            self.agents.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    });
+                }
             }
         }
         Ok(())
+    }
+
+    /// Names of the agents some agent hands sessions over to, sorted.
+    pub fn handoff_names(&self) -> std::collections::BTreeSet<&str> {
+        self.agents
+            .values()
+            .flat_map(|agent| &agent.definition.delegation.handoffs)
+            .map(String::as_str)
+            .collect()
     }
 
     /// Names of the agents some agent delegates to, sorted.
@@ -659,6 +732,9 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
             max_children: parsed.max_children,
             max_parallel_subagents: parsed.max_parallel_subagents,
             workspace: parsed.workspace,
+            handoffs: parsed.handoffs,
+            max_handoffs: parsed.max_handoffs,
+            handoff_history: parsed.handoff_history,
         },
         source: file.to_owned(),
     })
@@ -667,17 +743,24 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
 /// Subagent names fit in a tool name, are listed once, and their tools are
 /// not listed by hand; the limits leave room for a delegation.
 fn validate_delegation(parsed: &AgentFile) -> Result<(), String> {
-    if let Some(tool) = parsed
-        .tools
-        .iter()
-        .find(|tool| tool.starts_with(DELEGATE_PREFIX))
-    {
-        return Err(format!(
-            "tool \"{tool}\" is the harness's: list the agent in `subagents` instead"
-        ));
+    for (prefix, list) in [
+        (DELEGATE_PREFIX, "subagents"),
+        (TRANSFER_PREFIX, "handoffs"),
+    ] {
+        if let Some(tool) = parsed.tools.iter().find(|tool| tool.starts_with(prefix)) {
+            return Err(format!(
+                "tool \"{tool}\" is the harness's: list the agent in `{list}` instead"
+            ));
+        }
     }
     if let Some(duplicate) = first_duplicate(&parsed.subagents) {
         return Err(format!("subagent \"{duplicate}\" is listed twice"));
+    }
+    if let Some(duplicate) = first_duplicate(&parsed.handoffs) {
+        return Err(format!("handoff \"{duplicate}\" is listed twice"));
+    }
+    if parsed.handoffs.contains(&parsed.name) {
+        return Err("an agent cannot hand a session over to itself".to_owned());
     }
     let bad_name = |name: &&String| {
         name.is_empty()
@@ -686,9 +769,14 @@ fn validate_delegation(parsed: &AgentFile) -> Result<(), String> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     };
-    if let Some(name) = parsed.subagents.iter().find(bad_name) {
+    if let Some(name) = parsed
+        .subagents
+        .iter()
+        .chain(&parsed.handoffs)
+        .find(bad_name)
+    {
         return Err(format!(
-            "subagent \"{name}\" cannot name a tool: use 1 to {MAX_SUBAGENT_NAME} letters, \
+            "agent name \"{name}\" cannot name a tool: use 1 to {MAX_SUBAGENT_NAME} letters, \
              digits, '_' or '-'"
         ));
     }

@@ -27,6 +27,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::TurnCompleted(_) => "turn_completed",
         Kind::WaitingForInput(_) => "waiting_for_input",
         Kind::InputClosed(_) => "input_closed",
+        Kind::Handoff(_) => "handoff",
         Kind::Finished(_) => "finished",
     }
 }

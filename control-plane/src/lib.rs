@@ -41,6 +41,7 @@ pub mod crash_hook;
 pub mod error_report;
 pub mod event;
 pub mod event_log;
+pub mod handoff;
 pub mod harness_tools;
 pub mod ids;
 pub mod policy;

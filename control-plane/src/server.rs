@@ -131,7 +131,11 @@ impl ControlPlane {
         let delegator =
             Delegator::new(log.clone(), Arc::clone(&parts.sandbox), Arc::clone(&agents));
         let mut harness_tools = harness_tools::standard().map_err(ServerError::HarnessTools)?;
-        for tool in delegator.tools() {
+        for tool in delegator
+            .tools()
+            .into_iter()
+            .chain(crate::handoff::tools(&agents))
+        {
             harness_tools
                 .register(tool)
                 .map_err(ServerError::HarnessTools)?;

@@ -89,16 +89,25 @@ fn render_details(kind: &Kind) -> String {
             compaction.tokens_after
         ),
         Kind::SubagentStarted(started) => format!(
-            "{} session={} task={}",
+            "{} session={} lineage={} task={}",
             started.agent,
             started.child_session_id,
+            started.lineage.join(">"),
             quoted(&started.task)
         ),
         Kind::SubagentFinished(finished) => format!(
-            "session={} {} {}",
+            "session={} {} {} {}",
             finished.child_session_id,
+            crate::event::enum_label(finished.status().as_str_name(), "RECEIPT_STATUS_"),
             stop_reason_label(finished.stop_reason()),
             quoted(&finished.output)
+        ),
+        Kind::Handoff(handoff) => format!(
+            "{} -> {} history={} reason={}",
+            handoff.from_agent,
+            handoff.to_agent,
+            crate::event::enum_label(handoff.history().as_str_name(), "HANDOFF_HISTORY_"),
+            quoted(&handoff.reason)
         ),
         Kind::TurnCompleted(turn) => render_turn_completed(turn),
         Kind::WaitingForInput(waiting) => quoted(&waiting.assistant_text),

@@ -7,6 +7,7 @@ mod support;
 
 mod approvals;
 mod conversations;
+mod handoffs;
 mod health;
 mod network_agents;
 mod providers;

@@ -663,6 +663,10 @@ pub fn describe(event: &control::SessionEvent) -> String {
             finished.status().as_str_name(),
             finished.stop_reason().as_str_name()
         ),
+        Kind::Handoff(handoff) => format!(
+            "handoff {} -> {} {:?}",
+            handoff.from_agent, handoff.to_agent, handoff.reason
+        ),
         other => format!("unexpected {other:?}"),
     };
     format!("{} t{} {what}", event.seq, event.turn)

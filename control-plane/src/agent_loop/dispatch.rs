@@ -16,6 +16,7 @@ use super::executor::{CallTarget, DispatchSettings};
 use super::resolved::SessionAgent;
 use super::tools::{self, CallResult};
 use super::{LoopError, Plan, SANDBOX_ANSWER_GRACE, SessionRun};
+use crate::agent::TRANSFER_PREFIX;
 use crate::budget::{self, BudgetKind};
 use crate::provider::ToolCall;
 use crate::sandbox::SandboxError;
@@ -80,6 +81,10 @@ impl SessionRun<'_> {
                 }
                 None => None,
             };
+            if let Some(refusal) = self.handoff_refusal(&call, agent) {
+                self.plans.insert(call_id, Plan::Limit(refusal));
+                continue;
+            }
             let invocation_id = format!("{}:{}", self.session_id(), call_id);
             let request = self.agent_loop.executors.request(
                 agent.executor_of(&call.tool),
@@ -125,6 +130,33 @@ impl SessionRun<'_> {
             }
         }
         self.flush().await
+    }
+
+    /// Why a transfer call may not run: one handoff per turn, and at most
+    /// the agent's `max-handoffs` over the session.
+    fn handoff_refusal(&self, call: &ToolCall, agent: &SessionAgent) -> Option<String> {
+        if !call.tool.starts_with(TRANSFER_PREFIX) {
+            return None;
+        }
+        let transfers_this_turn = self
+            .state
+            .open
+            .iter()
+            .flat_map(|open| &open.calls)
+            .filter(|other| other.started.is_some() && other.call.tool.starts_with(TRANSFER_PREFIX))
+            .count();
+        if transfers_this_turn > 0 {
+            return Some(
+                "one handoff per turn: another transfer of this turn already hands the session                  over"
+                    .to_owned(),
+            );
+        }
+        (self.state.handoffs >= agent.max_handoffs).then(|| {
+            format!(
+                "max-handoffs is {}: this session was handed over {} times already; answer                  yourself or escalate",
+                agent.max_handoffs, self.state.handoffs
+            )
+        })
     }
 
     /// A budget (other than turns, which limit model calls) used up, counting

@@ -183,6 +183,11 @@ pub trait HarnessTool: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The agent it hands sessions over to.
+    fn handoff_target(&self) -> Option<&Arc<crate::agent::Agent>> {
+        None
+    }
+
     /// The session ended while `call` ran (cancelled, out of time): stop
     /// whatever it started. Called once per call left in flight.
     fn abandon(&self, _call: &control::HarnessToolCall, _reason: &str) -> BoxFuture<'static, ()> {

@@ -54,6 +54,7 @@ mod conversation;
 mod delegation;
 mod dispatch;
 pub mod executor;
+mod handoff;
 mod model_turn;
 pub mod resolved;
 mod sandbox_session;
@@ -175,6 +176,9 @@ pub enum LoopError {
     /// gone; a new one would not be the parent's, so the child stops.
     #[error("the parent's sandbox session this subagent worked in is gone")]
     BorrowedSandboxLost,
+    /// The agent the session was handed to is no longer defined.
+    #[error("agent \"{0}\" the session was handed to is no longer defined in this control plane")]
+    HandoffTargetGone(String),
     /// The control plane is shutting down; the session resumes at the next
     /// start.
     #[error("the control plane is shutting down")]
@@ -477,11 +481,15 @@ impl SessionRun<'_> {
         if let Some(reason) = self.session.cancel_reason.clone() {
             return Ok(Ending::Cancelled(reason));
         }
-        let agent = Arc::new(self.session_agent(offered).await?);
+        let mut agent = Arc::new(self.session_agent(offered).await?);
         if self.sandbox_session_id.is_none() {
             self.create_sandbox(&agent).await?;
         }
         loop {
+            if let Some(transfer) = self.state.pending_handoff.clone() {
+                agent = Arc::new(self.hand_off(transfer, &agent).await?);
+                continue;
+            }
             if let Some(reason) = self.state.input_closed.clone() {
                 return Ok(Ending::Completed(reason));
             }
@@ -554,6 +562,7 @@ impl SessionRun<'_> {
             Some(offered) => offered,
             None => self.list_tools().await?,
         };
+        let (name, current) = self.current_agent()?;
         let record = match &self.state.resolved {
             Some(record) => {
                 resolved::check_tools(record, &offered, self.agent_loop.executors.harness_tools())?;
@@ -565,17 +574,13 @@ impl SessionRun<'_> {
                     "the session's log has no resolved agent; it resumes as its agent file is now"
                 );
                 resolved::record(
-                    &self.agent,
+                    &current,
                     &offered,
                     self.agent_loop.executors.harness_tools(),
                 )?
             }
         };
-        Ok(SessionAgent::from_record(
-            &self.session.agent,
-            &record,
-            &self.agent,
-        )?)
+        Ok(SessionAgent::from_record(&name, &record, &current)?)
     }
 
     /// The ending if a budget is used up before the next model turn.

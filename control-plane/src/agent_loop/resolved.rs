@@ -20,7 +20,7 @@ use harness_proto::sandbox::v1 as sandbox;
 
 use super::executor::HarnessRegistry;
 use super::tools::ToolSchema;
-use crate::agent::{Agent, ConversationSettings, delegate_tool_name};
+use crate::agent::{Agent, ConversationSettings, delegate_tool_name, transfer_tool_name};
 use crate::budget::ModelPrice;
 use crate::policy::{Policy, PolicyError, PolicySettings};
 use crate::provider::{ModelProvider, ToolDefinition};
@@ -126,6 +126,8 @@ pub struct SessionAgent {
     pub max_children: u32,
     /// Most delegations running at once.
     pub max_parallel_subagents: u32,
+    /// Most handoffs over the session's life.
+    pub max_handoffs: u32,
 }
 
 /// The record of `agent` for a new session: its tools in the agent's order,
@@ -155,6 +157,17 @@ pub fn record(
         tools.push(harness.describe(&tool_name).ok_or_else(missing)?);
         subagents.push(harness.subagent(&tool_name).ok_or_else(missing)?);
     }
+    for name in &definition.delegation.handoffs {
+        let tool_name = transfer_tool_name(name);
+        tools.push(
+            harness
+                .describe(&tool_name)
+                .ok_or_else(|| ResolveError::HarnessToolGone {
+                    tool: tool_name.clone(),
+                    available: harness.names().collect::<Vec<_>>().join(", "),
+                })?,
+        );
+    }
     Ok(control::ResolvedAgent {
         system_prompt: definition.system_prompt.clone(),
         provider: definition.provider.as_str().to_owned(),
@@ -170,6 +183,8 @@ pub fn record(
         subagents,
         max_children: definition.delegation.max_children,
         max_parallel_subagents: definition.delegation.max_parallel_subagents,
+        handoffs: definition.delegation.handoffs.clone(),
+        max_handoffs: definition.delegation.max_handoffs,
     })
 }
 
@@ -329,6 +344,7 @@ impl SessionAgent {
                 .collect(),
             max_children: record.max_children,
             max_parallel_subagents: record.max_parallel_subagents,
+            max_handoffs: record.max_handoffs,
         })
     }
 }

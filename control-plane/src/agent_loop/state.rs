@@ -17,6 +17,7 @@ use prost::Message as _;
 
 use crate::budget::{self, BudgetKind};
 use crate::event;
+use crate::handoff::{Transfer, history_after_handoff};
 use crate::harness_tools;
 use crate::provider::{Message, ToolCall};
 use crate::store::StepRecord;
@@ -212,6 +213,14 @@ pub struct SessionState {
     /// The budgets reserved for subagents still running, by the call that
     /// delegated.
     pub reservations: std::collections::BTreeMap<String, control::BudgetLimits>,
+    /// The last closed turn transferred the session; the handoff is not
+    /// recorded yet.
+    pub pending_handoff: Option<Transfer>,
+    /// Handoffs recorded over the session's life.
+    pub handoffs: u32,
+    /// The agent running the session after its latest handoff (`None`: the
+    /// one it started with).
+    pub current_agent: Option<String>,
 }
 
 /// Why stored data cannot be replayed.
@@ -303,6 +312,26 @@ impl SessionState {
             }
             Kind::SubagentFinished(finished) => {
                 self.reservations.remove(&finished.call_id);
+            }
+            Kind::Handoff(handoff) => {
+                let system_prompt = handoff
+                    .resolved
+                    .as_ref()
+                    .map(|resolved| resolved.system_prompt.as_str())
+                    .unwrap_or_default();
+                self.messages = Arc::new(history_after_handoff(
+                    &self.messages,
+                    handoff.history(),
+                    system_prompt,
+                    &handoff.from_agent,
+                    &handoff.summary,
+                ));
+                if let Some(resolved) = &handoff.resolved {
+                    self.resolved = Some(resolved.clone());
+                }
+                self.pending_handoff = None;
+                self.handoffs = self.handoffs.saturating_add(1);
+                self.current_agent = Some(handoff.to_agent.clone());
             }
             Kind::TurnCompleted(completed) => self.close_turn(completed),
             Kind::BudgetWarning(warning) => {
@@ -396,6 +425,7 @@ impl SessionState {
         self.last_stop_reason = completed.model_stop_reason.clone();
         self.last_turn_without_calls = open.calls.is_empty();
         self.escalation = open.calls.iter().find_map(escalated);
+        self.pending_handoff = open.calls.iter().find_map(transferred);
         self.closed_turns = completed.turn.max(self.closed_turns);
     }
 
@@ -410,6 +440,23 @@ impl SessionState {
         }
         usage
     }
+}
+
+/// The transfer a successful `transfer_to_*` call asked for.
+fn transferred(call: &CallState) -> Option<Transfer> {
+    let finished = call.finished.as_ref()?;
+    let succeeded = matches!(
+        finished.outcome,
+        Some(control::tool_finished::Outcome::OutputJson(_))
+    );
+    if !succeeded {
+        return None;
+    }
+    Transfer::of_call(
+        &call.call.call_id,
+        &call.call.tool,
+        &call.call.arguments_json,
+    )
 }
 
 /// The reason of a call that escalated: a successful `escalate`.
