@@ -126,6 +126,7 @@ fn definition(name: &str, tools: &[&str], max_turns: u32) -> AgentDefinition {
         // The steps repeat one call on purpose.
         max_repeated_calls: 0,
         delegation: harness_control_plane::agent::DelegationSettings::default(),
+        output: harness_control_plane::agent::StructuredOutput::default(),
         source: Path::new("bench.toml").to_owned(),
     }
 }

@@ -26,6 +26,9 @@
 //! # handoffs = ["billing"]       # agents it may hand the session over to: the model
 //!                                # sees one `transfer_to_<name>` tool each ({reason})
 //! # max-handoffs = 4             # handoffs over a session's life (default 4)
+//! # output-schema = "answer.schema.json"  # JSON Schema its final answer must match
+//!                                # (relative to this file); a mismatch goes back to
+//!                                # the model, at most output-retries times (default 2)
 //! # handoff-history = "full"     # what this agent receives when a session is handed
 //!                                # to it: "full" (default), "summary" (the transferring
 //!                                # model's summary) or "last-user" (the user's latest
@@ -180,6 +183,9 @@ struct AgentFile {
     max_handoffs: u32,
     #[serde(default)]
     handoff_history: HandoffHistory,
+    output_schema: Option<PathBuf>,
+    #[serde(default = "default_output_retries")]
+    output_retries: u32,
     #[serde(default)]
     budget: BudgetSettings,
     #[serde(default)]
@@ -218,6 +224,32 @@ fn default_max_parallel_subagents() -> u32 {
 
 fn default_max_handoffs() -> u32 {
     DEFAULT_MAX_HANDOFFS
+}
+
+fn default_output_retries() -> u32 {
+    DEFAULT_OUTPUT_RETRIES
+}
+
+/// Mismatching final answers sent back to the model unless an agent sets
+/// `output-retries`.
+pub const DEFAULT_OUTPUT_RETRIES: u32 = 2;
+
+/// Structured output: the JSON Schema an agent's final answers must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StructuredOutput {
+    /// The schema, as text (as the file has it); `None`: any answer.
+    pub schema_json: Option<String>,
+    /// Mismatching answers sent back to the model before the session fails.
+    pub retries: u32,
+}
+
+impl Default for StructuredOutput {
+    fn default() -> Self {
+        Self {
+            schema_json: None,
+            retries: DEFAULT_OUTPUT_RETRIES,
+        }
+    }
 }
 
 /// What an agent receives of the conversation when a session is handed to it.
@@ -373,6 +405,8 @@ pub struct AgentDefinition {
     pub max_repeated_calls: u32,
     /// Its subagents and delegation limits.
     pub delegation: DelegationSettings,
+    /// The schema its final answers must match.
+    pub output: StructuredOutput,
     /// The file it was loaded from.
     pub source: PathBuf,
 }
@@ -694,13 +728,19 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
         return Err(invalid("input-timeout must be longer than 0s".to_owned()));
     }
     validate_delegation(&parsed).map_err(invalid)?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let output_schema = parsed
+        .output_schema
+        .as_ref()
+        .map(|schema| read_output_schema(&base.join(schema)))
+        .transpose()
+        .map_err(invalid)?;
     let conversation = ConversationSettings {
         enabled: parsed.conversation,
         input_timeout: parsed
             .conversation
             .then(|| parsed.input_timeout.unwrap_or(DEFAULT_INPUT_TIMEOUT)),
     };
-    let base = file.parent().unwrap_or(Path::new("."));
     Ok(AgentDefinition {
         name: parsed.name,
         description: parsed.description,
@@ -736,8 +776,27 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
             max_handoffs: parsed.max_handoffs,
             handoff_history: parsed.handoff_history,
         },
+        output: StructuredOutput {
+            schema_json: output_schema,
+            retries: parsed.output_retries,
+        },
         source: file.to_owned(),
     })
+}
+
+/// The output schema at `file`: JSON, and a schema a validator accepts.
+fn read_output_schema(file: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|error| format!("cannot read output-schema {}: {error}", file.display()))?;
+    let schema: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|error| format!("output-schema {} is not JSON: {error}", file.display()))?;
+    jsonschema::validator_for(&schema).map_err(|error| {
+        format!(
+            "output-schema {} is not a usable JSON Schema: {error}",
+            file.display()
+        )
+    })?;
+    Ok(text)
 }
 
 /// Subagent names fit in a tool name, are listed once, and their tools are
@@ -905,6 +964,7 @@ mod tests {
                 conversation: ConversationSettings::default(),
                 max_repeated_calls: DEFAULT_MAX_REPEATED_CALLS,
                 delegation: DelegationSettings::default(),
+                output: StructuredOutput::default(),
                 source: dir.join("demo.toml"),
             }
         );
@@ -939,6 +999,7 @@ mod tests {
                 conversation: ConversationSettings::default(),
                 max_repeated_calls: DEFAULT_MAX_REPEATED_CALLS,
                 delegation: DelegationSettings::default(),
+                output: StructuredOutput::default(),
                 source: file,
             }
         );

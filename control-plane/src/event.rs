@@ -28,6 +28,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::WaitingForInput(_) => "waiting_for_input",
         Kind::InputClosed(_) => "input_closed",
         Kind::Handoff(_) => "handoff",
+        Kind::OutputRejected(_) => "output_rejected",
         Kind::Finished(_) => "finished",
     }
 }

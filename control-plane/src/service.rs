@@ -616,6 +616,7 @@ mod tests {
             conversation: ConversationSettings::default(),
             max_repeated_calls: DEFAULT_MAX_REPEATED_CALLS,
             delegation: crate::agent::DelegationSettings::default(),
+            output: crate::agent::StructuredOutput::default(),
             source: PathBuf::from("a.toml"),
         };
         let provider = ScriptedProvider::new(Script { turns: Vec::new() }, "none");

@@ -102,6 +102,9 @@ fn render_details(kind: &Kind) -> String {
             stop_reason_label(finished.stop_reason()),
             quoted(&finished.output)
         ),
+        Kind::OutputRejected(rejected) => {
+            format!("attempt {}: {}", rejected.attempt, rejected.errors)
+        }
         Kind::Handoff(handoff) => format!(
             "{} -> {} history={} reason={}",
             handoff.from_agent,

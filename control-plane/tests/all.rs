@@ -13,4 +13,5 @@ mod network_agents;
 mod providers;
 mod sessions;
 mod stream_events;
+mod structured_output;
 mod subagents;

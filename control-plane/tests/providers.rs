@@ -64,6 +64,7 @@ fn request() -> ModelRequest {
             input_schema: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
         }]),
         max_output_tokens: Some(256),
+        output_schema: None,
     }
 }
 

@@ -663,6 +663,9 @@ pub fn describe(event: &control::SessionEvent) -> String {
             finished.status().as_str_name(),
             finished.stop_reason().as_str_name()
         ),
+        Kind::OutputRejected(rejected) => {
+            format!("output_rejected {} {}", rejected.attempt, rejected.errors)
+        }
         Kind::Handoff(handoff) => format!(
             "handoff {} -> {} {:?}",
             handoff.from_agent, handoff.to_agent, handoff.reason

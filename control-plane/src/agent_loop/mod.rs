@@ -59,6 +59,7 @@ mod model_turn;
 pub mod resolved;
 mod sandbox_session;
 pub mod state;
+pub mod structured;
 pub mod tools;
 
 use std::collections::{HashMap, HashSet};
@@ -510,6 +511,9 @@ impl SessionRun<'_> {
             };
             self.run_turn(turn, &agent).await?;
             if let Some(ending) = self.ending_after_turn() {
+                let Some(ending) = self.check_structured_answer(ending, &agent) else {
+                    continue;
+                };
                 match self.wait_or_end(ending, &agent) {
                     Some(ending) => return Ok(ending),
                     None => continue,

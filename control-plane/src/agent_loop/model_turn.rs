@@ -38,6 +38,10 @@ impl SessionRun<'_> {
             messages: Arc::clone(&self.state.messages),
             tools: Arc::clone(&agent.tools),
             max_output_tokens: agent.max_output_tokens,
+            output_schema: agent
+                .output_schema
+                .as_ref()
+                .map(|output| Arc::clone(&output.schema)),
         };
         let mut filter = DeltaFilter::new(recorded);
         let mut stream = agent.provider.stream_turn(request);

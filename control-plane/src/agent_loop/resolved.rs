@@ -128,6 +128,19 @@ pub struct SessionAgent {
     pub max_parallel_subagents: u32,
     /// Most handoffs over the session's life.
     pub max_handoffs: u32,
+    /// The schema final answers must match (structured output).
+    pub output_schema: Option<OutputSchema>,
+    /// Mismatching answers sent back to the model before the session fails.
+    pub output_retries: u32,
+}
+
+/// A session's output schema, compiled.
+#[derive(Debug)]
+pub struct OutputSchema {
+    /// As sent to the provider.
+    pub schema: Arc<serde_json::Value>,
+    /// Its validator.
+    pub validator: jsonschema::Validator,
 }
 
 /// The record of `agent` for a new session: its tools in the agent's order,
@@ -185,6 +198,8 @@ pub fn record(
         max_parallel_subagents: definition.delegation.max_parallel_subagents,
         handoffs: definition.delegation.handoffs.clone(),
         max_handoffs: definition.delegation.max_handoffs,
+        output_schema_json: definition.output.schema_json.clone().unwrap_or_default(),
+        output_retries: definition.output.retries,
     })
 }
 
@@ -345,8 +360,34 @@ impl SessionAgent {
             max_children: record.max_children,
             max_parallel_subagents: record.max_parallel_subagents,
             max_handoffs: record.max_handoffs,
+            output_schema: output_schema_of(record)?,
+            output_retries: record.output_retries,
         })
     }
+}
+
+/// The output schema a session recorded, compiled (none: any answer).
+fn output_schema_of(record: &control::ResolvedAgent) -> Result<Option<OutputSchema>, ResolveError> {
+    if record.output_schema_json.is_empty() {
+        return Ok(None);
+    }
+    let tool = "(output schema)".to_owned();
+    let schema: serde_json::Value =
+        serde_json::from_str(&record.output_schema_json).map_err(|source| {
+            ResolveError::BadToolSchema {
+                tool: tool.clone(),
+                source,
+            }
+        })?;
+    let validator =
+        jsonschema::validator_for(&schema).map_err(|error| ResolveError::UnusableToolSchema {
+            tool,
+            problem: error.to_string(),
+        })?;
+    Ok(Some(OutputSchema {
+        schema: Arc::new(schema),
+        validator,
+    }))
 }
 
 /// The conversation settings a session recorded (none: it is no conversation).

@@ -221,6 +221,8 @@ pub struct SessionState {
     /// The agent running the session after its latest handoff (`None`: the
     /// one it started with).
     pub current_agent: Option<String>,
+    /// Final answers rejected for not matching the output schema.
+    pub output_rejections: u32,
 }
 
 /// Why stored data cannot be replayed.
@@ -312,6 +314,13 @@ impl SessionState {
             }
             Kind::SubagentFinished(finished) => {
                 self.reservations.remove(&finished.call_id);
+            }
+            Kind::OutputRejected(rejected) => {
+                self.output_rejections = self.output_rejections.saturating_add(1);
+                self.last_turn_without_calls = false;
+                Arc::make_mut(&mut self.messages).push(Message::User {
+                    text: super::structured::rejection_notice(&rejected.errors),
+                });
             }
             Kind::Handoff(handoff) => {
                 let system_prompt = handoff

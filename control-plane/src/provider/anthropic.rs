@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::http::{Parsed, StreamProblem, TurnParser, WireFormat, parse_json};
 use super::sse::SseEvent;
-use super::{CompletedTurn, Message, ModelRequest, TokenUsage, ToolCall};
+use super::{CompletedTurn, FINAL_ANSWER_TOOL, Message, ModelRequest, TokenUsage, ToolCall};
 
 /// Default base URL.
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -54,6 +54,32 @@ impl WireFormat for AnthropicFormat {
     fn parser(&self) -> Box<dyn TurnParser> {
         Box::new(AnthropicParser::default())
     }
+
+    fn complete(&self, request: &ModelRequest, turn: CompletedTurn) -> CompletedTurn {
+        answer_from_final_tool(request, turn)
+    }
+}
+
+/// With structured output, the final answer arrives as a call of
+/// [`FINAL_ANSWER_TOOL`]: its input becomes the turn's text, and the turn
+/// ends as a plain answer would (the call is not the loop's to run).
+fn answer_from_final_tool(request: &ModelRequest, mut turn: CompletedTurn) -> CompletedTurn {
+    if request.output_schema.is_none() {
+        return turn;
+    }
+    let Some(index) = turn
+        .tool_calls
+        .iter()
+        .position(|call| call.tool == FINAL_ANSWER_TOOL)
+    else {
+        return turn;
+    };
+    let answer = turn.tool_calls.remove(index);
+    if turn.tool_calls.is_empty() {
+        turn.text = answer.arguments_json;
+        turn.stop_reason = super::STOP_END_TURN.to_owned();
+    }
+    turn
 }
 
 fn ephemeral() -> Value {
@@ -131,18 +157,33 @@ pub fn request_body(request: &ModelRequest) -> Value {
         "max_tokens": request.max_output_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         "stream": true,
     });
-    if !request.tools.is_empty() {
-        let tools: Vec<Value> = request
-            .tools
-            .iter()
-            .map(|tool| {
-                json!({
-                    "name": tool.name,
-                    "description": tool.description,
-                    "input_schema": tool.input_schema,
-                })
+    let mut tools: Vec<Value> = request
+        .tools
+        .iter()
+        .map(|tool| {
+            json!({
+                "name": tool.name,
+                "description": tool.description,
+                "input_schema": tool.input_schema,
             })
-            .collect();
+        })
+        .collect();
+    if let Some(schema) = &request.output_schema {
+        // The answer is forced through a tool: the one tool when there are
+        // no others, else any tool (the model works, then answers with it).
+        body["tool_choice"] = if tools.is_empty() {
+            json!({"type": "tool", "name": FINAL_ANSWER_TOOL})
+        } else {
+            json!({"type": "any"})
+        };
+        tools.push(json!({
+            "name": FINAL_ANSWER_TOOL,
+            "description": "Give your final answer: call this once you are done, with the \
+                            answer as its input. Nothing else runs after it.",
+            "input_schema": **schema,
+        }));
+    }
+    if !tools.is_empty() {
         body["tools"] = Value::Array(tools);
     }
     if let Some((last, _)) = system.split_last() {
@@ -482,6 +523,7 @@ mod tests {
                 input_schema: json!({"type": "object"}),
             }]),
             max_output_tokens: None,
+            output_schema: None,
         };
         let body = request_body(&request);
         assert_eq!(

@@ -64,6 +64,12 @@ pub trait WireFormat: Send + Sync + std::fmt::Debug + 'static {
     fn body(&self, request: &ModelRequest) -> Result<Vec<u8>, serde_json::Error>;
     /// A parser for one response stream.
     fn parser(&self) -> Box<dyn TurnParser>;
+
+    /// The completed turn as the loop gets it (a format may move parts of
+    /// its answer into place, e.g. a structured answer given as a tool call).
+    fn complete(&self, _request: &ModelRequest, turn: CompletedTurn) -> CompletedTurn {
+        turn
+    }
     /// The error message inside an error response body, if it has one.
     fn error_message(&self, body: &str) -> Option<String> {
         let value: serde_json::Value = serde_json::from_str(body).ok()?;
@@ -248,6 +254,7 @@ impl Inner {
             let error = match self.attempt(&body, &mut filter, &sender).await {
                 Ok(completed) => {
                     self.breaker.record_success();
+                    let completed = self.format.complete(&request, completed);
                     let _ = sender
                         .send(Ok(ModelStreamEvent::Completed(completed)))
                         .await;

@@ -123,7 +123,16 @@ pub struct ModelRequest {
     /// Most tokens the model may generate in this call; `None` leaves it to
     /// the provider (Anthropic requires a value and gets a default).
     pub max_output_tokens: Option<u32>,
+    /// The JSON Schema the final answer must match (structured output):
+    /// OpenAI-compatible servers get it as `response_format`, Anthropic as
+    /// a [`FINAL_ANSWER_TOOL`] it must end with. The completed turn carries
+    /// the answer as its text either way.
+    pub output_schema: Option<Arc<serde_json::Value>>,
 }
+
+/// The tool an Anthropic model gives a structured final answer through; its
+/// input becomes the turn's text and it is never dispatched.
+pub const FINAL_ANSWER_TOOL: &str = "final_answer";
 
 /// Token counts of one model call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use super::http::{Parsed, StreamProblem, TurnParser, WireFormat, parse_json};
 use super::sse::SseEvent;
 use super::{
-    CompletedTurn, Message, ModelRequest, STOP_END_TURN, STOP_MAX_TOKENS, STOP_TOOL_USE,
-    TokenUsage, ToolCall,
+    CompletedTurn, FINAL_ANSWER_TOOL, Message, ModelRequest, STOP_END_TURN, STOP_MAX_TOKENS,
+    STOP_TOOL_USE, TokenUsage, ToolCall,
 };
 
 /// Default base URL.
@@ -80,6 +80,12 @@ pub fn request_body(request: &ModelRequest) -> Value {
     body["messages"] = Value::Array(messages);
     if let Some(max_tokens) = request.max_output_tokens {
         body["max_tokens"] = json!(max_tokens);
+    }
+    if let Some(schema) = &request.output_schema {
+        body["response_format"] = json!({
+            "type": "json_schema",
+            "json_schema": {"name": FINAL_ANSWER_TOOL, "schema": **schema},
+        });
     }
     body
 }
@@ -345,6 +351,7 @@ mod tests {
                 input_schema: json!({"type": "object"}),
             }]),
             max_output_tokens: Some(100),
+            output_schema: None,
         };
         let body = request_body(&request);
         assert_eq!(

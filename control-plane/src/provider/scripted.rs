@@ -289,6 +289,7 @@ mod tests {
             messages: Arc::new(messages),
             tools: Arc::default(),
             max_output_tokens: None,
+            output_schema: None,
         }
     }
 

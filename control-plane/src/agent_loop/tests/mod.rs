@@ -437,6 +437,7 @@ fn definition(tools: &[&str]) -> AgentDefinition {
         // Tests repeat calls on purpose; loop detection has tests of its own.
         max_repeated_calls: 0,
         delegation: crate::agent::DelegationSettings::default(),
+        output: crate::agent::StructuredOutput::default(),
         source: PathBuf::from("tester.toml"),
     }
 }
