@@ -23,6 +23,9 @@
 //! # max-parallel-subagents = 4   # delegations running at once (default 4)
 //! # workspace = "shared"         # as a subagent: work in the parent's sandbox session
 //!                                # ("shared", default) or a fresh one ("isolated")
+//! # plan = true                  # supervised plan: plan read-only, submit_plan, get it
+//!                                # approved, then the harness runs the steps as
+//!                                # delegations to its subagents (see `plan`)
 //! # handoffs = ["billing"]       # agents it may hand the session over to: the model
 //!                                # sees one `transfer_to_<name>` tool each ({reason})
 //! # max-handoffs = 4             # handoffs over a session's life (default 4)
@@ -178,6 +181,8 @@ struct AgentFile {
     #[serde(default)]
     workspace: Workspace,
     #[serde(default)]
+    plan: bool,
+    #[serde(default)]
     handoffs: Vec<String>,
     #[serde(default = "default_max_handoffs")]
     max_handoffs: u32,
@@ -316,6 +321,8 @@ pub struct DelegationSettings {
     pub max_handoffs: u32,
     /// What it receives when a session is handed to it.
     pub handoff_history: HandoffHistory,
+    /// It runs supervised plans (see [`crate::plan`]).
+    pub plan: bool,
 }
 
 impl Default for DelegationSettings {
@@ -328,6 +335,7 @@ impl Default for DelegationSettings {
             handoffs: Vec::new(),
             max_handoffs: DEFAULT_MAX_HANDOFFS,
             handoff_history: HandoffHistory::Full,
+            plan: false,
         }
     }
 }
@@ -775,6 +783,7 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
             handoffs: parsed.handoffs,
             max_handoffs: parsed.max_handoffs,
             handoff_history: parsed.handoff_history,
+            plan: parsed.plan,
         },
         output: StructuredOutput {
             schema_json: output_schema,
@@ -837,6 +846,19 @@ fn validate_delegation(parsed: &AgentFile) -> Result<(), String> {
         return Err(format!(
             "agent name \"{name}\" cannot name a tool: use 1 to {MAX_SUBAGENT_NAME} letters, \
              digits, '_' or '-'"
+        ));
+    }
+    if parsed.plan && parsed.subagents.is_empty() {
+        return Err("plan = true needs subagents to run the plan's steps".to_owned());
+    }
+    if parsed
+        .tools
+        .iter()
+        .any(|tool| tool == crate::plan::SUBMIT_PLAN)
+    {
+        return Err(format!(
+            "tool \"{}\" is the harness's: set plan = true instead",
+            crate::plan::SUBMIT_PLAN
         ));
     }
     if !parsed.subagents.is_empty() && parsed.max_parallel_subagents == 0 {

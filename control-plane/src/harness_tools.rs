@@ -67,6 +67,7 @@ pub fn escalation_reason(arguments_json: &str) -> Option<String> {
 pub fn standard() -> Result<HarnessRegistry, RegistryError> {
     let mut registry = HarnessRegistry::default();
     registry.register(Arc::new(EscalateTool))?;
+    registry.register(crate::plan::tool())?;
     Ok(registry)
 }
 

@@ -44,6 +44,7 @@ pub mod event_log;
 pub mod handoff;
 pub mod harness_tools;
 pub mod ids;
+pub mod plan;
 pub mod policy;
 pub mod provider;
 pub mod sandbox;

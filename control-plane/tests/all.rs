@@ -10,6 +10,7 @@ mod conversations;
 mod handoffs;
 mod health;
 mod network_agents;
+mod plans;
 mod providers;
 mod sessions;
 mod stream_events;

@@ -11,6 +11,7 @@ use harness_proto::control::v1::session_event::Kind;
 use super::resolved::SessionAgent;
 use super::{LoopError, Plan, SessionRun, sleep_until_deadline, state, tools};
 use crate::event_log::{FollowError, FollowMode};
+use crate::plan;
 use crate::policy::Verdict;
 use crate::provider::ToolCall;
 use crate::store::StoreError;
@@ -42,10 +43,17 @@ impl SessionRun<'_> {
             } else {
                 serde_json::Value::Null
             };
-            let decision =
+            if let Some(refusal) = self.plan_phase_refusal(&call, agent) {
+                self.plans.insert(call.call_id.clone(), refusal);
+                continue;
+            }
+            let mut decision =
                 agent
                     .policy
                     .decide(&agent.name, &agent.tool_names, &call.tool, &arguments);
+            if agent.plan && call.tool == plan::SUBMIT_PLAN {
+                decision = plan::plan_decision(decision);
+            }
             let verdict = decision.verdict;
             let reason = decision.reason.clone();
             self.stage(
@@ -206,6 +214,38 @@ impl SessionRun<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl SessionRun<'_> {
+    /// For an agent that plans: a call the planning phase refuses (any but
+    /// read-only tools before the plan is approved), a second plan, or a
+    /// plan that does not validate.
+    fn plan_phase_refusal(&self, call: &ToolCall, agent: &SessionAgent) -> Option<Plan> {
+        if !agent.plan {
+            return None;
+        }
+        let approved = self.state.plan.is_some();
+        if call.tool == plan::SUBMIT_PLAN {
+            if approved {
+                return Some(Plan::Denied(
+                    "a plan was approved already; this session runs one plan".to_owned(),
+                ));
+            }
+            let mut subagents: Vec<String> = agent
+                .subagents
+                .values()
+                .map(|subagent| subagent.name.clone())
+                .collect();
+            subagents.sort();
+            return plan::validate(&call.arguments_json, &subagents)
+                .err()
+                .map(Plan::Invalid);
+        }
+        if approved {
+            return None;
+        }
+        plan::planning_refusal(&call.tool).map(Plan::Denied)
     }
 }
 

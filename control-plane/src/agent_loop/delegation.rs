@@ -48,15 +48,15 @@ impl SessionRun<'_> {
             outstanding: &outstanding,
             time_left,
         };
-        let budget = reserve::reserve(parent, sharing, &subagent.budget.unwrap_or_default())
-            .map_err(|kind| {
-                format!(
-                    "no {} budget left to reserve for a subagent ({}, counting the subagents \
+        let own = self.step_budget(&call.call_id, subagent.budget.unwrap_or_default());
+        let budget = reserve::reserve(parent, sharing, &own).map_err(|kind| {
+            format!(
+                "no {} budget left to reserve for a subagent ({}, counting the subagents \
                      still running); finish with what you have",
-                    kind.name(),
-                    self.exhausted_message(kind)
-                )
-            })?;
+                kind.name(),
+                self.exhausted_message(kind)
+            )
+        })?;
         // The arguments were validated against the tool's schema.
         let arguments: serde_json::Value =
             serde_json::from_str(&call.arguments_json).unwrap_or_default();

@@ -56,6 +56,7 @@ mod dispatch;
 pub mod executor;
 mod handoff;
 mod model_turn;
+mod plan;
 pub mod resolved;
 mod sandbox_session;
 pub mod state;
@@ -195,6 +196,8 @@ enum Ending {
     Cancelled(String),
     LoopDetected(String),
     Escalated(String),
+    /// The plan was denied at approval.
+    PlanRejected(String),
     Error(String),
 }
 
@@ -506,11 +509,13 @@ impl SessionRun<'_> {
                     }
                     let turn = self.state.closed_turns + 1;
                     self.state.open_turn(turn);
+                    // A plan being run: the harness asks for its next wave.
+                    self.open_plan_wave(turn);
                     turn
                 }
             };
             self.run_turn(turn, &agent).await?;
-            if let Some(ending) = self.ending_after_turn() {
+            if let Some(ending) = self.ending_after_turn(&agent) {
                 let Some(ending) = self.check_structured_answer(ending, &agent) else {
                     continue;
                 };
@@ -597,9 +602,18 @@ impl SessionRun<'_> {
     }
 
     /// The ending after a closed turn, if the model is done.
-    fn ending_after_turn(&self) -> Option<Ending> {
+    fn ending_after_turn(&self, agent: &SessionAgent) -> Option<Ending> {
         if let Some(reason) = &self.state.escalation {
             return Some(Ending::Escalated(reason.clone()));
+        }
+        if let Some(reason) = &self.state.plan_rejected {
+            return Some(Ending::PlanRejected(reason.clone()));
+        }
+        if self.state.plan.is_none() && self.state.invalid_plans > agent.output_retries {
+            return Some(Ending::Error(format!(
+                "no valid plan after {} attempts",
+                self.state.invalid_plans
+            )));
         }
         if !self.state.last_turn_without_calls {
             return None;
@@ -758,6 +772,10 @@ impl SessionRun<'_> {
             Ending::Cancelled(reason) => (control::StopReason::Cancelled, reason),
             Ending::LoopDetected(message) => (control::StopReason::LoopDetected, message),
             Ending::Escalated(reason) => (control::StopReason::Escalated, reason),
+            Ending::PlanRejected(reason) => (
+                control::StopReason::PolicyViolation,
+                format!("the plan was not approved: {reason}"),
+            ),
             Ending::Error(message) => (control::StopReason::Error, message),
         };
         // The partial answer: the turn in progress if the model spoke in it.
@@ -806,6 +824,7 @@ impl Ending {
             | Self::Cancelled(message)
             | Self::LoopDetected(message)
             | Self::Escalated(message)
+            | Self::PlanRejected(message)
             | Self::Error(message) => message.clone(),
         }
     }

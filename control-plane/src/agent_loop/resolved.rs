@@ -132,6 +132,8 @@ pub struct SessionAgent {
     pub output_schema: Option<OutputSchema>,
     /// Mismatching answers sent back to the model before the session fails.
     pub output_retries: u32,
+    /// It runs a supervised plan.
+    pub plan: bool,
 }
 
 /// A session's output schema, compiled.
@@ -170,6 +172,17 @@ pub fn record(
         tools.push(harness.describe(&tool_name).ok_or_else(missing)?);
         subagents.push(harness.subagent(&tool_name).ok_or_else(missing)?);
     }
+    if definition.delegation.plan {
+        let tool_name = crate::plan::SUBMIT_PLAN;
+        tools.push(
+            harness
+                .describe(tool_name)
+                .ok_or_else(|| ResolveError::HarnessToolGone {
+                    tool: tool_name.to_owned(),
+                    available: harness.names().collect::<Vec<_>>().join(", "),
+                })?,
+        );
+    }
     for name in &definition.delegation.handoffs {
         let tool_name = transfer_tool_name(name);
         tools.push(
@@ -200,6 +213,7 @@ pub fn record(
         max_handoffs: definition.delegation.max_handoffs,
         output_schema_json: definition.output.schema_json.clone().unwrap_or_default(),
         output_retries: definition.output.retries,
+        plan: definition.delegation.plan,
     })
 }
 
@@ -362,6 +376,7 @@ impl SessionAgent {
             max_handoffs: record.max_handoffs,
             output_schema: output_schema_of(record)?,
             output_retries: record.output_retries,
+            plan: record.plan,
         })
     }
 }

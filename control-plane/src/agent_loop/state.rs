@@ -7,7 +7,7 @@
 //! an uninterrupted one would have — and sends the model byte-for-byte the
 //! same requests.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use harness_proto::control::v1 as control;
@@ -19,6 +19,7 @@ use crate::budget::{self, BudgetKind};
 use crate::event;
 use crate::handoff::{Transfer, history_after_handoff};
 use crate::harness_tools;
+use crate::plan::{self, PlanStep, StepOutcome};
 use crate::provider::{Message, ToolCall};
 use crate::store::StepRecord;
 
@@ -223,6 +224,23 @@ pub struct SessionState {
     pub current_agent: Option<String>,
     /// Final answers rejected for not matching the output schema.
     pub output_rejections: u32,
+    /// The approved plan and how far it ran.
+    pub plan: Option<PlanRun>,
+    /// The plan was denied at approval, with this reason: the session ends.
+    pub plan_rejected: Option<String>,
+    /// Plans refused as invalid.
+    pub invalid_plans: u32,
+}
+
+/// An approved plan being run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanRun {
+    /// Its steps, as approved.
+    pub steps: Vec<PlanStep>,
+    /// How each step that ran ended.
+    pub outcomes: BTreeMap<String, StepOutcome>,
+    /// The agent was told the plan ran (every step ended or was skipped).
+    pub reported: bool,
 }
 
 /// Why stored data cannot be replayed.
@@ -303,6 +321,18 @@ impl SessionState {
                 // A delegation that failed before its child ran holds
                 // nothing either.
                 self.reservations.remove(&finished.call_id);
+                let failed = matches!(
+                    finished.outcome,
+                    Some(control::tool_finished::Outcome::Error(_))
+                );
+                if let (Some(step), Some(plan)) =
+                    (plan::step_of_call(&finished.call_id), &mut self.plan)
+                    && failed
+                {
+                    plan.outcomes
+                        .entry(step.to_owned())
+                        .or_insert(StepOutcome::Failed);
+                }
                 if let Some(call) = self.call_mut(&finished.call_id) {
                     call.finished = Some(finished.clone());
                 }
@@ -314,6 +344,16 @@ impl SessionState {
             }
             Kind::SubagentFinished(finished) => {
                 self.reservations.remove(&finished.call_id);
+                if let (Some(step), Some(plan)) =
+                    (plan::step_of_call(&finished.call_id), &mut self.plan)
+                {
+                    let outcome = if finished.status() == control::ReceiptStatus::Completed {
+                        StepOutcome::Completed
+                    } else {
+                        StepOutcome::Failed
+                    };
+                    plan.outcomes.insert(step.to_owned(), outcome);
+                }
             }
             Kind::OutputRejected(rejected) => {
                 self.output_rejections = self.output_rejections.saturating_add(1);
@@ -435,7 +475,52 @@ impl SessionState {
         self.last_turn_without_calls = open.calls.is_empty();
         self.escalation = open.calls.iter().find_map(escalated);
         self.pending_handoff = open.calls.iter().find_map(transferred);
+        for call in open
+            .calls
+            .iter()
+            .filter(|call| call.call.tool == plan::SUBMIT_PLAN)
+        {
+            self.note_plan(call);
+        }
+        if let Some(plan) = &mut self.plan
+            && !plan.reported
+            && plan::next_wave(&plan.steps, &plan.outcomes).0.is_empty()
+        {
+            plan.reported = true;
+            let notice = plan::synthesis_notice(&plan.steps, &plan.outcomes);
+            Arc::make_mut(&mut self.messages).push(Message::User { text: notice });
+        }
         self.closed_turns = completed.turn.max(self.closed_turns);
+    }
+
+    /// What a finished `submit_plan` call means: an approved plan, a
+    /// denied one, or an invalid one.
+    fn note_plan(&mut self, call: &CallState) {
+        let Some(finished) = &call.finished else {
+            return;
+        };
+        match &finished.outcome {
+            Some(control::tool_finished::Outcome::OutputJson(_)) if self.plan.is_none() => {
+                let steps = plan::parse_steps(&call.call.arguments_json);
+                self.plan = Some(PlanRun {
+                    steps,
+                    outcomes: BTreeMap::new(),
+                    reported: false,
+                });
+            }
+            Some(control::tool_finished::Outcome::Error(error)) => {
+                let denied_by_a_person = call
+                    .approval
+                    .as_ref()
+                    .is_some_and(|approval| approval.decision() == control::ApprovalDecision::Deny);
+                if denied_by_a_person {
+                    self.plan_rejected = Some(error.message.clone());
+                } else if error.kind() == control::ToolErrorKind::InvalidInput {
+                    self.invalid_plans = self.invalid_plans.saturating_add(1);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Usage including the open turn's completed model call, which counts
