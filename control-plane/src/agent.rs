@@ -945,6 +945,76 @@ mod tests {
     }
 
     #[test]
+    fn the_orchestra_demo_agents_load_with_their_subagents_handoffs_and_plan() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("agents/orchestra");
+        let catalog = AgentCatalog::load_dir(&dir, &mut providers()).expect("orchestra loads");
+        let names: Vec<&str> = catalog
+            .agents()
+            .map(|agent| agent.definition.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "billing",
+                "config-investigator",
+                "log-investigator",
+                "supervisor",
+                "triage"
+            ]
+        );
+        let supervisor = &catalog.get("supervisor").unwrap().definition.delegation;
+        assert!(supervisor.plan);
+        assert_eq!(
+            supervisor.subagents,
+            ["log-investigator", "config-investigator"]
+        );
+        assert_eq!(
+            catalog.handoff_names().into_iter().collect::<Vec<_>>(),
+            ["billing"]
+        );
+        assert_eq!(
+            catalog
+                .get("billing")
+                .unwrap()
+                .definition
+                .delegation
+                .handoff_history,
+            HandoffHistory::LastUser
+        );
+    }
+
+    #[test]
+    fn an_unknown_subagent_or_handoff_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.script.toml", "[[turn]]\ntext = \"hi\"\n");
+        write(
+            dir.path(),
+            "a.toml",
+            "name = \"a\"\nprovider = \"scripted\"\nmodel = \"m\"\nscript = \"a.script.toml\"\nhandoffs = [\"ghost\"]\n",
+        );
+        let error = AgentCatalog::load_dir(dir.path(), &mut providers()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "invalid agent file {}: handoff \"ghost\" is not an agent of this control plane (agents: a)",
+                dir.path().join("a.toml").display()
+            )
+        );
+        write(
+            dir.path(),
+            "a.toml",
+            "name = \"a\"\nprovider = \"scripted\"\nmodel = \"m\"\nscript = \"a.script.toml\"\ntools = [\"delegate_to_a\"]\n",
+        );
+        let error = load_agent_file(&dir.path().join("a.toml"), &mut providers()).unwrap_err();
+        assert!(
+            error.to_string().ends_with(
+                "tool \"delegate_to_a\" is the harness's: list the agent in `subagents` instead"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn shipped_agents_dir_loads_the_demo_agent() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("agents");
         let catalog = AgentCatalog::load_dir(&dir, &mut providers()).expect("shipped agents load");

@@ -2,11 +2,17 @@
 //! Unix sockets, runs the scripted `demo` agent (write a note, list the
 //! directory, read the note back), prints the event stream as a transcript,
 //! tears everything down and exits 0.
+//!
+//! `demo -- orchestra` runs the multi-agent demo instead (a handoff, then a
+//! supervised plan run by parallel subagents; see `demo/orchestra.rs`).
 
 // The demo's whole job is to print a transcript for a person.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::process::ExitCode;
+
+#[path = "demo/orchestra.rs"]
+mod orchestra;
 
 use anyhow::{Context, bail};
 use harness_control_plane::transcript::render_event;
@@ -26,17 +32,36 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    println!("harness demo");
+    let orchestra = match std::env::args().nth(1).as_deref() {
+        None => false,
+        Some("orchestra") => true,
+        Some(other) => bail!("unknown demo {other:?}; run `demo` or `demo orchestra`"),
+    };
+    println!("harness demo{}", if orchestra { ": orchestra" } else { "" });
+    let scripts = if orchestra {
+        "control-plane/agents/orchestra/*.script.toml"
+    } else {
+        "control-plane/agents/demo.script.toml"
+    };
     println!("  model: the SCRIPTED provider (no API key, no network): its replies are read from");
-    println!("         control-plane/agents/demo.script.toml");
+    println!("         {scripts}");
     println!("  tools: real WASI components run by sandboxd in the session's workspace\n");
 
     build_daemons()?;
-    let cluster = Cluster::start(&demo_agents_dir()).await?;
+    let agents = if orchestra {
+        orchestra::agents_dir()
+    } else {
+        demo_agents_dir()
+    };
+    let cluster = Cluster::start(&agents).await?;
     println!("sandboxd      listening on {}", cluster.sandboxd_endpoint);
     println!("control-plane listening on {}\n", cluster.control_endpoint);
 
-    let outcome = run_session(&cluster).await;
+    let outcome = if orchestra {
+        orchestra::run(&cluster).await
+    } else {
+        run_session(&cluster).await
+    };
     if outcome.is_err() {
         eprintln!("{}", cluster.logs());
     }
