@@ -462,7 +462,10 @@ fn transcript(events: &[control::SessionEvent]) -> Vec<String> {
                     finished.wall_time = None;
                     finished.peak_memory_bytes = 0;
                 }
-                Kind::ApprovalRequested(request) => request.deadline = None,
+                Kind::ApprovalRequested(request) => {
+                    request.deadline = None;
+                    request.session_id.clear();
+                }
                 Kind::Finished(finished) => {
                     if let Some(usage) = finished.usage.as_mut() {
                         usage.wall_clock = None;
