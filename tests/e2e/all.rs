@@ -8,6 +8,7 @@ mod support;
 mod confinement;
 mod conversation;
 mod crash;
+mod crash_tree;
 mod defaults;
 mod health;
 mod process;

@@ -444,7 +444,7 @@ async fn run(cluster: &mut Cluster, key: &str, kill: Option<&Kill>) -> Run {
 
 /// The transcript with what legitimately differs between runs removed:
 /// times, ids of the session and its sandbox, tool wall time and memory.
-fn transcript(events: &[control::SessionEvent]) -> Vec<String> {
+pub(crate) fn transcript(events: &[control::SessionEvent]) -> Vec<String> {
     let session_id = events
         .first()
         .map(|e| e.session_id.clone())
@@ -467,6 +467,11 @@ fn transcript(events: &[control::SessionEvent]) -> Vec<String> {
                     request.session_id.clear();
                 }
                 Kind::Finished(finished) => {
+                    if let Some(usage) = finished.usage.as_mut() {
+                        usage.wall_clock = None;
+                    }
+                }
+                Kind::SubagentFinished(finished) => {
                     if let Some(usage) = finished.usage.as_mut() {
                         usage.wall_clock = None;
                     }
@@ -533,7 +538,7 @@ fn assert_each_call_ran_once(events: &[control::SessionEvent], run: &str) {
     );
 }
 
-fn assert_gap_free(seqs: &[u64], what: &str) {
+pub(crate) fn assert_gap_free(seqs: &[u64], what: &str) {
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(
         seqs, expected,
