@@ -126,7 +126,7 @@ impl ModelProvider for FakeModel {
                     .map(|part| ToolCall {
                         call_id: format!("call_{part}"),
                         tool: "delegate_to_worker".to_owned(),
-                        arguments_json: format!(r#"{{"task":"{input} part {part}"}}"#),
+                        arguments_json: format!(r#"{{"task":"work for {input} part {part}"}}"#),
                     })
                     .collect()
             } else {
@@ -452,7 +452,7 @@ async fn trees(supervisors: usize, children: usize) {
             continue;
         }
         // The children's model calls during the delegation step.
-        let prefix = format!("{input} part ");
+        let prefix = format!("work for {input} part ");
         let child_calls: Vec<&(Instant, Option<Instant>)> = timings
             .iter()
             .filter(|(child, _)| child.starts_with(&prefix))

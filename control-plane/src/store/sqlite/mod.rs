@@ -78,7 +78,11 @@ use crate::store::{
 /// Prepared statements kept per connection.
 const STATEMENT_CACHE: usize = 64;
 
-/// Read connections kept open between reads.
+/// Read connections, kept open between reads; also how many reads run at
+/// once. More would each open (and close) a connection of their own and
+/// prepare every statement again: under hundreds of concurrent followers
+/// that cost more CPU than the reads themselves (docs/BENCHMARKS.md,
+/// delegation (d)).
 const MAX_IDLE_READERS: usize = 8;
 
 /// [`EventStore`] on an embedded SQLite database; see the module docs.
@@ -92,6 +96,8 @@ struct Inner {
     path: PathBuf,
     writes: mpsc::Sender<Box<dyn WriteJob>>,
     readers: Mutex<Vec<Connection>>,
+    /// One permit per read connection: a read waits for one.
+    read_slots: Arc<tokio::sync::Semaphore>,
     fresh_heads: Arc<FreshHeads>,
     /// Dropped with the store: ends the checkpoint thread.
     _stop_checkpoints: Mutex<mpsc::Sender<()>>,
@@ -208,6 +214,7 @@ impl SqliteStore {
                 path: path.to_owned(),
                 writes,
                 readers: Mutex::new(Vec::new()),
+                read_slots: Arc::new(tokio::sync::Semaphore::new(MAX_IDLE_READERS)),
                 fresh_heads,
                 _stop_checkpoints: Mutex::new(stop_checkpoints),
             }),
@@ -244,7 +251,10 @@ impl SqliteStore {
     {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
+            // The semaphore is never closed, so acquiring cannot fail.
+            let slot = Arc::clone(&inner.read_slots).acquire_owned().await.ok();
             tokio::task::spawn_blocking(move || {
+                let _slot = slot;
                 let idle = inner
                     .readers
                     .lock()
