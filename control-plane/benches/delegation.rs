@@ -425,20 +425,90 @@ async fn trees(supervisors: usize, children: usize) {
         timings: Arc::clone(&timings),
     });
     let plane = Arc::new(plane(model, u32::try_from(children).unwrap()).await);
+    let cpu_before = process_cpu();
     let started = Instant::now();
+    let wall_started = std::time::SystemTime::now();
     let mut runs = Vec::new();
     for index in 0..supervisors {
         let plane = Arc::clone(&plane);
         runs.push(tokio::spawn(async move {
             // Independent callers: starts spread over one model latency.
             tokio::time::sleep(Duration::from_micros((index * 500) as u64 % 50_000)).await;
-            run_session(&plane.plane, "boss", &format!("boss {index}")).await;
+            let input = format!("boss {index}");
+            let events = run_session(&plane.plane, "boss", &input).await;
+            (input, events)
         }));
     }
+    let mut logs = HashMap::new();
     for run in runs {
-        run.await.unwrap();
+        let (input, events) = run.await.unwrap();
+        logs.insert(input, events);
     }
     let elapsed = started.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu_before);
+    let since_start = |instant: Instant| {
+        instant.duration_since(started)
+            + wall_started.duration_since(std::time::UNIX_EPOCH).unwrap()
+    };
+    // Each supervisor's children's logs, read before the timings are locked.
+    let mut child_logs: HashMap<String, Vec<Vec<control::SessionEvent>>> = HashMap::new();
+    for (input, events) in &logs {
+        for event in events {
+            if let Some(Kind::SubagentStarted(started)) = &event.kind {
+                let child_events = child_log(&plane.plane, &started.child_session_id).await;
+                child_logs
+                    .entry(input.clone())
+                    .or_default()
+                    .push(child_events);
+            }
+        }
+    }
+    let mut phases: Vec<Vec<Duration>> = vec![Vec::new(); 6];
+    {
+        let timings = timings.lock().unwrap();
+        for (input, events) in &logs {
+            let calls = &timings[input];
+            let of_kind = |events: &[control::SessionEvent], wanted: fn(&Kind) -> bool| {
+                events
+                    .iter()
+                    .filter(|event| event.kind.as_ref().is_some_and(wanted))
+                    .map(time)
+                    .collect::<Vec<_>>()
+            };
+            let started_at = of_kind(events, |kind| matches!(kind, Kind::SubagentStarted(_)));
+            let finished_at = of_kind(events, |kind| matches!(kind, Kind::SubagentFinished(_)));
+            let mut child_started = Vec::new();
+            let mut child_finished = Vec::new();
+            for child_events in &child_logs[input] {
+                child_started.extend(of_kind(child_events, |kind| {
+                    matches!(kind, Kind::Started(_))
+                }));
+                child_finished.extend(of_kind(child_events, |kind| {
+                    matches!(kind, Kind::Finished(_))
+                }));
+            }
+            let prefix = format!("work for {input} part ");
+            let child_calls: Vec<&(Instant, Option<Instant>)> = timings
+                .iter()
+                .filter(|(child, _)| child.starts_with(&prefix))
+                .flat_map(|(_, calls)| calls)
+                .collect();
+            let first_child_request =
+                since_start(child_calls.iter().map(|call| call.0).min().unwrap());
+            let last_child_answer =
+                since_start(child_calls.iter().filter_map(|call| call.1).max().unwrap());
+            let answer = since_start(calls[0].1.unwrap());
+            let next_request = since_start(calls[1].0);
+            let min = |times: &[Duration]| times.iter().min().copied().unwrap();
+            let max = |times: &[Duration]| times.iter().max().copied().unwrap();
+            phases[0].push(min(&started_at).saturating_sub(answer));
+            phases[1].push(max(&child_started).saturating_sub(min(&started_at)));
+            phases[2].push(first_child_request.saturating_sub(min(&child_started)));
+            phases[3].push(max(&child_finished).saturating_sub(last_child_answer));
+            phases[4].push(max(&finished_at).saturating_sub(max(&child_finished)));
+            phases[5].push(next_request.saturating_sub(max(&finished_at)));
+        }
+    }
     let timings = timings.lock().unwrap();
     let mut worker_steps = Vec::new();
     let mut supervisor_steps = Vec::new();
@@ -465,9 +535,11 @@ async fn trees(supervisors: usize, children: usize) {
         }
     }
     println!(
-        "  {} sessions in {:.2} s",
+        "  {} sessions in {:.2} s, {:.2} CPU-s ({:.2} ms of CPU per session)",
         timings.len(),
-        elapsed.as_secs_f64()
+        elapsed.as_secs_f64(),
+        cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e3 / timings.len() as f64
     );
     println!(
         "  worker step overhead (answer → next request): {}",
@@ -477,4 +549,49 @@ async fn trees(supervisors: usize, children: usize) {
         "  supervisor delegation step overhead (answer → next request, minus the span of its children's model calls): {}",
         summary(supervisor_steps)
     );
+    let names = [
+        "supervisor answer -> first subagent_started",
+        "first subagent_started -> last child started",
+        "first child started -> first child model request",
+        "last child answer -> last child finished",
+        "last child finished -> last subagent_finished",
+        "last subagent_finished -> supervisor's next request",
+    ];
+    for (name, samples) in names.iter().zip(phases) {
+        println!("    {name}: {}", summary(samples));
+    }
+}
+
+/// CPU time (user + system) this process used so far.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The fields after the command name (which may hold spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // Linux reports these in USER_HZ, 100 per second on every architecture it runs here.
+    Duration::from_millis(ticks * 10)
+}
+
+/// A finished session's whole log.
+async fn child_log(plane: &ControlPlane, session_id: &str) -> Vec<control::SessionEvent> {
+    let mut stream = plane
+        .service()
+        .stream_events(tonic::Request::new(control::StreamEventsRequest {
+            session_id: session_id.to_owned(),
+            after_seq: 0,
+            follow: false,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = futures::StreamExt::next(&mut stream).await {
+        events.push(event.unwrap());
+    }
+    events
 }

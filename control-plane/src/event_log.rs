@@ -217,14 +217,28 @@ impl Follower {
         if batch.is_empty() {
             return self.next_when_caught_up().await;
         }
+        let full = batch.len() == READ_BATCH;
+        let mut waits_for_input = false;
         for event in batch {
             self.cursor = event.seq;
             let ends_stream = self.ends_stream(&event);
+            waits_for_input = matches!(event.kind, Some(Kind::WaitingForInput(_)));
             if self.sender.send(Ok(event)).await.is_err() || ends_stream {
                 return Ok(Next::Stop);
             }
         }
-        Ok(Next::ReadAgain)
+        if full {
+            return Ok(Next::ReadAgain);
+        }
+        if waits_for_input && self.mode == FollowMode::UntilIdle {
+            // Only the session's status says whether this wait is the latest.
+            return self.next_when_caught_up().await;
+        }
+        // The read saw everything committed before it, and the subscription
+        // was marked seen before it: whatever commits later wakes us. Reading
+        // again now would find nothing (one read and one status check per
+        // wake-up, for nothing, under load most of a follower's cost).
+        Ok(Next::Wait)
     }
 
     /// Nothing new in the log: stop if nothing more can come, otherwise wait.

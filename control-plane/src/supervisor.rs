@@ -14,6 +14,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::FutureExt as _;
+use futures::future::BoxFuture;
 
 use harness_proto::control::v1 as control;
 use harness_proto::control::v1::session_event::Kind;
@@ -24,13 +25,23 @@ use crate::agent_loop::AgentLoop;
 use crate::ids::SessionId;
 use crate::store::{SessionRecord, StoreError};
 
-type Running = Arc<Mutex<HashMap<SessionId, watch::Sender<Option<String>>>>>;
+/// A session whose loop runs here.
+#[derive(Debug)]
+struct RunningSession {
+    /// Set to the reason to ask the loop to stop.
+    cancel: watch::Sender<Option<String>>,
+    /// Turns true when the loop's task has ended.
+    ended: watch::Receiver<bool>,
+}
+
+type Running = Arc<Mutex<HashMap<SessionId, RunningSession>>>;
 
 /// Removes a session from the running map when its task ends, however it
-/// ends: returning, panicking, or aborted.
+/// ends: returning, panicking, or aborted, and tells whoever waits for it.
 struct RunningGuard {
     running: Running,
     session_id: SessionId,
+    ended: watch::Sender<bool>,
 }
 
 impl Drop for RunningGuard {
@@ -39,6 +50,7 @@ impl Drop for RunningGuard {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.session_id);
+        self.ended.send_replace(true);
     }
 }
 
@@ -71,17 +83,23 @@ impl SessionSupervisor {
     /// already running here is left alone.
     pub fn launch(&self, session: SessionRecord, agent: Arc<Agent>) {
         let (cancel_sender, cancel) = watch::channel(None);
+        let (ended_sender, ended) = watch::channel(false);
         let session_id = session.session_id.clone();
         {
             let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
             if running.contains_key(&session_id) {
                 return;
             }
-            running.insert(session_id.clone(), cancel_sender);
+            let entry = RunningSession {
+                cancel: cancel_sender,
+                ended,
+            };
+            running.insert(session_id.clone(), entry);
         }
         let guard = RunningGuard {
             running: Arc::clone(&self.running),
             session_id,
+            ended: ended_sender,
         };
         let agent_loop = Arc::clone(&self.agent_loop);
         tokio::spawn(async move {
@@ -112,12 +130,30 @@ impl SessionSupervisor {
     pub fn cancel(&self, session_id: &SessionId, reason: &str) -> bool {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         match running.get(session_id) {
-            Some(sender) => {
-                sender.send_replace(Some(reason.to_owned()));
+            Some(session) => {
+                session.cancel.send_replace(Some(reason.to_owned()));
                 true
             }
             None => false,
         }
+    }
+
+    /// Resolves once the session's loop, running here, has ended (at once
+    /// if it does not run here). Its log is then as complete as this
+    /// process will make it: a finished session's `finished` is committed.
+    pub fn loop_ended(&self, session_id: &SessionId) -> BoxFuture<'static, ()> {
+        let ended = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(session_id)
+            .map(|session| session.ended.clone());
+        Box::pin(async move {
+            if let Some(mut ended) = ended {
+                // An error means the guard is gone: the loop has ended too.
+                let _ = ended.wait_for(|ended| *ended).await;
+            }
+        })
     }
 
     /// True if the session's loop runs in this process.
@@ -187,16 +223,24 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn an_aborted_task_leaves_the_running_map() {
+    async fn an_aborted_task_leaves_the_running_map_and_wakes_its_waiters() {
         let running: Running = Arc::default();
-        let (sender, _receiver) = watch::channel(None);
+        let (cancel, _receiver) = watch::channel(None);
+        let (ended_sender, ended) = watch::channel(false);
         running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(SessionId::new("s1"), sender);
+            .insert(
+                SessionId::new("s1"),
+                RunningSession {
+                    cancel,
+                    ended: ended.clone(),
+                },
+            );
         let guard = RunningGuard {
             running: Arc::clone(&running),
             session_id: SessionId::new("s1"),
+            ended: ended_sender,
         };
         let task = tokio::spawn(async move {
             let _guard = guard;
@@ -209,6 +253,7 @@ mod tests {
                 .unwrap_or_else(PoisonError::into_inner)
                 .contains_key(&SessionId::new("s1"))
         );
+        assert!(!*ended.borrow());
         task.abort();
         assert!(task.await.is_err_and(|error| error.is_cancelled()));
         assert!(
@@ -217,6 +262,7 @@ mod tests {
                 .unwrap_or_else(PoisonError::into_inner)
                 .is_empty()
         );
+        assert!(*ended.borrow());
     }
 
     #[test]

@@ -13,7 +13,6 @@ use super::resolved::SessionAgent;
 use crate::error_report::error_chain;
 use crate::ids::SessionId;
 use crate::provider::ToolCall;
-use crate::subagent::receipt::ReceiptBuilder;
 use crate::subagent::{limits, reserve};
 
 impl SessionRun<'_> {
@@ -100,14 +99,11 @@ impl SessionRun<'_> {
         if self.session.parent_session_id().is_none() {
             return Vec::new();
         }
-        let paths = match self.written_paths().await {
-            Ok(paths) if paths.is_empty() => return Vec::new(),
-            Ok(paths) => paths,
-            Err(error) => {
-                tracing::warn!(session_id = self.session_id().as_str(), error = %error_chain(&error), "cannot read the subagent's log for its written files");
-                return Vec::new();
-            }
-        };
+        // Staged events are applied to the state as they are staged.
+        let paths = self.state.written_paths.clone();
+        if paths.is_empty() {
+            return Vec::new();
+        }
         let request = sandbox::ReadFilesRequest {
             session_id: sandbox_session_id,
             paths,
@@ -129,29 +125,5 @@ impl SessionRun<'_> {
                 Vec::new()
             }
         }
-    }
-
-    /// The paths this session's write calls wrote, from its log as stored
-    /// and as staged.
-    async fn written_paths(&self) -> Result<Vec<String>, crate::store::StoreError> {
-        let store = self.agent_loop.log.store();
-        let mut receipt = ReceiptBuilder::default();
-        let mut after = 0;
-        loop {
-            let batch = store
-                .read_events(self.session_id().clone(), after, 1024)
-                .await?;
-            let Some(last) = batch.last() else {
-                break;
-            };
-            after = last.seq;
-            for kind in batch.iter().filter_map(|event| event.kind.as_ref()) {
-                receipt.apply(kind);
-            }
-        }
-        for staged in &self.staged {
-            receipt.apply(&staged.kind);
-        }
-        Ok(receipt.written_paths().to_vec())
     }
 }

@@ -22,6 +22,7 @@ use crate::harness_tools;
 use crate::plan::{self, PlanStep, StepOutcome};
 use crate::provider::{Message, ToolCall};
 use crate::store::StepRecord;
+use crate::subagent::receipt;
 
 /// Step-record name of a turn's completed model call.
 pub fn model_step(turn: u32) -> String {
@@ -211,6 +212,9 @@ pub struct SessionState {
     pub repeated_call: Option<(ToolCall, u32)>,
     /// Subagents started over the session's life.
     pub children_started: u32,
+    /// The workspace paths this session's successful write calls wrote, in
+    /// order (a subagent's receipt checks them against its workspace).
+    pub written_paths: Vec<String>,
     /// The budgets reserved for subagents still running, by the call that
     /// delegated.
     pub reservations: std::collections::BTreeMap<String, control::BudgetLimits>,
@@ -333,8 +337,23 @@ impl SessionState {
                         .entry(step.to_owned())
                         .or_insert(StepOutcome::Failed);
                 }
+                let mut written = None;
                 if let Some(call) = self.call_mut(&finished.call_id) {
+                    if let Some(control::tool_finished::Outcome::OutputJson(output)) =
+                        &finished.outcome
+                    {
+                        written = receipt::written_path(
+                            &finished.tool,
+                            output,
+                            Some(&call.call.arguments_json),
+                        );
+                    }
                     call.finished = Some(finished.clone());
+                }
+                if let Some(path) = written
+                    && !self.written_paths.contains(&path)
+                {
+                    self.written_paths.push(path);
                 }
             }
             Kind::SubagentStarted(started) => {

@@ -106,7 +106,15 @@ impl Delegator {
             None => self.create_child(&call.invocation_id, delegation).await?,
         };
         if child.status != control::SessionStatus::Finished {
-            self.launcher()?.launch(child, Arc::clone(&agent));
+            let launcher = self.launcher()?;
+            launcher.launch(child, Arc::clone(&agent));
+            // Read the child's log once it is complete rather than wake on
+            // each of its commits: a woken follower reads the store, and
+            // under load those reads were most of a delegation's cost. A
+            // child not running here (stopped by a shutdown) is followed.
+            let ended = launcher.loop_ended(&child_id);
+            drop(launcher);
+            ended.await;
         }
         let mut events = self
             .log

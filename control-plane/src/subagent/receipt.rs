@@ -98,12 +98,17 @@ impl ReceiptBuilder {
                         ok: output.is_some(),
                     },
                 ));
-                if let Some(output) = output
-                    && WRITE_TOOLS.contains(&finished.tool.as_str())
-                    && let Some(path) = self.written_path(&finished.call_id, output)
-                    && !self.written.contains(&path)
-                {
-                    self.written.push(path);
+                if let Some(output) = output {
+                    let arguments = self
+                        .requested
+                        .iter()
+                        .find(|(id, _, _)| *id == finished.call_id)
+                        .map(|(_, _, arguments)| arguments.as_str());
+                    if let Some(path) = written_path(&finished.tool, output, arguments)
+                        && !self.written.contains(&path)
+                    {
+                        self.written.push(path);
+                    }
                 }
             }
             Kind::Finished(finished) => self.finished = Some(finished.clone()),
@@ -114,22 +119,6 @@ impl ReceiptBuilder {
     /// The paths the child's successful write calls wrote, in order.
     pub fn written_paths(&self) -> &[String] {
         &self.written
-    }
-
-    /// The path a write call wrote: its output's `path` (the tool's
-    /// normalised form), else the one it was asked for.
-    fn written_path(&self, call_id: &str, output_json: &str) -> Option<String> {
-        let from_output = serde_json::from_str::<serde_json::Value>(output_json)
-            .ok()
-            .and_then(|output| output["path"].as_str().map(str::to_owned));
-        let from_arguments = || {
-            let (_, _, arguments) = self.requested.iter().find(|(id, _, _)| id == call_id)?;
-            let arguments: serde_json::Value = serde_json::from_str(arguments).ok()?;
-            arguments["path"].as_str().map(str::to_owned)
-        };
-        from_output
-            .or_else(from_arguments)
-            .map(|path| normalise(&path))
     }
 
     /// The receipt; `None` until the child's `finished` is in.
@@ -235,6 +224,25 @@ pub fn normalise(path: &str) -> String {
         path = rest;
     }
     path.trim_start_matches('/').to_owned()
+}
+
+/// The path a successful call of `tool` wrote, if it is a write tool: its
+/// output's `path` (the tool's normalised form), else the one it was asked
+/// for (`arguments_json`).
+pub fn written_path(tool: &str, output_json: &str, arguments_json: Option<&str>) -> Option<String> {
+    if !WRITE_TOOLS.contains(&tool) {
+        return None;
+    }
+    let from_output = serde_json::from_str::<serde_json::Value>(output_json)
+        .ok()
+        .and_then(|output| output["path"].as_str().map(str::to_owned));
+    let from_arguments = || {
+        let arguments: serde_json::Value = serde_json::from_str(arguments_json?).ok()?;
+        arguments["path"].as_str().map(str::to_owned)
+    };
+    from_output
+        .or_else(from_arguments)
+        .map(|path| normalise(&path))
 }
 
 /// The paths a text claims were written (see the module docs).
