@@ -95,12 +95,19 @@ impl Delegator {
                     delegation.agent
                 ),
             })?;
-        let existing = self
-            .log
-            .store()
-            .get_session(tenant.clone(), child_id.clone())
-            .await
-            .map_err(|error| internal(error_chain(&error)))?;
+        // Creating is idempotent (by the call's key), so a delegation without
+        // files creates or finds its child in one write. With files, a child
+        // made before a restart is looked up first: its files were packed
+        // then, and reading them again could fail for nothing.
+        let existing = if delegation.files.is_empty() {
+            None
+        } else {
+            self.log
+                .store()
+                .get_session(tenant.clone(), child_id.clone())
+                .await
+                .map_err(|error| internal(error_chain(&error)))?
+        };
         let child = match existing {
             Some(child) => child,
             None => self.create_child(&call.invocation_id, delegation).await?,
