@@ -24,7 +24,13 @@
 //! after 50 ms; each worker makes one tool call. The overhead of a step is
 //! the time from a model's answer to the session's next model request; for
 //! a supervisor's delegation step, the span its children's model calls
-//! covered (first child request to last child answer) is subtracted.
+//! covered (first child request to last child answer) is subtracted. It
+//! also prints the CPU the burst used, and the delegation step phase by
+//! phase (from the logs' event times and the model's request and answer
+//! times): to the first `subagent_started`, to the last child's `started`,
+//! to the first child request, from the last child answer to its
+//! `finished`, to the parent's last `subagent_finished`, to its next
+//! request.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 

@@ -11,7 +11,9 @@
 //!    `subagent_started`, in the batch that records `tool_started`.
 //! 2. The tool ([`delegate`]) creates the child session (idempotent by the
 //!    call's invocation id) with the task and the [`context_pack`] of the
-//!    files named, launches it like any session, and follows its log.
+//!    files named, launches it like any session, waits for its loop to end
+//!    (the supervisor says when) and then reads its log, once; a child whose
+//!    loop does not run here is followed instead.
 //! 3. When the child's `finished` is in, the [`receipt`] built from the
 //!    child's log is the call's one result, and `subagent_finished` adds the
 //!    child's usage to the parent's.
