@@ -24,14 +24,28 @@ use crate::agent::{Agent, AgentCatalog};
 use crate::agent_loop::AgentLoop;
 use crate::ids::SessionId;
 use crate::store::{SessionRecord, StoreError};
+use crate::subagent::receipt::ReceiptBuilder;
 
 /// A session whose loop runs here.
 #[derive(Debug)]
 struct RunningSession {
     /// Set to the reason to ask the loop to stop.
     cancel: watch::Sender<Option<String>>,
-    /// Turns true when the loop's task has ended.
-    ended: watch::Receiver<bool>,
+    /// Tells when the loop's task has ended, and how.
+    ended: watch::Receiver<LoopEnd>,
+}
+
+/// Where a session's loop task is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum LoopEnd {
+    /// Still running.
+    #[default]
+    Running,
+    /// Ended. With what the session's receipt is built from, when its
+    /// `finished` was committed by this loop; `None` when it ended
+    /// otherwise (shutting down, a panic, a store failure), and its log
+    /// tells the rest.
+    Ended(Option<Arc<ReceiptBuilder>>),
 }
 
 type Running = Arc<Mutex<HashMap<SessionId, RunningSession>>>;
@@ -41,7 +55,9 @@ type Running = Arc<Mutex<HashMap<SessionId, RunningSession>>>;
 struct RunningGuard {
     running: Running,
     session_id: SessionId,
-    ended: watch::Sender<bool>,
+    ended: watch::Sender<LoopEnd>,
+    /// Set by the task when its loop recorded the session's end.
+    receipt: Option<ReceiptBuilder>,
 }
 
 impl Drop for RunningGuard {
@@ -50,7 +66,8 @@ impl Drop for RunningGuard {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.session_id);
-        self.ended.send_replace(true);
+        let receipt = self.receipt.take().map(Arc::new);
+        self.ended.send_replace(LoopEnd::Ended(receipt));
     }
 }
 
@@ -83,7 +100,7 @@ impl SessionSupervisor {
     /// already running here is left alone.
     pub fn launch(&self, session: SessionRecord, agent: Arc<Agent>) {
         let (cancel_sender, cancel) = watch::channel(None);
-        let (ended_sender, ended) = watch::channel(false);
+        let (ended_sender, ended) = watch::channel(LoopEnd::Running);
         let session_id = session.session_id.clone();
         {
             let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
@@ -100,15 +117,20 @@ impl SessionSupervisor {
             running: Arc::clone(&self.running),
             session_id,
             ended: ended_sender,
+            receipt: None,
         };
         let agent_loop = Arc::clone(&self.agent_loop);
         tokio::spawn(async move {
             // Moved in, so it drops when the task ends, however it ends.
-            let guard = guard;
+            let mut guard = guard;
             let tenant = session.tenant.clone();
             let run = AssertUnwindSafe(agent_loop.run(session, Arc::clone(&agent), cancel));
-            let Err(payload) = run.catch_unwind().await else {
-                return;
+            let payload = match run.catch_unwind().await {
+                Ok(receipt) => {
+                    guard.receipt = receipt;
+                    return;
+                }
+                Err(payload) => payload,
             };
             let message = format!("session loop panicked: {}", panic_message(&*payload));
             tracing::error!(
@@ -141,7 +163,12 @@ impl SessionSupervisor {
     /// Resolves once the session's loop, running here, has ended (at once
     /// if it does not run here). Its log is then as complete as this
     /// process will make it: a finished session's `finished` is committed.
-    pub fn loop_ended(&self, session_id: &SessionId) -> BoxFuture<'static, ()> {
+    /// With what its receipt is built from when that loop recorded its end
+    /// (the same as its log gives: the loop applied every event it wrote).
+    pub fn loop_ended(
+        &self,
+        session_id: &SessionId,
+    ) -> BoxFuture<'static, Option<Arc<ReceiptBuilder>>> {
         let ended = self
             .running
             .lock()
@@ -149,9 +176,17 @@ impl SessionSupervisor {
             .get(session_id)
             .map(|session| session.ended.clone());
         Box::pin(async move {
-            if let Some(mut ended) = ended {
-                // An error means the guard is gone: the loop has ended too.
-                let _ = ended.wait_for(|ended| *ended).await;
+            let mut ended = ended?;
+            // An error means the guard is gone: the loop has ended too.
+            match ended
+                .wait_for(|ended| matches!(ended, LoopEnd::Ended(_)))
+                .await
+            {
+                Ok(end) => match &*end {
+                    LoopEnd::Ended(receipt) => receipt.clone(),
+                    LoopEnd::Running => None,
+                },
+                Err(_) => None,
             }
         })
     }
@@ -226,7 +261,7 @@ mod tests {
     async fn an_aborted_task_leaves_the_running_map_and_wakes_its_waiters() {
         let running: Running = Arc::default();
         let (cancel, _receiver) = watch::channel(None);
-        let (ended_sender, ended) = watch::channel(false);
+        let (ended_sender, ended) = watch::channel(LoopEnd::Running);
         running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -241,6 +276,7 @@ mod tests {
             running: Arc::clone(&running),
             session_id: SessionId::new("s1"),
             ended: ended_sender,
+            receipt: None,
         };
         let task = tokio::spawn(async move {
             let _guard = guard;
@@ -253,7 +289,7 @@ mod tests {
                 .unwrap_or_else(PoisonError::into_inner)
                 .contains_key(&SessionId::new("s1"))
         );
-        assert!(!*ended.borrow());
+        assert_eq!(*ended.borrow(), LoopEnd::Running);
         task.abort();
         assert!(task.await.is_err_and(|error| error.is_cancelled()));
         assert!(
@@ -262,7 +298,7 @@ mod tests {
                 .unwrap_or_else(PoisonError::into_inner)
                 .is_empty()
         );
-        assert!(*ended.borrow());
+        assert_eq!(*ended.borrow(), LoopEnd::Ended(None));
     }
 
     #[test]

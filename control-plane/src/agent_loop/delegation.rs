@@ -100,7 +100,7 @@ impl SessionRun<'_> {
             return Vec::new();
         }
         // Staged events are applied to the state as they are staged.
-        let paths = self.state.written_paths.clone();
+        let paths = self.state.receipt.written_paths().to_vec();
         if paths.is_empty() {
             return Vec::new();
         }

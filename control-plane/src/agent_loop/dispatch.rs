@@ -231,11 +231,10 @@ impl SessionRun<'_> {
             let finished = if in_flight {
                 let result = match dispatches.next().now_or_never() {
                     Some(result) => result,
-                    None => {
-                        // Write what is recorded before waiting.
-                        self.flush().await?;
-                        self.until_stopped(dispatches.next()).await?
-                    }
+                    // Write what is recorded while waiting: a commit delayed
+                    // by a busy store then no longer delays the results
+                    // that arrive meanwhile.
+                    None => self.flush_while(dispatches.next()).await?,
                 };
                 let result = result.unwrap_or(CallResult::Failed(SandboxError::MissingResult));
                 if matches!(result, CallResult::ShuttingDown) {

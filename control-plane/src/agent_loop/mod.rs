@@ -84,6 +84,7 @@ use crate::ids::{SessionId, TenantId};
 use crate::provider::{ProviderError, STOP_MAX_TOKENS, STOP_PAUSE_TURN, ToolCall};
 use crate::sandbox::{SandboxDispatch, SandboxError};
 use crate::store::{NewEvent, SessionRecord, StepRecord, StoreError};
+use crate::subagent::receipt::ReceiptBuilder;
 
 pub use self::state::ReplayError;
 
@@ -251,16 +252,24 @@ impl AgentLoop {
 
     /// Runs `session` of `agent` to its `finished` event: from the start if
     /// it is new, from where its log ends if it was interrupted.
-    pub async fn run(&self, session: SessionRecord, agent: Arc<Agent>, cancel: CancelSignal) {
+    ///
+    /// Returns what the session's receipt is built from once its `finished`
+    /// is committed (`None`: the log is not complete, or could not be read).
+    pub async fn run(
+        &self,
+        session: SessionRecord,
+        agent: Arc<Agent>,
+        cancel: CancelSignal,
+    ) -> Option<ReceiptBuilder> {
         // For the log lines after `session` moved into the run.
         let session_id = session.session_id.to_string();
         let state = match load_state(&self.log, &session, &agent).await {
             // Its end is recorded (the record handed in was older than the log).
-            Ok(state) if state.finished => return,
+            Ok(state) if state.finished => return Some(state.receipt),
             Ok(state) => state,
             Err(error) => {
                 tracing::error!(session_id, error = %error_chain(&error), "cannot load the session's log; leaving it for the next start");
-                return;
+                return None;
             }
         };
         if session.last_seq > 0 {
@@ -275,14 +284,14 @@ impl AgentLoop {
             Ok(ending) => ending,
             Err(LoopError::Store(error)) => {
                 tracing::error!(session_id, error = %error_chain(&error), "event log write failed; leaving the session for the next start");
-                return;
+                return None;
             }
             Err(LoopError::ShuttingDown) => {
                 tracing::info!(
                     session_id,
                     "shutting down; the session resumes at the next start"
                 );
-                return;
+                return None;
             }
             Err(LoopError::Cancelled(reason)) => Ending::Cancelled(reason),
             Err(LoopError::LoopDetected(message)) => Ending::LoopDetected(message),
@@ -294,8 +303,12 @@ impl AgentLoop {
                 Ending::Error(error_chain(&error))
             }
         };
-        if let Err(error) = run.finish(ending).await {
-            tracing::error!(session_id, error = %error_chain(&error), "could not record the end of a session");
+        match run.finish(ending).await {
+            Ok(()) => Some(run.state.receipt),
+            Err(error) => {
+                tracing::error!(session_id, error = %error_chain(&error), "could not record the end of a session");
+                None
+            }
         }
     }
 
@@ -459,6 +472,34 @@ impl SessionRun<'_> {
             self.last_seq = last.seq;
         }
         Ok(())
+    }
+
+    /// Writes what is staged while `future` runs, and returns its output
+    /// once both are done. The write is never abandoned half way (a
+    /// cancellation or the wall clock ends only the wait), so `last_seq`
+    /// stays true; the write's error comes first.
+    async fn flush_while<F: std::future::Future>(
+        &mut self,
+        future: F,
+    ) -> Result<F::Output, LoopError> {
+        let events = std::mem::take(&mut self.staged);
+        let steps = std::mem::take(&mut self.staged_steps);
+        let agent_loop = self.agent_loop;
+        let session_id = self.session.session_id.clone();
+        let write = async move {
+            if events.is_empty() && steps.is_empty() {
+                return Ok(Vec::new());
+            }
+            agent_loop
+                .log
+                .append_batch(&session_id, events, steps)
+                .await
+        };
+        let (stored, output) = futures::future::join(write, self.until_stopped(future)).await;
+        if let Some(last) = stored?.last() {
+            self.last_seq = last.seq;
+        }
+        output
     }
 
     fn elapsed(&self) -> Duration {

@@ -22,7 +22,7 @@ use crate::harness_tools;
 use crate::plan::{self, PlanStep, StepOutcome};
 use crate::provider::{Message, ToolCall};
 use crate::store::StepRecord;
-use crate::subagent::receipt;
+use crate::subagent::receipt::ReceiptBuilder;
 
 /// Step-record name of a turn's completed model call.
 pub fn model_step(turn: u32) -> String {
@@ -212,9 +212,10 @@ pub struct SessionState {
     pub repeated_call: Option<(ToolCall, u32)>,
     /// Subagents started over the session's life.
     pub children_started: u32,
-    /// The workspace paths this session's successful write calls wrote, in
-    /// order (a subagent's receipt checks them against its workspace).
-    pub written_paths: Vec<String>,
+    /// What a parent's receipt of this session is built from (the paths
+    /// its successful write calls wrote, its calls, its end), so a child
+    /// that ends here hands its receipt over without a read of its log.
+    pub receipt: ReceiptBuilder,
     /// The budgets reserved for subagents still running, by the call that
     /// delegated.
     pub reservations: std::collections::BTreeMap<String, control::BudgetLimits>,
@@ -283,6 +284,7 @@ impl SessionState {
     /// Applies one recorded event.
     pub fn apply(&mut self, turn: u32, kind: &Kind) {
         event::apply_to_usage(&mut self.usage, kind);
+        self.receipt.apply(kind);
         match kind {
             Kind::Started(started) => {
                 self.started = true;
@@ -337,23 +339,8 @@ impl SessionState {
                         .entry(step.to_owned())
                         .or_insert(StepOutcome::Failed);
                 }
-                let mut written = None;
                 if let Some(call) = self.call_mut(&finished.call_id) {
-                    if let Some(control::tool_finished::Outcome::OutputJson(output)) =
-                        &finished.outcome
-                    {
-                        written = receipt::written_path(
-                            &finished.tool,
-                            output,
-                            Some(&call.call.arguments_json),
-                        );
-                    }
                     call.finished = Some(finished.clone());
-                }
-                if let Some(path) = written
-                    && !self.written_paths.contains(&path)
-                {
-                    self.written_paths.push(path);
                 }
             }
             Kind::SubagentStarted(started) => {

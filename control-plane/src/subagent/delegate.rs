@@ -112,20 +112,46 @@ impl Delegator {
             Some(child) => child,
             None => self.create_child(&call.invocation_id, delegation).await?,
         };
-        if child.status != control::SessionStatus::Finished {
+        // Wait for the child's loop to end rather than follow its log: a
+        // woken follower reads the store, and under load those reads were
+        // most of a delegation's cost. A loop that recorded the child's end
+        // hands over what the receipt is built from; otherwise (a child
+        // finished before, or stopped by a shutdown) its log is read.
+        let ended = if child.status == control::SessionStatus::Finished {
+            None
+        } else {
             let launcher = self.launcher()?;
             launcher.launch(child, Arc::clone(&agent));
-            // Read the child's log once it is complete rather than wake on
-            // each of its commits: a woken follower reads the store, and
-            // under load those reads were most of a delegation's cost. A
-            // child not running here (stopped by a shutdown) is followed.
             let ended = launcher.loop_ended(&child_id);
             drop(launcher);
-            ended.await;
-        }
+            ended.await
+        };
+        let receipt = match ended {
+            Some(receipt) => receipt,
+            None => Arc::new(self.receipt_from_log(&tenant, &child_id).await?),
+        };
+        let receipt = receipt
+            .build(child_id.as_str(), &agent.definition.name)
+            .ok_or(HarnessCallError::ShuttingDown)?;
+        let call_id = call
+            .invocation_id
+            .strip_prefix(&format!("{}:", delegation.parent_session_id))
+            .unwrap_or(&call.invocation_id);
+        Ok(HarnessOutput {
+            output_json: receipt.to_json(),
+            subagent: Some(receipt.to_event(call_id)),
+        })
+    }
+
+    /// Folds the child's log, to its `finished`, into a receipt builder.
+    async fn receipt_from_log(
+        &self,
+        tenant: &TenantId,
+        child_id: &SessionId,
+    ) -> Result<ReceiptBuilder, HarnessCallError> {
         let mut events = self
             .log
-            .follow(&tenant, &child_id, 0, FollowMode::UntilFinished);
+            .follow(tenant, child_id, 0, FollowMode::UntilFinished);
         let mut receipt = ReceiptBuilder::default();
         while let Some(event) = events.next().await {
             match event {
@@ -138,17 +164,7 @@ impl Delegator {
                 Err(error) => return Err(internal(error_chain(&error)).into()),
             }
         }
-        let receipt = receipt
-            .build(child_id.as_str(), &agent.definition.name)
-            .ok_or(HarnessCallError::ShuttingDown)?;
-        let call_id = call
-            .invocation_id
-            .strip_prefix(&format!("{}:", delegation.parent_session_id))
-            .unwrap_or(&call.invocation_id);
-        Ok(HarnessOutput {
-            output_json: receipt.to_json(),
-            subagent: Some(receipt.to_event(call_id)),
-        })
+        Ok(receipt)
     }
 
     /// Creates the child session: its task with the context pack, its

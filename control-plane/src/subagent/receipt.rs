@@ -68,11 +68,14 @@ pub struct Receipt {
 }
 
 /// Folds a child's events into its receipt, one at a time (a log can be
-/// long; only what the receipt needs is kept).
-#[derive(Debug, Default)]
+/// long; only what the receipt needs is kept). A session's loop keeps one
+/// as it applies its events, so the receipt of a child that ended here is
+/// built without reading its log again.
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct ReceiptBuilder {
-    requested: Vec<(String, String, String)>,
-    calls: Vec<(String, CallSummary)>,
+    /// Write calls requested and not finished yet: (call id, arguments).
+    requested: Vec<(String, String)>,
+    calls: Vec<CallSummary>,
     written: Vec<String>,
     finished: Option<control::SessionFinished>,
 }
@@ -81,38 +84,44 @@ impl ReceiptBuilder {
     /// Takes in one event of the child's log.
     pub fn apply(&mut self, kind: &Kind) {
         match kind {
-            Kind::ToolCallRequested(requested) => self.requested.push((
-                requested.call_id.clone(),
-                requested.tool.clone(),
-                requested.arguments_json.clone(),
-            )),
+            Kind::ToolCallRequested(requested)
+                if WRITE_TOOLS.contains(&requested.tool.as_str()) =>
+            {
+                self.requested
+                    .push((requested.call_id.clone(), requested.arguments_json.clone()));
+            }
             Kind::ToolFinished(finished) => {
                 let output = match &finished.outcome {
                     Some(control::tool_finished::Outcome::OutputJson(json)) => Some(json),
                     _ => None,
                 };
-                self.calls.push((
-                    finished.call_id.clone(),
-                    CallSummary {
-                        tool: finished.tool.clone(),
-                        ok: output.is_some(),
-                    },
-                ));
-                if let Some(output) = output {
-                    let arguments = self
-                        .requested
-                        .iter()
-                        .find(|(id, _, _)| *id == finished.call_id)
-                        .map(|(_, _, arguments)| arguments.as_str());
-                    if let Some(path) = written_path(&finished.tool, output, arguments)
-                        && !self.written.contains(&path)
-                    {
-                        self.written.push(path);
-                    }
+                self.calls.push(CallSummary {
+                    tool: finished.tool.clone(),
+                    ok: output.is_some(),
+                });
+                let arguments = self
+                    .requested
+                    .iter()
+                    .position(|(id, _)| *id == finished.call_id)
+                    .map(|at| self.requested.swap_remove(at).1);
+                if let Some(output) = output
+                    && let Some(path) = written_path(&finished.tool, output, arguments.as_deref())
+                    && !self.written.contains(&path)
+                {
+                    self.written.push(path);
                 }
             }
             Kind::Finished(finished) => self.finished = Some(finished.clone()),
             _ => {}
+        }
+    }
+
+    /// Forgets the measured wall clock, for comparing the builders of two
+    /// runs that should agree on everything else.
+    #[cfg(test)]
+    pub fn clear_wall_clock(&mut self) {
+        if let Some(usage) = self.finished.as_mut().and_then(|f| f.usage.as_mut()) {
+            usage.wall_clock = None;
         }
     }
 
@@ -122,8 +131,8 @@ impl ReceiptBuilder {
     }
 
     /// The receipt; `None` until the child's `finished` is in.
-    pub fn build(self, child_session_id: &str, agent: &str) -> Option<Receipt> {
-        let finished = self.finished?;
+    pub fn build(&self, child_session_id: &str, agent: &str) -> Option<Receipt> {
+        let finished = self.finished.clone()?;
         let stop_reason = finished.stop_reason();
         let files = finished.files_written.clone();
         let mut problems = Vec::new();
@@ -156,7 +165,7 @@ impl ReceiptBuilder {
             stop_reason,
             final_text: finished.final_output,
             message: finished.message,
-            tool_calls: self.calls.into_iter().map(|(_, call)| call).collect(),
+            tool_calls: self.calls.clone(),
             files,
             problems,
             usage: finished.usage.unwrap_or_default(),

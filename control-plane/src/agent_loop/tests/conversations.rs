@@ -160,7 +160,7 @@ async fn a_conversation_resumed_while_waiting_waits_again_and_answers() {
         };
         tokio::time::timeout(Duration::from_secs(10), async {
             tokio::select! {
-                () = run => panic!("the conversation ended on its own"),
+                _ = run => panic!("the conversation ended on its own"),
                 () = waited => {}
             }
         })

@@ -562,8 +562,9 @@ impl Harness {
         )
     }
 
-    /// Runs the stored session (from wherever its log ends) to its end.
-    async fn resume(&self) {
+    /// Runs the stored session (from wherever its log ends) to its end; the
+    /// receipt builder the loop hands over.
+    async fn resume(&self) -> Option<ReceiptBuilder> {
         let (_cancel, cancel_signal) = watch::channel(None);
         let session = self.session().await;
         tokio::time::timeout(
@@ -572,7 +573,7 @@ impl Harness {
                 .run(session, self.agent.clone(), cancel_signal),
         )
         .await
-        .expect("the session ends within 10s");
+        .expect("the session ends within 10s")
     }
 
     async fn run_with(&self, budget: control::BudgetLimits) {
@@ -580,12 +581,24 @@ impl Harness {
         self.resume().await;
     }
 
-    async fn run(&self, max_turns: u32, max_parallel_tool_calls: usize) {
+    async fn run(&self, max_turns: u32, max_parallel_tool_calls: usize) -> Option<ReceiptBuilder> {
         let session = self.create_session(max_turns).await;
         let (_cancel, cancel_signal) = watch::channel(None);
         self.agent_loop(max_parallel_tool_calls)
             .run(session, self.agent.clone(), cancel_signal)
-            .await;
+            .await
+    }
+
+    /// The receipt builder folded from the stored log, as a delegator
+    /// that was not handed one builds it.
+    async fn receipt_from_log(&self) -> ReceiptBuilder {
+        let mut receipt = ReceiptBuilder::default();
+        for event in self.events().await {
+            if let Some(kind) = &event.kind {
+                receipt.apply(kind);
+            }
+        }
+        receipt
     }
 
     /// Runs the session until event `crash_after` is committed, then drops
@@ -617,7 +630,7 @@ impl Harness {
         // The loop finishes first, or is dropped once the store "died".
         tokio::time::timeout(Duration::from_secs(10), async {
             tokio::select! {
-                () = run => {}
+                _ = run => {}
                 () = died.notified() => {}
             }
         })

@@ -40,6 +40,73 @@ fn steps_sandbox() -> FakeSandbox {
     )
 }
 
+const WRITES_SCRIPT: &str = r#"
+    [[turn]]
+    text = "Writing."
+    [[turn.tool-calls]]
+    tool = "write_file"
+    arguments = { path = "/notes/a.md", content = "a" }
+    [[turn.tool-calls]]
+    tool = "broken_write"
+    arguments = { path = "b.md" }
+    [[turn.tool-calls]]
+    tool = "fast"
+
+    [[turn]]
+    text = "Again."
+    [[turn.tool-calls]]
+    tool = "write_file"
+    arguments = { path = "c.md", content = "c" }
+
+    [[turn]]
+    text = "I wrote notes/a.md and c.md."
+"#;
+
+#[tokio::test]
+async fn the_receipt_a_loop_hands_over_is_the_one_its_log_folds_to_after_any_crash() {
+    let sandbox = || {
+        FakeSandbox::new(&["write_file", "broken_write", "fast"]).with(
+            "broken_write",
+            Behaviour::ToolError(sandbox::ToolError {
+                kind: sandbox::ErrorKind::Failed.into(),
+                message: "disk full".to_owned(),
+                ..Default::default()
+            }),
+        )
+    };
+    let tools = ["write_file", "broken_write", "fast"];
+    let reference = Harness::new(WRITES_SCRIPT, &tools, sandbox()).await;
+    let handed_over = reference
+        .run(10, 2)
+        .await
+        .expect("a finished run hands over its receipt");
+    assert_eq!(handed_over, reference.receipt_from_log().await);
+    assert_eq!(handed_over.written_paths(), ["notes/a.md", "c.md"]);
+    let events = reference.events().await.len() as u64;
+    for crash_after in 1..events {
+        let harness = Harness::new(WRITES_SCRIPT, &tools, sandbox()).await;
+        harness.create_session(10).await;
+        harness.run_and_crash_after(crash_after).await;
+        let resumed = harness.resume().await;
+        assert_eq!(
+            resumed,
+            Some(harness.receipt_from_log().await),
+            "crash after event {crash_after}"
+        );
+        // The wall clock is the one figure a second run cannot repeat.
+        let without_wall_clock = |receipt: &ReceiptBuilder| {
+            let mut receipt = receipt.clone();
+            receipt.clear_wall_clock();
+            receipt
+        };
+        assert_eq!(
+            resumed.as_ref().map(without_wall_clock),
+            Some(without_wall_clock(&handed_over)),
+            "crash after event {crash_after}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_session_crashed_after_any_event_resumes_to_the_same_log_without_rerunning_tools() {
     let reference = Harness::new(STEPS_SCRIPT, &["fast", "slow"], steps_sandbox()).await;
