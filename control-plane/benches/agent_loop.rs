@@ -115,6 +115,7 @@ fn definition(name: &str, tools: &[&str], max_turns: u32) -> AgentDefinition {
         api_key_env: None,
         max_tokens_per_turn: None,
         system_prompt: "Benchmark.".to_owned(),
+        skills: Vec::new(),
         tools: tools.iter().map(|tool| (*tool).to_owned()).collect(),
         budget: control::BudgetLimits {
             max_turns: Some(max_turns),

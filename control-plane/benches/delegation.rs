@@ -260,6 +260,7 @@ fn definition(name: &str, tools: &[&str], subagents: &[&str], parallel: u32) -> 
         api_key_env: None,
         max_tokens_per_turn: None,
         system_prompt: format!("You are the {name}."),
+        skills: Vec::new(),
         tools: tools.iter().map(|tool| (*tool).to_owned()).collect(),
         budget: control::BudgetLimits {
             max_turns: Some(10),

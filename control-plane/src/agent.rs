@@ -13,6 +13,9 @@
 //! tools = ["write_file", "list_dir", "read_file"]   # sandboxd's, or the harness's own:
 //!                                # "escalate" ends the session with ESCALATED and a reason
 //! max-turns = 20                 # default 20
+//! # skills = ["release-notes"]   # skills of the skills directory: their names and
+//!                                # descriptions are in every request, and the
+//!                                # `load_skill` tool reads one (see `skill`)
 //! # conversation = true          # wait for SendMessage after each final answer
 //! # input-timeout = "1h"         # conversations: how long one wait lasts (default 1h)
 //! # max-repeated-calls = 3       # same call, same arguments, this many times in a row
@@ -77,6 +80,7 @@ use crate::provider::ModelProvider;
 pub use crate::provider::ProviderKind;
 use crate::provider::factory::{FactoryError, ProviderFactory};
 use crate::provider::scripted::{ScriptError, ScriptedProvider};
+use crate::skill::{LOAD_SKILL, SkillCatalog};
 
 /// Turn limit of an agent that does not set `max-turns`.
 pub const DEFAULT_MAX_TURNS: u32 = 20;
@@ -164,6 +168,8 @@ struct AgentFile {
     system_prompt: String,
     #[serde(default)]
     tools: Vec<String>,
+    #[serde(default)]
+    skills: Vec<String>,
     #[serde(default = "default_max_turns")]
     max_turns: u32,
     #[serde(default)]
@@ -400,6 +406,8 @@ pub struct AgentDefinition {
     pub system_prompt: String,
     /// Tools the agent may call, in the order they are shown to the model.
     pub tools: Vec<String>,
+    /// Skills of the control plane's skills directory it may load.
+    pub skills: Vec<String>,
     /// Its default budget (`max-turns` plus the `[budget]` table); cost in
     /// micro-dollars.
     pub budget: control::BudgetLimits,
@@ -445,6 +453,9 @@ pub struct Agent {
     pub policy: Policy,
     /// The model's price, if the control plane has one.
     pub price: Option<ModelPrice>,
+    /// Its skills as sessions record them, in the definition's order (set
+    /// when the agent joins a catalog that has them).
+    pub skills: Vec<control::ResolvedSkill>,
 }
 
 impl Agent {
@@ -463,6 +474,7 @@ impl Agent {
             provider,
             policy,
             price: None,
+            skills: Vec::new(),
         })
     }
 }
@@ -550,13 +562,28 @@ pub enum AgentError {
 #[derive(Debug, Clone, Default)]
 pub struct AgentCatalog {
     agents: BTreeMap<String, Arc<Agent>>,
+    skills: Arc<SkillCatalog>,
 }
 
 impl AgentCatalog {
     /// Loads every agent file of `dir` (see the module docs for the format),
-    /// with network providers and prices from `providers`.
+    /// with network providers and prices from `providers`, for a control
+    /// plane without skills.
     pub fn load_dir(dir: &Path, providers: &mut ProviderFactory) -> Result<Self, AgentError> {
-        let mut catalog = Self::default();
+        Self::load_dir_with_skills(dir, Arc::new(SkillCatalog::default()), providers)
+    }
+
+    /// Loads every agent file of `dir`; the skills the agents list must be
+    /// in `skills`.
+    pub fn load_dir_with_skills(
+        dir: &Path,
+        skills: Arc<SkillCatalog>,
+        providers: &mut ProviderFactory,
+    ) -> Result<Self, AgentError> {
+        let mut catalog = Self {
+            agents: BTreeMap::new(),
+            skills,
+        };
         for file in agent_files(dir)? {
             catalog.insert(load_agent_file(&file, providers)?)?;
         }
@@ -566,12 +593,61 @@ impl AgentCatalog {
 
     /// Builds a catalog from agents made in code (tests, embedding).
     pub fn from_agents(agents: impl IntoIterator<Item = Agent>) -> Result<Self, AgentError> {
-        let mut catalog = Self::default();
+        Self::from_agents_with_skills(agents, Arc::new(SkillCatalog::default()))
+    }
+
+    /// Builds a catalog from agents and skills made in code.
+    pub fn from_agents_with_skills(
+        agents: impl IntoIterator<Item = Agent>,
+        skills: Arc<SkillCatalog>,
+    ) -> Result<Self, AgentError> {
+        let mut catalog = Self {
+            agents: BTreeMap::new(),
+            skills,
+        };
         for agent in agents {
             catalog.insert(agent)?;
         }
         catalog.check_subagents()?;
         Ok(catalog)
+    }
+
+    /// The skills its agents may load.
+    pub fn skills(&self) -> &Arc<SkillCatalog> {
+        &self.skills
+    }
+
+    /// Whether some agent lists a skill.
+    pub fn uses_skills(&self) -> bool {
+        self.agents
+            .values()
+            .any(|agent| !agent.definition.skills.is_empty())
+    }
+
+    /// `agent`'s skills, looked up in the catalog's skills.
+    fn resolve_skills(&self, agent: &Agent) -> Result<Vec<control::ResolvedSkill>, AgentError> {
+        agent
+            .definition
+            .skills
+            .iter()
+            .map(|name| {
+                self.skills
+                    .get(name)
+                    .map(|skill| skill.resolved())
+                    .ok_or_else(|| AgentError::Invalid {
+                        file: agent.definition.source.clone(),
+                        problem: format!(
+                            "skill \"{name}\" is not in the {} (skills: {})",
+                            self.skills.describe_source(),
+                            if self.skills.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                self.skills.names().collect::<Vec<_>>().join(", ")
+                            }
+                        ),
+                    })
+            })
+            .collect()
     }
 
     /// Every subagent an agent lists is an agent of the catalog.
@@ -617,7 +693,8 @@ impl AgentCatalog {
             .collect()
     }
 
-    fn insert(&mut self, agent: Agent) -> Result<(), AgentError> {
+    fn insert(&mut self, mut agent: Agent) -> Result<(), AgentError> {
+        agent.skills = self.resolve_skills(&agent)?;
         if let Some(existing) = self.agents.get(&agent.definition.name) {
             return Err(AgentError::DuplicateName {
                 name: agent.definition.name.clone(),
@@ -736,6 +813,7 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
         return Err(invalid("input-timeout must be longer than 0s".to_owned()));
     }
     validate_delegation(&parsed).map_err(invalid)?;
+    validate_skills(&parsed).map_err(invalid)?;
     let base = file.parent().unwrap_or(Path::new("."));
     let output_schema = parsed
         .output_schema
@@ -760,6 +838,7 @@ fn validate(parsed: AgentFile, file: &Path) -> Result<AgentDefinition, AgentErro
         max_tokens_per_turn: parsed.max_tokens_per_turn,
         system_prompt: parsed.system_prompt,
         tools: parsed.tools,
+        skills: parsed.skills,
         budget: control::BudgetLimits {
             max_turns: Some(parsed.max_turns),
             max_tool_calls: parsed.budget.max_tool_calls,
@@ -810,6 +889,18 @@ fn read_output_schema(file: &Path) -> Result<String, String> {
 
 /// Subagent names fit in a tool name, are listed once, and their tools are
 /// not listed by hand; the limits leave room for a delegation.
+fn validate_skills(parsed: &AgentFile) -> Result<(), String> {
+    if parsed.tools.iter().any(|tool| tool == LOAD_SKILL) {
+        return Err(format!(
+            "tool \"{LOAD_SKILL}\" is the harness's: list skills in `skills` instead"
+        ));
+    }
+    if let Some(duplicate) = first_duplicate(&parsed.skills) {
+        return Err(format!("skill \"{duplicate}\" is listed twice"));
+    }
+    Ok(())
+}
+
 fn validate_delegation(parsed: &AgentFile) -> Result<(), String> {
     for (prefix, list) in [
         (DELEGATE_PREFIX, "subagents"),
@@ -1015,6 +1106,57 @@ mod tests {
     }
 
     #[test]
+    fn skills_are_resolved_from_the_skills_catalog_and_an_unknown_one_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.script.toml", "[[turn]]\ntext = \"hi\"\n");
+        let agent = |skills: &str| {
+            format!(
+                "name = \"a\"\nprovider = \"scripted\"\nmodel = \"m\"\nscript = \"a.script.toml\"\nskills = {skills}\n"
+            )
+        };
+        write(dir.path(), "a.toml", &agent("[\"notes\"]"));
+        let skills_dir = dir.path().join("skills");
+        std::fs::create_dir_all(skills_dir.join("notes")).unwrap();
+        std::fs::write(
+            skills_dir.join("notes/SKILL.md"),
+            "---\nname: notes\ndescription: Take notes.\n---\nBody.\n",
+        )
+        .unwrap();
+        let skills = Arc::new(SkillCatalog::load_dir(&skills_dir).unwrap());
+        let catalog =
+            AgentCatalog::load_dir_with_skills(dir.path(), Arc::clone(&skills), &mut providers())
+                .unwrap();
+        assert_eq!(
+            catalog.get("a").unwrap().skills,
+            [control::ResolvedSkill {
+                name: "notes".to_owned(),
+                description: "Take notes.".to_owned(),
+            }]
+        );
+        assert!(catalog.uses_skills());
+
+        write(dir.path(), "a.toml", &agent("[\"ghost\"]"));
+        let error =
+            AgentCatalog::load_dir_with_skills(dir.path(), skills, &mut providers()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "invalid agent file {}: skill \"ghost\" is not in the skills directory {} (skills: notes)",
+                dir.path().join("a.toml").display(),
+                skills_dir.display()
+            )
+        );
+        write(dir.path(), "a.toml", &agent("[\"notes\", \"notes\"]"));
+        let error = load_agent_file(&dir.path().join("a.toml"), &mut providers()).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .ends_with("skill \"notes\" is listed twice"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn shipped_agents_dir_loads_the_demo_agent() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("agents");
         let catalog = AgentCatalog::load_dir(&dir, &mut providers()).expect("shipped agents load");
@@ -1040,6 +1182,7 @@ mod tests {
                 system_prompt: "You are a careful assistant working in a sandboxed workspace. \
                                 Use the tools to act, then report what you did."
                     .to_owned(),
+                skills: Vec::new(),
                 tools: vec![
                     "write_file".to_owned(),
                     "list_dir".to_owned(),
@@ -1084,6 +1227,7 @@ mod tests {
                 api_key_env: None,
                 max_tokens_per_turn: None,
                 system_prompt: String::new(),
+                skills: Vec::new(),
                 tools: Vec::new(),
                 budget: limits(DEFAULT_MAX_TURNS),
                 policy: PolicySettings::default(),

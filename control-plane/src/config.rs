@@ -50,6 +50,11 @@ pub struct ControlPlaneConfig {
     /// ending in `.script.toml` are scripted-provider replies, not agents).
     /// Default: `/etc/harness/agents` (`$HARNESS_HOME/etc/agents`).
     pub agents_dir: PathBuf,
+    /// Directory of skills, one folder per skill holding a `SKILL.md` (see
+    /// the `skill` module). A directory that does not exist holds no skills;
+    /// an agent that lists one then fails to load. Default: the `skills`
+    /// folder of the agents directory.
+    pub skills_dir: Option<PathBuf>,
     /// Longest a single tool call may take, including the trip to sandboxd,
     /// e.g. `"60s"` or `"2m"`. Default: 60 seconds.
     #[serde(with = "humantime_serde")]
@@ -96,6 +101,14 @@ impl Default for ControlPlaneConfig {
 }
 
 impl ControlPlaneConfig {
+    /// The skills directory: `skills-dir`, else the agents directory's
+    /// `skills` folder.
+    pub fn skills_dir(&self) -> PathBuf {
+        self.skills_dir
+            .clone()
+            .unwrap_or_else(|| self.agents_dir.join("skills"))
+    }
+
     /// The defaults, with the listen address, sandboxd endpoint, database
     /// and agents directory taken from `paths`.
     pub fn with_paths(paths: &DefaultPaths) -> Self {
@@ -105,6 +118,7 @@ impl ControlPlaneConfig {
             sandboxd: paths.sandboxd_endpoint(),
             database: paths.control_plane_database.clone(),
             agents_dir: paths.agents_dir.clone(),
+            skills_dir: None,
             tool_timeout: Duration::from_secs(60),
             max_parallel_tool_calls: 4,
             max_subagent_depth: crate::agent_loop::DEFAULT_MAX_SUBAGENT_DEPTH,
@@ -218,6 +232,7 @@ mod tests {
                 sandboxd: "unix:/run/harness/sandboxd.sock".to_owned(),
                 database: PathBuf::from("/var/lib/harness/control-plane.db"),
                 agents_dir: PathBuf::from("/etc/harness/agents"),
+                skills_dir: Some(PathBuf::from("/etc/harness/skills")),
                 tool_timeout: Duration::from_secs(90),
                 max_parallel_tool_calls: 8,
                 max_subagent_depth: 3,

@@ -29,6 +29,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::InputClosed(_) => "input_closed",
         Kind::Handoff(_) => "handoff",
         Kind::OutputRejected(_) => "output_rejected",
+        Kind::SkillLoaded(_) => "skill_loaded",
         Kind::Finished(_) => "finished",
     }
 }

@@ -50,6 +50,7 @@ pub mod provider;
 pub mod sandbox;
 pub mod server;
 pub mod service;
+pub mod skill;
 pub mod store;
 pub mod subagent;
 pub mod supervisor;

@@ -26,6 +26,7 @@ use harness_proto::control::v1::control_service_server::ControlServiceServer;
 use tokio::sync::watch;
 
 use crate::agent::{AgentCatalog, AgentError};
+use crate::agent_loop::executor::HarnessTool;
 use crate::agent_loop::{AgentLoop, LoopSettings};
 use crate::config::ControlPlaneConfig;
 use crate::event_log::EventLog;
@@ -33,6 +34,7 @@ use crate::harness_tools;
 use crate::provider::factory::ProviderFactory;
 use crate::sandbox::{GrpcSandbox, SandboxDispatch, SandboxError};
 use crate::service::ControlPlaneService;
+use crate::skill::{LoadSkillTool, SkillCatalog, SkillError};
 use crate::store::{EventStore, SqliteStore, StoreError};
 use crate::subagent::Delegator;
 use crate::supervisor::SessionSupervisor;
@@ -48,6 +50,9 @@ pub enum ServerError {
     /// The agent definitions could not be loaded.
     #[error("cannot load agents")]
     Agents(#[source] AgentError),
+    /// The skills directory holds an invalid skill.
+    #[error("cannot load skills")]
+    Skills(#[source] SkillError),
     /// The harness tools could not be registered.
     #[error("cannot register the harness tools")]
     HarnessTools(#[source] crate::agent_loop::executor::RegistryError),
@@ -94,10 +99,18 @@ impl ControlPlane {
     /// unfinished.
     pub async fn open(config: &ControlPlaneConfig) -> Result<Self, ServerError> {
         let mut providers = ProviderFactory::new(config.providers.clone(), config.prices.clone());
-        let agents = AgentCatalog::load_dir(&config.agents_dir, &mut providers)
-            .map_err(ServerError::Agents)?;
+        let skills_dir = config.skills_dir();
+        let skills = SkillCatalog::load_dir(&skills_dir).map_err(ServerError::Skills)?;
+        let agents = AgentCatalog::load_dir_with_skills(
+            &config.agents_dir,
+            Arc::new(skills),
+            &mut providers,
+        )
+        .map_err(ServerError::Agents)?;
         tracing::info!(
             agents = agents.len(),
+            skills = agents.skills().len(),
+            skills_dir = %skills_dir.display(),
             dir = %config.agents_dir.display(),
             endpoints = ?providers.endpoints(),
             "agents loaded"
@@ -131,10 +144,14 @@ impl ControlPlane {
         let delegator =
             Delegator::new(log.clone(), Arc::clone(&parts.sandbox), Arc::clone(&agents));
         let mut harness_tools = harness_tools::standard().map_err(ServerError::HarnessTools)?;
+        let load_skill = agents.uses_skills().then(|| {
+            Arc::new(LoadSkillTool::new(Arc::clone(agents.skills()))) as Arc<dyn HarnessTool>
+        });
         for tool in delegator
             .tools()
             .into_iter()
             .chain(crate::handoff::tools(&agents))
+            .chain(load_skill)
         {
             harness_tools
                 .register(tool)

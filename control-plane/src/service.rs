@@ -605,6 +605,7 @@ mod tests {
             api_key_env: None,
             max_tokens_per_turn: None,
             system_prompt: String::new(),
+            skills: Vec::new(),
             tools: Vec::new(),
             budget: control::BudgetLimits {
                 max_turns: Some(max_turns),

@@ -105,6 +105,20 @@ fn render_details(kind: &Kind) -> String {
         Kind::OutputRejected(rejected) => {
             format!("attempt {}: {}", rejected.attempt, rejected.errors)
         }
+        Kind::SkillLoaded(loaded) => {
+            let narrowed = match &loaded.allowed_tools {
+                Some(allowed) if allowed.tools.is_empty() => " allowed-tools=none".to_owned(),
+                Some(allowed) => format!(" allowed-tools={}", allowed.tools.join(",")),
+                None => String::new(),
+            };
+            format!(
+                "{} sha256={} resources={}{narrowed}  [{}]",
+                loaded.name,
+                loaded.body_sha256.chars().take(12).collect::<String>(),
+                loaded.resources.len(),
+                loaded.call_id
+            )
+        }
         Kind::Handoff(handoff) => format!(
             "{} -> {} history={} reason={}",
             handoff.from_agent,

@@ -13,6 +13,7 @@ mod network_agents;
 mod plans;
 mod providers;
 mod sessions;
+mod skills;
 mod stream_events;
 mod structured_output;
 mod subagents;

@@ -419,7 +419,10 @@ impl TestPlane {
         let agents_dir = dir.path().join("agents");
         write_agents(&agents_dir);
         for (name, contents) in extra {
-            std::fs::write(agents_dir.join(name), contents).unwrap();
+            // A name may hold folders (`skills/<skill>/SKILL.md`).
+            let file = agents_dir.join(name);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, contents).unwrap();
         }
         let sandboxd = FakeSandboxd::default();
         let (sandbox_stop, sandbox_endpoint) =

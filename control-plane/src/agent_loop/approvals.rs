@@ -14,6 +14,7 @@ use crate::event_log::{FollowError, FollowMode};
 use crate::plan;
 use crate::policy::Verdict;
 use crate::provider::ToolCall;
+use crate::skill;
 use crate::store::StoreError;
 
 impl SessionRun<'_> {
@@ -47,10 +48,24 @@ impl SessionRun<'_> {
                 self.plans.insert(call.call_id.clone(), refusal);
                 continue;
             }
+            if let Some(problem) = unknown_skill(&call, &arguments, agent) {
+                self.plans
+                    .insert(call.call_id.clone(), Plan::Invalid(problem));
+                continue;
+            }
             let mut decision =
                 agent
                     .policy
                     .decide(&agent.name, &agent.tool_names, &call.tool, &arguments);
+            if decision.verdict != Verdict::Deny
+                && let Some(reason) = self.state.skill_restriction.refusal(&call.tool)
+            {
+                decision = crate::policy::Decision {
+                    verdict: Verdict::Deny,
+                    rule: skill::SKILL_TOOLS_RULE.to_owned(),
+                    reason,
+                };
+            }
             if agent.plan && call.tool == plan::SUBMIT_PLAN {
                 decision = plan::plan_decision(decision);
             }
@@ -247,6 +262,26 @@ impl SessionRun<'_> {
         }
         plan::planning_refusal(&call.tool).map(Plan::Denied)
     }
+}
+
+/// Why a `load_skill` call names no skill of the session's agent; `None`
+/// for any other call, or a skill it has.
+fn unknown_skill(
+    call: &ToolCall,
+    arguments: &serde_json::Value,
+    agent: &SessionAgent,
+) -> Option<String> {
+    if call.tool != skill::LOAD_SKILL {
+        return None;
+    }
+    let name = arguments["name"].as_str().unwrap_or_default();
+    if agent.skills.iter().any(|skill| skill == name) {
+        return None;
+    }
+    Some(format!(
+        "\"{name}\" is not one of your skills; they are: {}",
+        agent.skills.join(", ")
+    ))
 }
 
 /// Why an undispatched call may not run (policy or a human said no).

@@ -20,6 +20,7 @@ use crate::agent::TRANSFER_PREFIX;
 use crate::budget::{self, BudgetKind};
 use crate::provider::ToolCall;
 use crate::sandbox::SandboxError;
+use crate::skill;
 
 impl SessionRun<'_> {
     /// Records `tool_started` (and the request, as a step) for every allowed
@@ -248,6 +249,12 @@ impl SessionRun<'_> {
                         ..subagent.clone()
                     };
                     self.stage(turn, Kind::SubagentFinished(subagent));
+                }
+                if let CallResult::Harness(Ok(output)) = &result
+                    && let Some(loaded) = &output.skill
+                {
+                    let loaded = skill::recorded_load(loaded, &call_id, &agent.tool_names);
+                    self.stage(turn, Kind::SkillLoaded(loaded));
                 }
                 if let CallResult::Outcome(outcome) = &result {
                     for chunk in &outcome.output {

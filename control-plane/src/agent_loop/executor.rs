@@ -125,6 +125,9 @@ pub struct HarnessOutput {
     /// For a delegation: the child's receipt, recorded as the parent's
     /// `subagent_finished` right before the call's `tool_finished`.
     pub subagent: Option<control::SubagentFinished>,
+    /// For `load_skill`: the load, recorded as `skill_loaded` right before
+    /// the call's `tool_finished`.
+    pub skill: Option<control::SkillLoaded>,
 }
 
 impl HarnessOutput {
@@ -133,6 +136,7 @@ impl HarnessOutput {
         Self {
             output_json,
             subagent: None,
+            skill: None,
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::agent::{Agent, ConversationSettings, delegate_tool_name, transfer_too
 use crate::budget::ModelPrice;
 use crate::policy::{Policy, PolicyError, PolicySettings};
 use crate::provider::{ModelProvider, ToolDefinition};
+use crate::skill::LOAD_SKILL;
 
 /// Why a session's agent cannot be resolved or rebuilt from its record.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +135,8 @@ pub struct SessionAgent {
     pub output_retries: u32,
     /// It runs a supervised plan.
     pub plan: bool,
+    /// The skills it may load, by name.
+    pub skills: Vec<String>,
 }
 
 /// A session's output schema, compiled.
@@ -194,6 +197,16 @@ pub fn record(
                 })?,
         );
     }
+    if !agent.skills.is_empty() {
+        tools.push(
+            harness
+                .describe(LOAD_SKILL)
+                .ok_or_else(|| ResolveError::HarnessToolGone {
+                    tool: LOAD_SKILL.to_owned(),
+                    available: harness.names().collect::<Vec<_>>().join(", "),
+                })?,
+        );
+    }
     Ok(control::ResolvedAgent {
         system_prompt: definition.system_prompt.clone(),
         provider: definition.provider.as_str().to_owned(),
@@ -214,6 +227,7 @@ pub fn record(
         output_schema_json: definition.output.schema_json.clone().unwrap_or_default(),
         output_retries: definition.output.retries,
         plan: definition.delegation.plan,
+        skills: agent.skills.clone(),
     })
 }
 
@@ -377,6 +391,11 @@ impl SessionAgent {
             output_schema: output_schema_of(record)?,
             output_retries: record.output_retries,
             plan: record.plan,
+            skills: record
+                .skills
+                .iter()
+                .map(|skill| skill.name.clone())
+                .collect(),
         })
     }
 }

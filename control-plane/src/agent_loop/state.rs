@@ -21,6 +21,7 @@ use crate::handoff::{Transfer, history_after_handoff};
 use crate::harness_tools;
 use crate::plan::{self, PlanStep, StepOutcome};
 use crate::provider::{Message, ToolCall};
+use crate::skill::{self, SkillRestriction};
 use crate::store::StepRecord;
 use crate::subagent::receipt::ReceiptBuilder;
 
@@ -235,6 +236,10 @@ pub struct SessionState {
     pub plan_rejected: Option<String>,
     /// Plans refused as invalid.
     pub invalid_plans: u32,
+    /// The tools loaded skills still allow.
+    pub skill_restriction: SkillRestriction,
+    /// Skills loaded over the session's life (as `skill_loaded` names them).
+    pub skills_loaded: Vec<String>,
 }
 
 /// An approved plan being run.
@@ -289,7 +294,10 @@ impl SessionState {
             Kind::Started(started) => {
                 self.started = true;
                 if let Some(resolved) = &started.resolved {
-                    self.messages = Arc::new(opening(&resolved.system_prompt, &started.input));
+                    self.messages = Arc::new(opening(
+                        &skill::system_text(&resolved.system_prompt, &resolved.skills),
+                        &started.input,
+                    ));
                     self.resolved = Some(resolved.clone());
                 }
             }
@@ -368,16 +376,22 @@ impl SessionState {
                     text: super::structured::rejection_notice(&rejected.errors),
                 });
             }
+            Kind::SkillLoaded(loaded) => {
+                self.skill_restriction.apply(loaded);
+                self.skills_loaded.push(loaded.name.clone());
+            }
             Kind::Handoff(handoff) => {
-                let system_prompt = handoff
+                let system_text = handoff
                     .resolved
                     .as_ref()
-                    .map(|resolved| resolved.system_prompt.as_str())
+                    .map(|resolved| skill::system_text(&resolved.system_prompt, &resolved.skills))
                     .unwrap_or_default();
+                // The new agent's tools: a skill the old one loaded no longer narrows them.
+                self.skill_restriction = SkillRestriction::default();
                 self.messages = Arc::new(history_after_handoff(
                     &self.messages,
                     handoff.history(),
-                    system_prompt,
+                    &system_text,
                     &handoff.from_agent,
                     &handoff.summary,
                 ));

@@ -140,6 +140,7 @@ impl Delegator {
         Ok(HarnessOutput {
             output_json: receipt.to_json(),
             subagent: Some(receipt.to_event(call_id)),
+            skill: None,
         })
     }
 

@@ -426,6 +426,7 @@ fn definition(tools: &[&str]) -> AgentDefinition {
         api_key_env: None,
         max_tokens_per_turn: None,
         system_prompt: "Be brief.".to_owned(),
+        skills: Vec::new(),
         tools: tools.iter().map(|tool| (*tool).to_owned()).collect(),
         budget: control::BudgetLimits {
             max_turns: Some(5),
