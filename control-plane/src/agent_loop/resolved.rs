@@ -177,35 +177,14 @@ pub fn record(
     }
     if definition.delegation.plan {
         let tool_name = crate::plan::SUBMIT_PLAN;
-        tools.push(
-            harness
-                .describe(tool_name)
-                .ok_or_else(|| ResolveError::HarnessToolGone {
-                    tool: tool_name.to_owned(),
-                    available: harness.names().collect::<Vec<_>>().join(", "),
-                })?,
-        );
+        tools.push(described(harness, tool_name)?);
     }
     for name in &definition.delegation.handoffs {
         let tool_name = transfer_tool_name(name);
-        tools.push(
-            harness
-                .describe(&tool_name)
-                .ok_or_else(|| ResolveError::HarnessToolGone {
-                    tool: tool_name.clone(),
-                    available: harness.names().collect::<Vec<_>>().join(", "),
-                })?,
-        );
+        tools.push(described(harness, &tool_name)?);
     }
     if !agent.skills.is_empty() {
-        tools.push(
-            harness
-                .describe(LOAD_SKILL)
-                .ok_or_else(|| ResolveError::HarnessToolGone {
-                    tool: LOAD_SKILL.to_owned(),
-                    available: harness.names().collect::<Vec<_>>().join(", "),
-                })?,
-        );
+        tools.push(described(harness, LOAD_SKILL)?);
     }
     Ok(control::ResolvedAgent {
         system_prompt: definition.system_prompt.clone(),
@@ -256,14 +235,7 @@ pub fn check_tools(
             control::ToolExecutor::Sandbox => {
                 find_tool(offered, &recorded.name).map(sandbox_tool)?
             }
-            control::ToolExecutor::Harness => {
-                harness
-                    .describe(&recorded.name)
-                    .ok_or_else(|| ResolveError::HarnessToolGone {
-                        tool: recorded.name.clone(),
-                        available: harness.names().collect::<Vec<_>>().join(", "),
-                    })?
-            }
+            control::ToolExecutor::Harness => described(harness, &recorded.name)?,
         };
         if current.input_schema_json != recorded.input_schema_json {
             return Err(ResolveError::ToolSchemaChanged {
@@ -282,6 +254,16 @@ pub fn check_tools(
         }
     }
     Ok(())
+}
+
+/// The harness tool `name` as a session records it.
+fn described(harness: &HarnessRegistry, name: &str) -> Result<control::ResolvedTool, ResolveError> {
+    harness
+        .describe(name)
+        .ok_or_else(|| ResolveError::HarnessToolGone {
+            tool: name.to_owned(),
+            available: harness.names().collect::<Vec<_>>().join(", "),
+        })
 }
 
 fn find_tool<'a>(
