@@ -392,6 +392,7 @@ impl ModelProvider for SlowModel {
                     input_tokens: 100,
                     output_tokens: 10,
                     cached_input_tokens: 0,
+                    cache_write_tokens: 0,
                 },
             }))
         }))

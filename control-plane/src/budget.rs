@@ -172,6 +172,34 @@ pub fn exhausted_message(
     )
 }
 
+/// The budget a model request estimated at `input_tokens` would overrun,
+/// checked before it is sent: the input-token budget, then the cost budget
+/// (the estimate priced as uncached input, output not counted). Returns why
+/// the request is not sent.
+pub fn request_overrun(
+    limits: &control::BudgetLimits,
+    usage: &control::BudgetUsage,
+    input_tokens: u64,
+    price: Option<&ModelPrice>,
+) -> Option<String> {
+    let projected = |kind: BudgetKind, used: u64, more: u64| {
+        let limit = kind.limit(limits)?;
+        let after = used.saturating_add(more);
+        (after > limit).then(|| {
+            format!(
+                "the next model request was not sent: its estimated {input_tokens} input \
+                 tokens would bring the {} budget to {after} of {limit} {}",
+                kind.name(),
+                kind.unit()
+            )
+        })
+    };
+    projected(BudgetKind::InputTokens, usage.input_tokens, input_tokens).or_else(|| {
+        let cost = price.map_or(0, |price| price.cost_micros(input_tokens, 0, 0));
+        projected(BudgetKind::Cost, usage.cost_micros, cost)
+    })
+}
+
 /// Prices of one model, in US dollars per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -305,6 +333,45 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_request_is_not_sent_when_its_estimate_would_overrun_a_budget() {
+        let limits = control::BudgetLimits {
+            max_input_tokens: Some(1_000),
+            max_cost_micros: Some(500),
+            ..Default::default()
+        };
+        let usage = control::BudgetUsage {
+            input_tokens: 900,
+            cost_micros: 400,
+            ..Default::default()
+        };
+        let price = ModelPrice {
+            input_usd_per_mtok: 1.0,
+            cached_input_usd_per_mtok: None,
+            output_usd_per_mtok: 4.0,
+        };
+        assert_eq!(request_overrun(&limits, &usage, 100, Some(&price)), None);
+        assert_eq!(
+            request_overrun(&limits, &usage, 101, Some(&price)).as_deref(),
+            Some(
+                "the next model request was not sent: its estimated 101 input tokens would \
+                 bring the input_tokens budget to 1001 of 1000 input tokens"
+            )
+        );
+        let cheap_tokens = control::BudgetLimits {
+            max_input_tokens: None,
+            ..limits
+        };
+        assert_eq!(
+            request_overrun(&cheap_tokens, &usage, 150, Some(&price)).as_deref(),
+            Some(
+                "the next model request was not sent: its estimated 150 input tokens would \
+                 bring the cost budget to 550 of 500 micro-dollars"
+            )
+        );
+        assert_eq!(request_overrun(&cheap_tokens, &usage, 150, None), None);
+    }
 
     fn limits() -> control::BudgetLimits {
         control::BudgetLimits {

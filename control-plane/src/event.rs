@@ -30,6 +30,7 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::Handoff(_) => "handoff",
         Kind::OutputRejected(_) => "output_rejected",
         Kind::SkillLoaded(_) => "skill_loaded",
+        Kind::InputTruncated(_) => "input_truncated",
         Kind::Finished(_) => "finished",
     }
 }
@@ -117,6 +118,7 @@ mod tests {
                 output_tokens: 3,
                 cached_input_tokens: 2,
                 cost_micros: 7,
+                cache_write_tokens: 0,
             }),
             ..Default::default()
         });

@@ -46,6 +46,7 @@ pub mod harness_tools;
 pub mod ids;
 pub mod plan;
 pub mod policy;
+pub mod prompt;
 pub mod provider;
 pub mod sandbox;
 pub mod server;

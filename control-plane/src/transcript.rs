@@ -119,6 +119,13 @@ fn render_details(kind: &Kind) -> String {
                 loaded.call_id
             )
         }
+        Kind::InputTruncated(truncated) => format!(
+            "kept {} of {} characters (about {} tokens; limit {})",
+            truncated.kept_chars,
+            truncated.original_chars,
+            truncated.original_tokens,
+            truncated.max_input_tokens
+        ),
         Kind::Handoff(handoff) => format!(
             "{} -> {} history={} reason={}",
             handoff.from_agent,
@@ -131,6 +138,15 @@ fn render_details(kind: &Kind) -> String {
         Kind::InputClosed(closed) => closed.reason.clone(),
         Kind::Finished(finished) => render_finished(finished),
     }
+}
+
+fn render_request(request: &control::ModelRequest) -> String {
+    let miss = if request.cache_miss_reason.is_empty() {
+        String::new()
+    } else {
+        format!(" cache-miss={}", request.cache_miss_reason)
+    };
+    format!(" estimated={}{miss}", request.estimated_input_tokens)
 }
 
 fn render_policy(decision: &control::PolicyDecision) -> String {
@@ -164,8 +180,17 @@ fn render_turn_completed(turn: &control::TurnCompleted) -> String {
         1 => "1 tool call".to_owned(),
         n => format!("{n} tool calls"),
     };
+    let request = turn
+        .request
+        .as_ref()
+        .map(render_request)
+        .unwrap_or_default();
+    let cache = match (usage.cached_input_tokens, usage.cache_write_tokens) {
+        (0, 0) => String::new(),
+        (read, write) => format!(" cache-read={read} cache-write={write}"),
+    };
     format!(
-        "turn {} {}, {calls}, tokens in={} out={}",
+        "turn {} {}, {calls}, tokens in={} out={}{cache}{request}",
         turn.turn, turn.model_stop_reason, usage.input_tokens, usage.output_tokens
     )
 }
@@ -373,6 +398,7 @@ mod tests {
                     ..Default::default()
                 }),
                 model_stop_reason: "tool_use".to_owned(),
+                request: None,
             }),
         );
         assert_eq!(

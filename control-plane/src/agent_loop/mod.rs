@@ -81,6 +81,7 @@ use crate::budget::{self, BudgetKind};
 use crate::error_report::error_chain;
 use crate::event_log::{EventLog, FollowError};
 use crate::ids::{SessionId, TenantId};
+use crate::prompt;
 use crate::provider::{ProviderError, STOP_MAX_TOKENS, STOP_PAUSE_TURN, ToolCall};
 use crate::sandbox::{SandboxDispatch, SandboxError};
 use crate::store::{NewEvent, SessionRecord, StepRecord, StoreError};
@@ -182,6 +183,10 @@ pub enum LoopError {
     /// The agent the session was handed to is no longer defined.
     #[error("agent \"{0}\" the session was handed to is no longer defined in this control plane")]
     HandoffTargetGone(String),
+    /// The next model request's estimate would overrun a budget; it was not
+    /// sent.
+    #[error("{0}")]
+    RequestOverBudget(String),
     /// The control plane is shutting down; the session resumes at the next
     /// start.
     #[error("the control plane is shutting down")]
@@ -295,6 +300,7 @@ impl AgentLoop {
             }
             Err(LoopError::Cancelled(reason)) => Ending::Cancelled(reason),
             Err(LoopError::LoopDetected(message)) => Ending::LoopDetected(message),
+            Err(LoopError::RequestOverBudget(message)) => Ending::BudgetExhausted(message),
             Err(LoopError::WallClock) => {
                 Ending::BudgetExhausted(run.exhausted_message(BudgetKind::WallClock))
             }
@@ -384,6 +390,7 @@ impl AgentLoop {
             plans: HashMap::new(),
             resumed_calls,
             wall_deadline,
+            prompt_history: prompt::HistoryIndex::default(),
         }
     }
 }
@@ -443,6 +450,9 @@ struct SessionRun<'a> {
     /// Calls that were in flight when this process took the session over.
     resumed_calls: HashSet<String>,
     wall_deadline: Option<SystemTime>,
+    /// Digests and sizes of the conversation's messages, for prompt
+    /// assembly.
+    prompt_history: prompt::HistoryIndex,
 }
 
 impl SessionRun<'_> {

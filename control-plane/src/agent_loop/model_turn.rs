@@ -14,9 +14,9 @@ use prost::Message as _;
 use super::resolved::SessionAgent;
 use super::state::{self, model_step};
 use super::{LoopError, MAX_CALL_ID_LEN, SessionRun};
-use crate::crash_hook;
 use crate::provider::{DeltaFilter, ModelRequest, ModelStreamEvent, ProviderError, ToolCall};
 use crate::store::StepRecord;
+use crate::{budget, crash_hook, prompt};
 
 impl SessionRun<'_> {
     /// Asks the model for turn `turn`; records its text as it streams and,
@@ -33,7 +33,26 @@ impl SessionRun<'_> {
             .as_ref()
             .map(|open| open.recorded_text.clone())
             .unwrap_or_default();
+        self.prompt_history
+            .update(self.state.history_generation, &self.state.messages);
+        let assembled = prompt::assemble(
+            &agent.prompt_prefix,
+            &agent.model,
+            &self.prompt_history,
+            &self.state.messages,
+            self.state.last_request.as_ref(),
+            self.state.calibration,
+        );
+        if let Some(reason) = budget::request_overrun(
+            &self.session.budget,
+            &self.state.usage,
+            assembled.record.estimated_input_tokens,
+            agent.price.as_ref(),
+        ) {
+            return Err(LoopError::RequestOverBudget(reason));
+        }
         let request = ModelRequest {
+            cache: assembled.cache,
             model: agent.model.clone(),
             messages: Arc::clone(&self.state.messages),
             tools: Arc::clone(&agent.tools),
@@ -104,8 +123,10 @@ impl SessionRun<'_> {
                 output_tokens: completed.usage.output_tokens,
                 cached_input_tokens: completed.usage.cached_input_tokens,
                 cost_micros,
+                cache_write_tokens: completed.usage.cache_write_tokens,
             }),
             model_stop_reason: completed.stop_reason,
+            request: Some(assembled.record),
         };
         // A turn with tool calls is replayed from this record after a crash;
         // a final answer is recorded by its `turn_completed`, written with the

@@ -48,6 +48,7 @@ impl SessionRun<'_> {
             tool_calls: u32::try_from(calls.len()).unwrap_or(u32::MAX),
             usage: None,
             model_stop_reason: PLAN_STEPS_STOP.to_owned(),
+            request: None,
         };
         self.staged_steps.push(StepRecord {
             step: model_step(turn),

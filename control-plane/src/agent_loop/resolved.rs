@@ -23,8 +23,9 @@ use super::tools::ToolSchema;
 use crate::agent::{Agent, ConversationSettings, delegate_tool_name, transfer_tool_name};
 use crate::budget::ModelPrice;
 use crate::policy::{Policy, PolicyError, PolicySettings};
+use crate::prompt::StaticPrefix;
 use crate::provider::{ModelProvider, ToolDefinition};
-use crate::skill::LOAD_SKILL;
+use crate::skill::{self, LOAD_SKILL};
 
 /// Why a session's agent cannot be resolved or rebuilt from its record.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +138,9 @@ pub struct SessionAgent {
     pub plan: bool,
     /// The skills it may load, by name.
     pub skills: Vec<String>,
+    /// The digested static part of its requests (tools, system prompt,
+    /// skills index, memory).
+    pub prompt_prefix: StaticPrefix,
 }
 
 /// A session's output schema, compiled.
@@ -344,7 +348,16 @@ impl SessionAgent {
         let settings = PolicySettings::from_proto(&record.policy.clone().unwrap_or_default())
             .map_err(ResolveError::Policy)?;
         let policy = Policy::new(&settings).map_err(ResolveError::Policy)?;
+        let prompt_prefix = StaticPrefix::new(
+            name,
+            &record.model,
+            &tools,
+            &record.system_prompt,
+            &skill::index(&record.skills),
+            "",
+        );
         Ok(Self {
+            prompt_prefix,
             name: name.to_owned(),
             model: record.model.clone(),
             max_output_tokens: record.max_tokens_per_turn,

@@ -20,6 +20,7 @@ use crate::event;
 use crate::handoff::{Transfer, history_after_handoff};
 use crate::harness_tools;
 use crate::plan::{self, PlanStep, StepOutcome};
+use crate::prompt::Calibration;
 use crate::provider::{Message, ToolCall};
 use crate::skill::{self, SkillRestriction};
 use crate::store::StepRecord;
@@ -240,6 +241,13 @@ pub struct SessionState {
     pub skill_restriction: SkillRestriction,
     /// Skills loaded over the session's life (as `skill_loaded` names them).
     pub skills_loaded: Vec<String>,
+    /// Bumped whenever `messages` is rewritten rather than extended (the
+    /// start, a handoff, a compaction), so indexes of it start over.
+    pub history_generation: u64,
+    /// The session's latest model request, as recorded.
+    pub last_request: Option<control::ModelRequest>,
+    /// The latest request whose usage was measured.
+    pub calibration: Option<Calibration>,
 }
 
 /// An approved plan being run.
@@ -294,6 +302,7 @@ impl SessionState {
             Kind::Started(started) => {
                 self.started = true;
                 if let Some(resolved) = &started.resolved {
+                    self.history_generation += 1;
                     self.messages = Arc::new(opening(
                         &skill::system_text(&resolved.system_prompt, &resolved.skills),
                         &started.input,
@@ -388,6 +397,7 @@ impl SessionState {
                     .unwrap_or_default();
                 // The new agent's tools: a skill the old one loaded no longer narrows them.
                 self.skill_restriction = SkillRestriction::default();
+                self.history_generation += 1;
                 self.messages = Arc::new(history_after_handoff(
                     &self.messages,
                     handoff.history(),
@@ -402,7 +412,10 @@ impl SessionState {
                 self.handoffs = self.handoffs.saturating_add(1);
                 self.current_agent = Some(handoff.to_agent.clone());
             }
-            Kind::TurnCompleted(completed) => self.close_turn(completed),
+            Kind::TurnCompleted(completed) => {
+                self.calibrate(completed);
+                self.close_turn(completed);
+            }
             Kind::BudgetWarning(warning) => {
                 if let Some(kind) = BudgetKind::from_name(&warning.budget) {
                     self.warned.push(kind);
@@ -448,6 +461,22 @@ impl SessionState {
             call.request = Some(request.map_err(bad)?);
         }
         Ok(())
+    }
+
+    /// Takes the measured input of the turn's request for the next
+    /// estimate.
+    fn calibrate(&mut self, completed: &control::TurnCompleted) {
+        let Some(request) = &completed.request else {
+            return;
+        };
+        self.last_request = Some(request.clone());
+        let measured = completed.usage.map_or(0, |usage| usage.input_tokens);
+        if measured > 0 {
+            self.calibration = Some(Calibration {
+                raw_estimate: request.raw_estimated_input_tokens,
+                measured,
+            });
+        }
     }
 
     /// Counts `requested` into the run of identical calls.
@@ -683,6 +712,7 @@ mod tests {
                         ..Default::default()
                     }),
                     model_stop_reason: "tool_use".to_owned(),
+                    request: None,
                 }),
             ),
             (

@@ -2,10 +2,10 @@
 //!
 //! Text arrives as `text_delta`s, tool calls as `tool_use` content blocks
 //! whose input streams as `input_json_delta` pieces. Stop reasons include
-//! `max_tokens` and `pause_turn`. The system prompt and the newest message
-//! carry `cache_control` breakpoints so the tools + system prefix and the
-//! conversation so far are served from the prompt cache; cache reads are
-//! reported as cached input tokens.
+//! `max_tokens` and `pause_turn`. `cache_control` breakpoints go where the
+//! prompt assembly put them (tools, system, stable history, newest input),
+//! so the prefix is served from the prompt cache; cache reads are reported
+//! as cached input tokens and cache writes as cache-write tokens.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use super::http::{Parsed, StreamProblem, TurnParser, WireFormat, parse_json};
 use super::sse::SseEvent;
 use super::{CompletedTurn, FINAL_ANSWER_TOOL, Message, ModelRequest, TokenUsage, ToolCall};
+use crate::prompt::Breakpoint;
 
 /// Default base URL.
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -86,9 +87,11 @@ fn ephemeral() -> Value {
     json!({"type": "ephemeral"})
 }
 
-/// The request body.
+/// The request body, with `cache_control` at the breakpoints the prompt
+/// assembly chose (see [`crate::prompt`]).
 pub fn request_body(request: &ModelRequest) -> Value {
-    let system: Vec<Value> = request
+    let breaks = |point: Breakpoint| request.cache.breakpoints.contains(&point);
+    let mut system: Vec<Value> = request
         .messages
         .iter()
         .filter_map(|message| match message {
@@ -96,8 +99,11 @@ pub fn request_body(request: &ModelRequest) -> Value {
             _ => None,
         })
         .collect();
+    if breaks(Breakpoint::System) {
+        mark_last(&mut system);
+    }
     let mut messages: Vec<Value> = Vec::new();
-    for message in request.messages.iter() {
+    for (index, message) in request.messages.iter().enumerate() {
         let (role, blocks) = match message {
             Message::System { .. } => continue,
             Message::User { text } => ("user", vec![json!({"type": "text", "text": text})]),
@@ -131,26 +137,25 @@ pub fn request_body(request: &ModelRequest) -> Value {
                 })],
             ),
         };
-        if blocks.is_empty() {
-            continue;
-        }
-        // Consecutive messages of one role (tool results, then a notice)
-        // become one message with several blocks.
-        match messages.last_mut() {
-            Some(last) if last["role"] == role => {
-                if let Some(content) = last["content"].as_array_mut() {
-                    content.extend(blocks);
+        if !blocks.is_empty() {
+            // Consecutive messages of one role (tool results, then a notice)
+            // become one message with several blocks.
+            match messages.last_mut() {
+                Some(last) if last["role"] == role => {
+                    if let Some(content) = last["content"].as_array_mut() {
+                        content.extend(blocks);
+                    }
                 }
+                _ => messages.push(json!({"role": role, "content": blocks})),
             }
-            _ => messages.push(json!({"role": role, "content": blocks})),
         }
-    }
-    if let Some(block) = messages
-        .last_mut()
-        .and_then(|message| message["content"].as_array_mut())
-        .and_then(|content| content.last_mut())
-    {
-        block["cache_control"] = ephemeral();
+        if breaks(Breakpoint::Message(index))
+            && let Some(content) = messages
+                .last_mut()
+                .and_then(|message| message["content"].as_array_mut())
+        {
+            mark_last(content);
+        }
     }
     let mut body = json!({
         "model": request.model,
@@ -183,19 +188,24 @@ pub fn request_body(request: &ModelRequest) -> Value {
             "input_schema": **schema,
         }));
     }
+    if breaks(Breakpoint::Tools) {
+        mark_last(&mut tools);
+    }
     if !tools.is_empty() {
         body["tools"] = Value::Array(tools);
     }
-    if let Some((last, _)) = system.split_last() {
-        let mut system = system.clone();
-        let mut last = last.clone();
-        last["cache_control"] = ephemeral();
-        let end = system.len() - 1;
-        system[end] = last;
+    if !system.is_empty() {
         body["system"] = Value::Array(system);
     }
     body["messages"] = Value::Array(messages);
     body
+}
+
+/// Ends a cached prefix at the last of `blocks`.
+fn mark_last(blocks: &mut [Value]) {
+    if let Some(block) = blocks.last_mut() {
+        block["cache_control"] = ephemeral();
+    }
 }
 
 /// A tool_use block's input must be an object: arguments that are not a
@@ -380,6 +390,7 @@ impl TurnParser for AnthropicParser {
                     + self.cache_creation_tokens,
                 output_tokens: self.output_tokens,
                 cached_input_tokens: self.cache_read_tokens,
+                cache_write_tokens: self.cache_creation_tokens,
             },
             stop_reason,
         })
@@ -455,6 +466,7 @@ mod tests {
                     input_tokens: 100,
                     output_tokens: 12,
                     cached_input_tokens: 90,
+                    cache_write_tokens: 0,
                 },
                 stop_reason: "tool_use".to_owned(),
             }
@@ -524,7 +536,11 @@ mod tests {
             }]),
             max_output_tokens: None,
             output_schema: None,
+            cache: Default::default(),
         };
+        let stable = crate::prompt::stable_messages(&request.messages);
+        let mut request = request;
+        request.cache.breakpoints = crate::prompt::breakpoints(true, &request.messages, stable);
         let body = request_body(&request);
         assert_eq!(
             body["system"],
@@ -538,7 +554,7 @@ mod tests {
                 {"role": "assistant", "content": [
                     {"type": "text", "text": "Two reads."},
                     {"type": "tool_use", "id": "t1", "name": "read", "input": {"path": "a"}},
-                    {"type": "tool_use", "id": "t2", "name": "read", "input": {}},
+                    {"type": "tool_use", "id": "t2", "name": "read", "input": {}, "cache_control": {"type": "ephemeral"}},
                 ]},
                 {"role": "user", "content": [
                     {"type": "tool_result", "tool_use_id": "t1", "content": "{}", "is_error": false},
@@ -548,7 +564,7 @@ mod tests {
         );
         assert_eq!(
             body["tools"],
-            json!([{"name": "read", "description": "Reads", "input_schema": {"type": "object"}}])
+            json!([{"name": "read", "description": "Reads", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}])
         );
     }
 }

@@ -128,6 +128,9 @@ pub struct ModelRequest {
     /// a [`FINAL_ANSWER_TOOL`] it must end with. The completed turn carries
     /// the answer as its text either way.
     pub output_schema: Option<Arc<serde_json::Value>>,
+    /// Where prompt caches may end a cached prefix (Anthropic) and the
+    /// cache key (OpenAI-compatible), from [`crate::prompt`].
+    pub cache: crate::prompt::CacheLayout,
 }
 
 /// The tool an Anthropic model gives a structured final answer through; its
@@ -143,6 +146,9 @@ pub struct TokenUsage {
     pub output_tokens: u64,
     /// Prompt tokens served from the provider's cache.
     pub cached_input_tokens: u64,
+    /// Prompt tokens written to the provider's cache (part of
+    /// `input_tokens`; Anthropic reports them, OpenAI does not).
+    pub cache_write_tokens: u64,
 }
 
 /// The end result of one model call.

@@ -81,6 +81,9 @@ pub fn request_body(request: &ModelRequest) -> Value {
     if let Some(max_tokens) = request.max_output_tokens {
         body["max_tokens"] = json!(max_tokens);
     }
+    if !request.cache.key.is_empty() {
+        body["prompt_cache_key"] = json!(request.cache.key);
+    }
     if let Some(schema) = &request.output_schema {
         body["response_format"] = json!({
             "type": "json_schema",
@@ -162,6 +165,7 @@ impl TurnParser for OpenAiParser {
                 cached_input_tokens: usage["prompt_tokens_details"]["cached_tokens"]
                     .as_u64()
                     .unwrap_or(0),
+                cache_write_tokens: 0,
             });
         }
         let Some(choice) = chunk["choices"]
@@ -284,6 +288,7 @@ mod tests {
                     input_tokens: 20,
                     output_tokens: 5,
                     cached_input_tokens: 8,
+                    cache_write_tokens: 0,
                 },
                 stop_reason: "tool_use".to_owned(),
             }
@@ -352,6 +357,7 @@ mod tests {
             }]),
             max_output_tokens: Some(100),
             output_schema: None,
+            cache: Default::default(),
         };
         let body = request_body(&request);
         assert_eq!(

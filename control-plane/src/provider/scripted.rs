@@ -187,6 +187,7 @@ fn complete_turn(turn: &ScriptedTurn, turn_number: usize, request: &ModelRequest
             input_tokens: estimate_tokens(request_chars(request)),
             output_tokens: estimate_tokens(output_chars),
             cached_input_tokens: 0,
+            cache_write_tokens: 0,
         },
         stop_reason: stop_reason.to_owned(),
     }
@@ -290,6 +291,7 @@ mod tests {
             tools: Arc::default(),
             max_output_tokens: None,
             output_schema: None,
+            cache: Default::default(),
         }
     }
 
@@ -370,6 +372,7 @@ mod tests {
                         input_tokens: 2,
                         output_tokens: 3,
                         cached_input_tokens: 0,
+                        cache_write_tokens: 0,
                     },
                     stop_reason: "end_turn".to_owned(),
                 }),

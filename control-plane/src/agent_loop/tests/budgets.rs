@@ -90,27 +90,21 @@ async fn the_model_is_told_to_wrap_up_at_eighty_percent() {
         ..Default::default()
     })
     .await;
-    let first_input = unlimited.provider.requests.lock().unwrap().len();
-    assert_eq!(first_input, 4);
-    let turn_inputs: Vec<u64> = unlimited
-        .events()
-        .await
+    assert_eq!(unlimited.provider.requests.lock().unwrap().len(), 4);
+    let turn_outputs: Vec<u64> = turn_usages(&unlimited.events().await)
         .iter()
-        .filter_map(|event| match &event.kind {
-            Some(Kind::TurnCompleted(turn)) => turn.usage.map(|usage| usage.input_tokens),
-            _ => None,
-        })
+        .map(|usage| usage.output_tokens)
         .collect();
     // Turn 1 uses exactly 80% of this limit.
-    let limit = turn_inputs[0] * 5 / 4;
+    let limit = turn_outputs[0] * 5 / 4;
     assert_eq!(
         limit * 4 / 5,
-        turn_inputs[0],
+        turn_outputs[0],
         "pick a turn-1 size divisible by 4"
     );
     let harness = budget_run(control::BudgetLimits {
         max_turns: Some(10),
-        max_input_tokens: Some(limit),
+        max_output_tokens: Some(limit),
         ..Default::default()
     })
     .await;
@@ -120,15 +114,75 @@ async fn the_model_is_told_to_wrap_up_at_eighty_percent() {
         notice,
         &Message::User {
             text: format!(
-                "[harness] Budget notice: {} of {limit} input tokens used (input_tokens). Wrap up \
-                 now: finish the task with what you have, or summarise your progress and what \
-                 remains. The session stops when the budget runs out.",
-                turn_inputs[0]
+                "[harness] Budget notice: {} of {limit} output tokens used (output_tokens). Wrap \
+                 up now: finish the task with what you have, or summarise your progress and \
+                 what remains. The session stops when the budget runs out.",
+                turn_outputs[0]
             )
         }
     );
     let finished = finished_event(&harness.events().await);
     assert_eq!(finished.stop_reason(), control::StopReason::BudgetExhausted);
+}
+
+fn turn_usages(events: &[control::SessionEvent]) -> Vec<control::TurnUsage> {
+    events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            Some(Kind::TurnCompleted(turn)) => turn.usage,
+            _ => None,
+        })
+        .collect()
+}
+
+fn turn_requests(events: &[control::SessionEvent]) -> Vec<control::ModelRequest> {
+    events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            Some(Kind::TurnCompleted(turn)) => turn.request.clone(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_request_estimated_over_the_input_budget_is_never_sent() {
+    let unlimited = budget_run(control::BudgetLimits {
+        max_turns: Some(10),
+        ..Default::default()
+    })
+    .await;
+    let events = unlimited.events().await;
+    let measured_first = turn_usages(&events)[0].input_tokens;
+    let second_estimate = turn_requests(&events)[1].estimated_input_tokens;
+    // Room for the first request and all but one token of the second.
+    let limit = measured_first + second_estimate - 1;
+    let harness = budget_run(control::BudgetLimits {
+        max_turns: Some(10),
+        max_input_tokens: Some(limit),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(harness.provider.requests.lock().unwrap().len(), 1);
+    let finished = finished_event(&harness.events().await);
+    assert_eq!(
+        (
+            finished.stop_reason(),
+            finished.final_output.as_str(),
+            finished.message
+        ),
+        (
+            control::StopReason::BudgetExhausted,
+            "Step one.",
+            format!(
+                "the next model request was not sent: its estimated {second_estimate} input \
+                 tokens would bring the input_tokens budget to {} of {limit} input tokens",
+                limit + 1
+            )
+        )
+    );
+    // Turn 1's call ran: the budget still had room after it.
+    assert_eq!(harness.sandbox.executions(), 1);
 }
 
 #[tokio::test]
@@ -167,29 +221,13 @@ async fn token_and_cost_budgets_stop_the_session_with_the_partial_answer() {
         first.cost_micros,
         first.input_tokens * 1000 + first.output_tokens * 2000
     );
-    let cases = [
-        (
-            "input_tokens",
-            control::BudgetLimits {
-                max_input_tokens: Some(first.input_tokens),
-                ..Default::default()
-            },
-        ),
-        (
-            "output_tokens",
-            control::BudgetLimits {
-                max_output_tokens: Some(first.output_tokens),
-                ..Default::default()
-            },
-        ),
-        (
-            "cost",
-            control::BudgetLimits {
-                max_cost_micros: Some(first.cost_micros),
-                ..Default::default()
-            },
-        ),
-    ];
+    let cases = [(
+        "output_tokens",
+        control::BudgetLimits {
+            max_output_tokens: Some(first.output_tokens),
+            ..Default::default()
+        },
+    )];
     for (name, limits) in cases {
         let harness = budget_run(control::BudgetLimits {
             max_turns: Some(10),
@@ -214,6 +252,43 @@ async fn token_and_cost_budgets_stop_the_session_with_the_partial_answer() {
         assert_eq!(harness.sandbox.executions(), 0, "{name}");
         assert_eq!(warnings(&events), [name], "{name}");
     }
+}
+
+#[tokio::test]
+async fn a_first_request_priced_over_the_cost_budget_is_never_sent() {
+    let unlimited = budget_run(control::BudgetLimits {
+        max_turns: Some(10),
+        ..Default::default()
+    })
+    .await;
+    let events = unlimited.events().await;
+    let first_cost = turn_usages(&events)[0].cost_micros;
+    let first_estimate = turn_requests(&events)[0].estimated_input_tokens;
+    // Priced as uncached input at 1000 micro-dollars per token.
+    let estimated_cost = first_estimate * 1000;
+    assert!(
+        estimated_cost > first_cost,
+        "the test needs a first estimate ({first_estimate} tokens) priced over the first turn's cost ({first_cost})"
+    );
+    let harness = budget_run(control::BudgetLimits {
+        max_turns: Some(10),
+        max_cost_micros: Some(first_cost),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(harness.provider.requests.lock().unwrap().len(), 0);
+    let finished = finished_event(&harness.events().await);
+    assert_eq!(
+        (finished.stop_reason(), finished.message),
+        (
+            control::StopReason::BudgetExhausted,
+            format!(
+                "the next model request was not sent: its estimated {first_estimate} input \
+                 tokens would bring the cost budget to {estimated_cost} of {first_cost} \
+                 micro-dollars"
+            )
+        )
+    );
 }
 
 #[tokio::test]
