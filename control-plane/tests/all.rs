@@ -11,6 +11,7 @@ mod handoffs;
 mod health;
 mod network_agents;
 mod plans;
+mod prompts;
 mod providers;
 mod sessions;
 mod skills;

@@ -17,7 +17,10 @@ pub(crate) fn events(
     shape: &StreamShape,
 ) -> Vec<String> {
     // Anthropic counts cache reads separately from (uncached) input tokens.
-    let uncached = usage.input_tokens.saturating_sub(usage.cached_input_tokens);
+    let uncached = usage
+        .input_tokens
+        .saturating_sub(usage.cached_input_tokens)
+        .saturating_sub(usage.cache_write_tokens);
     let mut events = vec![event(
         "message_start",
         &json!({"type": "message_start", "message": {
@@ -30,7 +33,7 @@ pub(crate) fn events(
             "stop_sequence": null,
             "usage": {
                 "input_tokens": uncached,
-                "cache_creation_input_tokens": 0,
+                "cache_creation_input_tokens": usage.cache_write_tokens,
                 "cache_read_input_tokens": usage.cached_input_tokens,
                 "output_tokens": 1,
             },

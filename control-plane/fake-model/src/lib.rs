@@ -12,6 +12,10 @@
 //! no conversation state, so a client that crashes and re-sends a request gets
 //! the same answer — what a deterministic model would do.
 //!
+//! Reported usage follows the request: input tokens are a quarter of the body's
+//! bytes, and a simulated prompt cache (see `cache`) reports cache reads and
+//! writes the way each provider does for the request's layout.
+//!
 //! ```no_run
 //! # async fn example() -> std::io::Result<()> {
 //! use harness_fake_model::{FakeModel, FakeTurn, Fault, WireFormat};
@@ -29,6 +33,7 @@
 //! ```
 
 mod anthropic;
+mod cache;
 mod openai;
 
 use std::collections::VecDeque;
@@ -201,6 +206,7 @@ struct State {
     faults: Mutex<VecDeque<Fault>>,
     requests: Mutex<Vec<RecordedRequest>>,
     shape: Mutex<StreamShape>,
+    cache: Mutex<cache::PromptCache>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -232,6 +238,7 @@ impl FakeModel {
             faults: Mutex::default(),
             requests: Mutex::default(),
             shape: Mutex::new(StreamShape::default()),
+            cache: Mutex::default(),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
         Ok(Self {
@@ -414,10 +421,19 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body>
         );
     };
     let turn_number = assistant_messages + 1;
+    let input_tokens = u64::try_from(bytes.len().div_ceil(4)).unwrap_or(u64::MAX);
+    let cached = lock(&state.cache).serve(format, &body);
+    // A turn scripted with cache reads reports those instead.
+    let (cache_read, cache_write) = if turn.cached_input_tokens > 0 {
+        (turn.cached_input_tokens, 0)
+    } else {
+        (cached.read, cached.written)
+    };
     let usage = Usage {
-        input_tokens: u64::try_from(bytes.len().div_ceil(4)).unwrap_or(u64::MAX),
+        input_tokens,
         output_tokens: output_tokens(turn),
-        cached_input_tokens: turn.cached_input_tokens,
+        cached_input_tokens: cache_read.min(input_tokens),
+        cache_write_tokens: cache_write.min(input_tokens - cache_read.min(input_tokens)),
     };
     let model = body["model"].as_str().unwrap_or("fake").to_owned();
     let events = match format {
@@ -437,6 +453,9 @@ pub(crate) struct Usage {
     pub output_tokens: u64,
     /// Prompt tokens read from the cache (part of `input_tokens`).
     pub cached_input_tokens: u64,
+    /// Prompt tokens written to the cache (part of `input_tokens`;
+    /// Anthropic only).
+    pub cache_write_tokens: u64,
 }
 
 fn output_tokens(turn: &FakeTurn) -> u64 {
