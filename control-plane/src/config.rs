@@ -14,6 +14,7 @@ use harness_daemon::{DefaultPaths, Exposure, ListenAddress};
 use serde::Deserialize;
 
 use crate::budget::ModelPrice;
+use crate::context::{ContextSettings, ModelSpec};
 pub use crate::provider::config::{ProviderConfig, ProvidersConfig};
 pub use crate::store::sqlite::SqliteSynchronous;
 
@@ -91,6 +92,12 @@ pub struct ControlPlaneConfig {
     /// (and optionally `cached-input-usd-per-mtok`). A model without a price
     /// costs 0, and an agent with a cost budget must have one.
     pub prices: BTreeMap<String, ModelPrice>,
+    /// The model catalog: `[models."gpt-4o-mini"] context-window = 128000,
+    /// max-output-tokens = 16384`. A model without an entry has no known
+    /// context window, and its sessions are never compacted.
+    pub models: BTreeMap<String, ModelSpec>,
+    /// What reaches the model (`[context]`): `max-input-tokens`.
+    pub context: ContextSettings,
 }
 
 impl Default for ControlPlaneConfig {
@@ -126,6 +133,8 @@ impl ControlPlaneConfig {
             sqlite_max_wal_bytes: 256 << 20,
             providers: ProvidersConfig::default(),
             prices: BTreeMap::new(),
+            models: BTreeMap::new(),
+            context: ContextSettings::default(),
         }
     }
 }
@@ -268,6 +277,16 @@ mod tests {
                         }
                     ),
                 ]),
+                models: BTreeMap::from([(
+                    "gpt-4o-mini".to_owned(),
+                    ModelSpec {
+                        context_window: 128_000,
+                        max_output_tokens: Some(16_384),
+                    }
+                )]),
+                context: ContextSettings {
+                    max_input_tokens: 20_000,
+                },
             }
         );
     }

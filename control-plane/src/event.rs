@@ -30,7 +30,6 @@ pub fn kind_name(kind: &Kind) -> &'static str {
         Kind::Handoff(_) => "handoff",
         Kind::OutputRejected(_) => "output_rejected",
         Kind::SkillLoaded(_) => "skill_loaded",
-        Kind::InputTruncated(_) => "input_truncated",
         Kind::Finished(_) => "finished",
     }
 }

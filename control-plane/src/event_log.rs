@@ -395,6 +395,7 @@ mod tests {
             text: "more".to_owned(),
             idempotency_key: String::new(),
             reply_to_seq: 2,
+            truncated: None,
         };
         log.append(&s1(), 1, Kind::UserMessage(message))
             .await

@@ -22,6 +22,7 @@ use crate::event_log::{EventLog, FollowError, FollowMode};
 use crate::ids::{SessionId, TenantId};
 use crate::store::{NewSession, SessionQuery, SessionRecord, StoreError};
 use crate::supervisor::SessionSupervisor;
+use crate::truncate;
 
 /// The tenant of every caller until authentication exists.
 pub const DEFAULT_TENANT: &str = "default";
@@ -377,8 +378,19 @@ impl ControlPlaneService {
             return Err(not_waiting(session.status));
         }
         let turn = self.turn_of_last_event(&session).await?;
+        let max_input_tokens = self
+            .supervisor
+            .agent_loop()
+            .settings()
+            .context
+            .max_input_tokens;
+        let (text, truncated) = match truncate::truncate_input(&request.message, max_input_tokens) {
+            Some((cut, record)) => (cut, Some(record)),
+            None => (request.message, None),
+        };
         let message = control::UserMessage {
-            text: request.message,
+            truncated,
+            text,
             idempotency_key: key.clone(),
             reply_to_seq: session.last_seq,
         };

@@ -88,6 +88,11 @@ pub struct SessionSupervisor {
 }
 
 impl SessionSupervisor {
+    /// The loop sessions run on.
+    pub fn agent_loop(&self) -> &AgentLoop {
+        &self.agent_loop
+    }
+
     /// A supervisor running sessions on `agent_loop`.
     pub fn new(agent_loop: Arc<AgentLoop>) -> Self {
         Self {

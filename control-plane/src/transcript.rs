@@ -119,13 +119,6 @@ fn render_details(kind: &Kind) -> String {
                 loaded.call_id
             )
         }
-        Kind::InputTruncated(truncated) => format!(
-            "kept {} of {} characters (about {} tokens; limit {})",
-            truncated.kept_chars,
-            truncated.original_chars,
-            truncated.original_tokens,
-            truncated.max_input_tokens
-        ),
         Kind::Handoff(handoff) => format!(
             "{} -> {} history={} reason={}",
             handoff.from_agent,
@@ -378,6 +371,7 @@ mod tests {
                 input: "Leave a note.".to_owned(),
                 budget: None,
                 resolved: None,
+                input_truncated: None,
             }),
         );
         let delta = event(

@@ -163,3 +163,88 @@ async fn openai_ten_turns_keep_one_prefix_and_estimates_track_the_server() {
 async fn anthropic_ten_turns_keep_one_prefix_with_four_breakpoints_at_most() {
     ten_turns(WireFormat::Anthropic).await;
 }
+
+/// A 3 MB input of paragraphs and a log line each, over a 20k-token limit.
+fn huge_input() -> String {
+    let mut text = String::with_capacity(3 << 20);
+    let mut paragraph = 0;
+    while text.len() < 3 << 20 {
+        paragraph += 1;
+        text.push_str(&format!("## Section {paragraph}\n"));
+        for line in 0..8 {
+            text.push_str(&format!(
+                "Paragraph {paragraph}, line {line}: the quick brown fox reads the report.\n"
+            ));
+        }
+        text.push('\n');
+    }
+    text
+}
+
+#[tokio::test]
+async fn a_3_mb_input_reaches_the_model_cut_at_a_paragraph_with_the_marker() {
+    let model = FakeModel::start(WireFormat::OpenAi, vec![FakeTurn::text("Read the start.")])
+        .await
+        .unwrap();
+    let files = [("reader.toml", agent(WireFormat::OpenAi, &model))];
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let plane = TestPlane::start_configured(Sockets::Tcp, &files, |config| {
+        config.context.max_input_tokens = 20_000;
+    })
+    .await;
+    let input = huge_input();
+    assert!(input.len() >= 3 << 20);
+    let session = plane
+        .client
+        .clone()
+        .start_session(control::StartSessionRequest {
+            agent: "reader".to_owned(),
+            input: input.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let events = plane.events(&session.session_id, 0).await;
+    let requests = model.requests();
+    assert_eq!(requests.len(), 1);
+    let sent = requests[0].body["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (kept, marker) = sent
+        .split_once("\n\n[harness] The input was truncated here: ")
+        .unwrap();
+    assert!(input.starts_with(kept));
+    assert!(
+        input[kept.len()..].starts_with("\n\n"),
+        "cut at a paragraph break: {:?}",
+        &input[kept.len()..kept.len() + 40]
+    );
+    assert!(sent.chars().count() <= 20_000 * 4, "{}", sent.len());
+    assert!(sent.chars().count() > 19_000 * 4, "{}", sent.len());
+    let truncated = events
+        .iter()
+        .find_map(|event| match &event.kind {
+            Some(Kind::Started(started)) => started.input_truncated.clone(),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        truncated,
+        control::InputTruncated {
+            original_chars: input.chars().count() as u64,
+            kept_chars: kept.chars().count() as u64,
+            original_tokens: (input.chars().count() as u64).div_ceil(4),
+            max_input_tokens: 20_000,
+            original_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(input.as_bytes())),
+        }
+    );
+    assert!(marker.starts_with(&format!(
+        "{} of {} characters",
+        truncated.kept_chars, truncated.original_chars
+    )));
+    plane.shut_down().await;
+}

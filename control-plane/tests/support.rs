@@ -415,6 +415,16 @@ impl TestPlane {
 
     /// Like [`TestPlane::start`], with more agent files (name, contents).
     pub async fn start_with_agents(sockets: Sockets, extra: &[(&str, &str)]) -> Self {
+        Self::start_configured(sockets, extra, |_| {}).await
+    }
+
+    /// Like [`TestPlane::start_with_agents`], with the configuration changed
+    /// by `configure` before the control plane opens.
+    pub async fn start_configured(
+        sockets: Sockets,
+        extra: &[(&str, &str)],
+        configure: impl FnOnce(&mut ControlPlaneConfig),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let agents_dir = dir.path().join("agents");
         write_agents(&agents_dir);
@@ -431,7 +441,7 @@ impl TestPlane {
             Sockets::Tcp => "127.0.0.1:0".to_owned(),
             Sockets::Unix => format!("unix:{}", dir.path().join("run/cp.sock").display()),
         };
-        let config = ControlPlaneConfig {
+        let mut config = ControlPlaneConfig {
             listen: vec![listen.parse().unwrap()],
             sandboxd: sandbox_endpoint,
             database: dir.path().join("state/cp.db"),
@@ -440,6 +450,7 @@ impl TestPlane {
             max_parallel_tool_calls: 2,
             ..ControlPlaneConfig::default()
         };
+        configure(&mut config);
         let plane = ControlPlane::open(&config).await.unwrap();
         let listener = Listener::bind(&listen.parse().unwrap()).await.unwrap();
         let endpoint = match listener.local_address().clone() {

@@ -138,7 +138,8 @@ mod tests {
         let again = cache.serve(WireFormat::Anthropic, &second);
         assert_eq!(again.read, used.written);
         // Without markers nothing is cached.
-        let unmarked = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
+        let unmarked =
+            json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]});
         assert_eq!(
             cache.serve(WireFormat::Anthropic, &unmarked),
             CacheUse::default()
@@ -148,11 +149,13 @@ mod tests {
     #[test]
     fn openai_reads_whole_message_prefixes_under_the_same_key() {
         let mut cache = PromptCache::default();
-        let first = json!({"prompt_cache_key": "a", "messages": [{"role": "system", "content": "s"}]});
+        let first =
+            json!({"prompt_cache_key": "a", "messages": [{"role": "system", "content": "s"}]});
         assert_eq!(cache.serve(WireFormat::OpenAi, &first).read, 0);
         let second = json!({"prompt_cache_key": "a", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]});
         assert!(cache.serve(WireFormat::OpenAi, &second).read > 0);
-        let other_key = json!({"prompt_cache_key": "b", "messages": [{"role": "system", "content": "s"}]});
+        let other_key =
+            json!({"prompt_cache_key": "b", "messages": [{"role": "system", "content": "s"}]});
         assert_eq!(cache.serve(WireFormat::OpenAi, &other_key).read, 0);
     }
 }

@@ -78,14 +78,15 @@ use self::state::SessionState;
 use self::tools::DispatchRetry;
 use crate::agent::Agent;
 use crate::budget::{self, BudgetKind};
+use crate::context::ContextSettings;
 use crate::error_report::error_chain;
 use crate::event_log::{EventLog, FollowError};
 use crate::ids::{SessionId, TenantId};
-use crate::prompt;
 use crate::provider::{ProviderError, STOP_MAX_TOKENS, STOP_PAUSE_TURN, ToolCall};
 use crate::sandbox::{SandboxDispatch, SandboxError};
 use crate::store::{NewEvent, SessionRecord, StepRecord, StoreError};
 use crate::subagent::receipt::ReceiptBuilder;
+use crate::{prompt, truncate};
 
 pub use self::state::ReplayError;
 
@@ -100,7 +101,7 @@ pub const SESSION_LABEL: &str = "control-plane-session";
 const MAX_CALL_ID_LEN: usize = 128;
 
 /// Loop-wide settings from the control-plane configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoopSettings {
     /// Deadline of one tool call.
     pub tool_timeout: Duration,
@@ -111,6 +112,8 @@ pub struct LoopSettings {
     /// How deep a tree of subagents may grow (a top-level session is at
     /// depth 0; its subagents at 1).
     pub max_subagent_depth: u32,
+    /// What reaches the model.
+    pub context: ContextSettings,
 }
 
 /// Subagent depth unless the control-plane configuration sets it.
@@ -124,6 +127,7 @@ impl LoopSettings {
             max_parallel_tool_calls,
             dispatch_retry: DispatchRetry::default(),
             max_subagent_depth: DEFAULT_MAX_SUBAGENT_DEPTH,
+            context: ContextSettings::default(),
         }
     }
 }
@@ -248,6 +252,11 @@ impl AgentLoop {
             sandbox,
             settings,
         }
+    }
+
+    /// The loop's settings.
+    pub fn settings(&self) -> &LoopSettings {
+        &self.settings
     }
 
     /// The event log.
@@ -592,11 +601,19 @@ impl SessionRun<'_> {
             )
         });
         let definition = &self.agent.definition;
+        let (input, input_truncated) = match truncate::truncate_input(
+            &self.session.input,
+            self.agent_loop.settings.context.max_input_tokens,
+        ) {
+            Some((cut, record)) => (cut, Some(record)),
+            None => (self.session.input.clone(), None),
+        };
         let started = control::SessionStarted {
+            input_truncated,
             agent: definition.name.clone(),
             provider: definition.provider.as_str().to_owned(),
             model: definition.model.clone(),
-            input: self.session.input.clone(),
+            input,
             budget: Some(self.session.budget),
             resolved: resolved
                 .as_ref()

@@ -370,6 +370,7 @@ mod tests {
                 text: "next".to_owned(),
                 idempotency_key: "k".to_owned(),
                 reply_to_seq,
+                truncated: None,
             })
         };
         let running = applied(

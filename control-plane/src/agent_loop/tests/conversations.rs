@@ -41,6 +41,7 @@ impl Harness {
                     text: text.to_owned(),
                     idempotency_key: String::new(),
                     reply_to_seq: session.last_seq,
+                    truncated: None,
                 };
                 let event = self
                     .log
@@ -200,6 +201,7 @@ async fn a_wait_without_a_message_closes_the_input_and_completes() {
         text: "late".to_owned(),
         idempotency_key: String::new(),
         reply_to_seq: 4,
+        truncated: None,
     };
     assert!(matches!(
         harness

@@ -558,6 +558,7 @@ impl Harness {
                     backoff: Duration::from_millis(1),
                 },
                 max_subagent_depth: DEFAULT_MAX_SUBAGENT_DEPTH,
+                context: crate::context::ContextSettings::default(),
             },
             self.harness_tools.clone(),
         )
