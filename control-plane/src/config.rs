@@ -286,6 +286,10 @@ mod tests {
                 )]),
                 context: ContextSettings {
                     max_input_tokens: 20_000,
+                    compaction_threshold: 0.75,
+                    keep_tool_results: 3,
+                    keep_turns: 6,
+                    compaction_model: Some("gpt-4o-mini".to_owned()),
                 },
             }
         );

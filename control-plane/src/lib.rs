@@ -36,6 +36,7 @@
 pub mod agent;
 pub mod agent_loop;
 pub mod budget;
+pub mod compaction;
 pub mod config;
 pub mod context;
 pub mod crash_hook;

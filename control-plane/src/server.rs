@@ -129,7 +129,7 @@ impl ControlPlane {
             agents,
             settings: LoopSettings {
                 max_subagent_depth: config.max_subagent_depth,
-                context: config.context,
+                context: config.context.clone(),
                 ..LoopSettings::new(config.tool_timeout, config.max_parallel_tool_calls)
             },
         })

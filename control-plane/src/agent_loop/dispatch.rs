@@ -201,7 +201,7 @@ impl SessionRun<'_> {
             .filter(|call| call.finished.is_none())
             .map(|call| (call.call.clone(), call.in_flight()))
             .collect();
-        let settings = self.agent_loop.settings;
+        let settings = &self.agent_loop.settings;
         let slots = Arc::new(Semaphore::new(settings.max_parallel_tool_calls.max(1)));
         let long_running_slots = Arc::new(Semaphore::new(
             usize::try_from(agent.max_parallel_subagents.max(1)).unwrap_or(1),

@@ -101,7 +101,7 @@ pub const SESSION_LABEL: &str = "control-plane-session";
 const MAX_CALL_ID_LEN: usize = 128;
 
 /// Loop-wide settings from the control-plane configuration.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoopSettings {
     /// Deadline of one tool call.
     pub tool_timeout: Duration,
