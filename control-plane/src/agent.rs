@@ -75,6 +75,7 @@ use harness_proto::sandbox::v1 as sandbox;
 use serde::Deserialize;
 
 use crate::budget::ModelPrice;
+use crate::context::ModelSpec;
 use crate::policy::{Policy, PolicyError, PolicySettings};
 use crate::provider::ModelProvider;
 pub use crate::provider::ProviderKind;
@@ -453,6 +454,9 @@ pub struct Agent {
     pub policy: Policy,
     /// The model's price, if the control plane has one.
     pub price: Option<ModelPrice>,
+    /// What the model catalog says of its model (context window, output
+    /// limit), if it has an entry.
+    pub model_spec: Option<ModelSpec>,
     /// Its skills as sessions record them, in the definition's order (set
     /// when the agent joins a catalog that has them).
     pub skills: Vec<control::ResolvedSkill>,
@@ -474,6 +478,7 @@ impl Agent {
             provider,
             policy,
             price: None,
+            model_spec: None,
             skills: Vec::new(),
         })
     }
@@ -771,8 +776,10 @@ pub fn load_agent_file(file: &Path, providers: &mut ProviderFactory) -> Result<A
             ),
         });
     }
+    let model_spec = providers.model_spec(&definition.model);
     let mut agent = Agent::new(definition, provider)?;
     agent.price = price;
+    agent.model_spec = model_spec;
     Ok(agent)
 }
 

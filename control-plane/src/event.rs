@@ -62,6 +62,12 @@ pub fn enum_label(enum_name: &str, prefix: &str) -> String {
 pub fn apply_to_usage(usage: &mut BudgetUsage, kind: &Kind) {
     match kind {
         Kind::TurnCompleted(turn) => apply_turn_to_usage(usage, turn),
+        // A summarisation request costs like any other (it takes no turn).
+        Kind::Compaction(compaction) => {
+            if let Some(summary_usage) = &compaction.usage {
+                add_model_usage(usage, summary_usage);
+            }
+        }
         // A call counts once it is dispatched: denied and invalid calls cost nothing.
         Kind::ToolStarted(_) => usage.tool_calls = usage.tool_calls.saturating_add(1),
         // A finished subagent's model and tool use count against its
@@ -91,6 +97,13 @@ pub fn apply_to_usage(usage: &mut BudgetUsage, kind: &Kind) {
 pub fn apply_turn_to_usage(usage: &mut BudgetUsage, turn: &TurnCompleted) {
     usage.turns = usage.turns.saturating_add(1);
     if let Some(turn_usage) = &turn.usage {
+        add_model_usage(usage, turn_usage);
+    }
+}
+
+/// Adds one model request's tokens and cost (a turn's, or a summary's).
+fn add_model_usage(usage: &mut BudgetUsage, turn_usage: &control::TurnUsage) {
+    {
         usage.input_tokens = usage.input_tokens.saturating_add(turn_usage.input_tokens);
         usage.output_tokens = usage.output_tokens.saturating_add(turn_usage.output_tokens);
         usage.cached_input_tokens = usage

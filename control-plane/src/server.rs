@@ -98,7 +98,8 @@ impl ControlPlane {
     /// a lazy sandboxd client and resumes sessions a previous process left
     /// unfinished.
     pub async fn open(config: &ControlPlaneConfig) -> Result<Self, ServerError> {
-        let mut providers = ProviderFactory::new(config.providers.clone(), config.prices.clone());
+        let mut providers = ProviderFactory::new(config.providers.clone(), config.prices.clone())
+            .with_models(config.models.clone());
         let skills_dir = config.skills_dir();
         let skills = SkillCatalog::load_dir(&skills_dir).map_err(ServerError::Skills)?;
         let agents = AgentCatalog::load_dir_with_skills(

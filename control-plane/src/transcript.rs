@@ -81,13 +81,24 @@ fn render_details(kind: &Kind) -> String {
         Kind::BudgetWarning(warning) => {
             format!("{} {}/{}", warning.budget, warning.used, warning.limit)
         }
-        Kind::Compaction(compaction) => format!(
-            "summarised {} turns, kept {}, tokens {} -> {}",
-            compaction.turns_summarised,
-            compaction.turns_kept,
-            compaction.tokens_before,
-            compaction.tokens_after
-        ),
+        Kind::Compaction(compaction) => match compaction.step() {
+            control::CompactionStep::ClearToolResults => format!(
+                "cleared {} old tool results, tokens {} -> {}",
+                compaction.cleared_call_ids.len(),
+                compaction.tokens_before,
+                compaction.tokens_after
+            ),
+            _ => format!(
+                "summarised turns {}-{} ({} kept) with {}, tokens {} -> {}: {}",
+                compaction.first_turn,
+                compaction.last_turn,
+                compaction.turns_kept,
+                compaction.model,
+                compaction.tokens_before,
+                compaction.tokens_after,
+                quoted(&compaction.summary)
+            ),
+        },
         Kind::SubagentStarted(started) => format!(
             "{} session={} lineage={} task={}",
             started.agent,

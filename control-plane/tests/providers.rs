@@ -66,6 +66,7 @@ fn request() -> ModelRequest {
         max_output_tokens: Some(256),
         output_schema: None,
         cache: Default::default(),
+        summarised_turns: 0,
     }
 }
 

@@ -187,6 +187,14 @@ pub enum LoopError {
     /// The agent the session was handed to is no longer defined.
     #[error("agent \"{0}\" the session was handed to is no longer defined in this control plane")]
     HandoffTargetGone(String),
+    /// Summarising the history failed again and again.
+    #[error("compaction failed: {attempts} attempts at a summary failed (last: {error})")]
+    CompactionFailed {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        error: String,
+    },
     /// The next model request's estimate would overrun a budget; it was not
     /// sent.
     #[error("{0}")]

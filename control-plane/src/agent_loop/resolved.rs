@@ -138,6 +138,9 @@ pub struct SessionAgent {
     pub plan: bool,
     /// The skills it may load, by name.
     pub skills: Vec<String>,
+    /// The model's context window (from the catalog, when the agent still
+    /// uses the recorded model); `None`: never compacted.
+    pub context_window: Option<u64>,
     /// The digested static part of its requests (tools, system prompt,
     /// skills index, memory).
     pub prompt_prefix: StaticPrefix,
@@ -195,7 +198,9 @@ pub fn record(
         provider: definition.provider.as_str().to_owned(),
         endpoint: agent.provider.endpoint(),
         model: definition.model.clone(),
-        max_tokens_per_turn: definition.max_tokens_per_turn,
+        max_tokens_per_turn: definition
+            .max_tokens_per_turn
+            .or(agent.model_spec.and_then(|spec| spec.max_output_tokens)),
         tools,
         policy: Some(definition.policy.to_proto()),
         sandbox_policy: Some(definition.sandbox.session_policy()),
@@ -357,6 +362,10 @@ impl SessionAgent {
             "",
         );
         Ok(Self {
+            context_window: current
+                .model_spec
+                .filter(|_| current.definition.model == record.model)
+                .map(|spec| spec.context_window),
             prompt_prefix,
             name: name.to_owned(),
             model: record.model.clone(),

@@ -16,6 +16,7 @@ use harness_proto::sandbox::v1 as sandbox;
 use prost::Message as _;
 
 use crate::budget::{self, BudgetKind};
+use crate::compaction;
 use crate::event;
 use crate::handoff::{Transfer, history_after_handoff};
 use crate::harness_tools;
@@ -248,6 +249,12 @@ pub struct SessionState {
     pub last_request: Option<control::ModelRequest>,
     /// The latest request whose usage was measured.
     pub calibration: Option<Calibration>,
+    /// The turn of the latest compaction (at most one per turn).
+    pub compacted_turn: Option<u32>,
+    /// Assistant turns summaries replaced over the session's life.
+    pub summarised_assistants: u32,
+    /// Summaries that failed in a row; the session stops at three.
+    pub failed_summaries: u32,
 }
 
 /// An approved plan being run.
@@ -384,6 +391,15 @@ impl SessionState {
                 Arc::make_mut(&mut self.messages).push(Message::User {
                     text: super::structured::rejection_notice(&rejected.errors),
                 });
+            }
+            Kind::Compaction(compaction) => {
+                self.messages = Arc::new(compaction::apply(&self.messages, compaction));
+                self.history_generation += 1;
+                self.compacted_turn = Some(turn);
+                self.failed_summaries = 0;
+                self.summarised_assistants = self
+                    .summarised_assistants
+                    .saturating_add(compaction.summarised_assistant_messages);
             }
             Kind::SkillLoaded(loaded) => {
                 self.skill_restriction.apply(loaded);

@@ -537,6 +537,7 @@ mod tests {
             max_output_tokens: None,
             output_schema: None,
             cache: Default::default(),
+            summarised_turns: 0,
         };
         let stable = crate::prompt::stable_messages(&request.messages);
         let mut request = request;

@@ -14,6 +14,7 @@ use super::http::{HttpProvider, HttpProviderError, WireFormat};
 use super::openai::{self, OpenAiFormat};
 use super::{ModelProvider, ProviderKind};
 use crate::budget::ModelPrice;
+use crate::context::ModelSpec;
 
 /// Reads an environment variable.
 pub type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -33,6 +34,7 @@ pub enum FactoryError {
 pub struct ProviderFactory {
     config: ProvidersConfig,
     prices: BTreeMap<String, ModelPrice>,
+    models: BTreeMap<String, ModelSpec>,
     env: EnvLookup,
     built: HashMap<(ProviderKind, String, Option<String>), Arc<HttpProvider>>,
 }
@@ -66,9 +68,21 @@ impl ProviderFactory {
         Self {
             config,
             prices,
+            models: BTreeMap::new(),
             env,
             built: HashMap::new(),
         }
+    }
+
+    /// With the model catalog `models` (context windows, output limits).
+    pub fn with_models(mut self, models: BTreeMap<String, ModelSpec>) -> Self {
+        self.models = models;
+        self
+    }
+
+    /// What the catalog says of `model`.
+    pub fn model_spec(&self, model: &str) -> Option<ModelSpec> {
+        self.models.get(model).copied()
     }
 
     /// The price of `model`, if the table has it.

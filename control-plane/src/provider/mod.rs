@@ -131,6 +131,9 @@ pub struct ModelRequest {
     /// Where prompt caches may end a cached prefix (Anthropic) and the
     /// cache key (OpenAI-compatible), from [`crate::prompt`].
     pub cache: crate::prompt::CacheLayout,
+    /// Assistant turns compaction removed from `messages` over the session's
+    /// life (the scripted provider counts them to find its next turn).
+    pub summarised_turns: u32,
 }
 
 /// The tool an Anthropic model gives a structured final answer through; its

@@ -358,6 +358,7 @@ mod tests {
             max_output_tokens: Some(100),
             output_schema: None,
             cache: Default::default(),
+            summarised_turns: 0,
         };
         let body = request_body(&request);
         assert_eq!(

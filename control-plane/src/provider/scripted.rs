@@ -138,11 +138,17 @@ impl ModelProvider for ScriptedProvider {
     }
 
     fn stream_turn(&self, request: ModelRequest) -> ModelStream {
+        if is_summary_request(&request) {
+            return Box::pin(stream::iter([Ok(ModelStreamEvent::Completed(
+                summary_turn(&request),
+            ))]));
+        }
         let turns_taken = request
             .messages
             .iter()
             .filter(|message| matches!(message, Message::Assistant { .. }))
-            .count();
+            .count()
+            + usize::try_from(request.summarised_turns).unwrap_or(usize::MAX);
         let Some(turn) = self.script.turns.get(turns_taken) else {
             return Box::pin(stream::iter([Err(ProviderError::ScriptExhausted {
                 turns: self.script.turns.len(),
@@ -190,6 +196,39 @@ fn complete_turn(turn: &ScriptedTurn, turn_number: usize, request: &ModelRequest
             cache_write_tokens: 0,
         },
         stop_reason: stop_reason.to_owned(),
+    }
+}
+
+/// A compaction's summarisation request (its instructions are the system
+/// prompt), answered apart from the script.
+fn is_summary_request(request: &ModelRequest) -> bool {
+    matches!(
+        request.messages.first(),
+        Some(Message::System { text }) if text == crate::compaction::SUMMARY_INSTRUCTIONS
+    )
+}
+
+/// A deterministic summary: how much it covers and its last line.
+fn summary_turn(request: &ModelRequest) -> CompletedTurn {
+    let transcript = match request.messages.last() {
+        Some(Message::User { text }) => text.as_str(),
+        _ => "",
+    };
+    let lines = transcript.lines().count();
+    let last = transcript.lines().last().unwrap_or_default();
+    let text = format!(
+        "Scripted summary of {lines} lines; the last: {}",
+        last.chars().take(120).collect::<String>()
+    );
+    CompletedTurn {
+        usage: TokenUsage {
+            input_tokens: estimate_tokens(request_chars(request)),
+            output_tokens: estimate_tokens(text.chars().count()),
+            ..TokenUsage::default()
+        },
+        text,
+        tool_calls: Vec::new(),
+        stop_reason: "end_turn".to_owned(),
     }
 }
 
@@ -292,6 +331,7 @@ mod tests {
             max_output_tokens: None,
             output_schema: None,
             cache: Default::default(),
+            summarised_turns: 0,
         }
     }
 

@@ -413,6 +413,7 @@ struct Harness {
     agent: Arc<Agent>,
     harness_tools: HarnessRegistry,
     shutdown: watch::Sender<bool>,
+    context: crate::context::ContextSettings,
 }
 
 fn definition(tools: &[&str]) -> AgentDefinition {
@@ -472,6 +473,7 @@ impl Harness {
             agent,
             harness_tools: HarnessRegistry::default(),
             shutdown,
+            context: crate::context::ContextSettings::default(),
         }
     }
 
@@ -558,7 +560,7 @@ impl Harness {
                     backoff: Duration::from_millis(1),
                 },
                 max_subagent_depth: DEFAULT_MAX_SUBAGENT_DEPTH,
-                context: crate::context::ContextSettings::default(),
+                context: self.context.clone(),
             },
             self.harness_tools.clone(),
         )
@@ -739,6 +741,7 @@ fn describe(event: &control::SessionEvent) -> String {
 
 mod approvals;
 mod budgets;
+mod compaction;
 mod conversations;
 mod harness_tools;
 mod resume;
