@@ -131,12 +131,13 @@ async fn anthropic_answers_through_a_forced_tool() {
     );
     assert_eq!(body["tools"][0]["name"], "final_answer");
     assert_eq!(body["tools"][0]["input_schema"], schema());
-    // The rejected answer is in the history as the assistant's text; the
-    // rejection follows it.
+    // The rejected answer is in the history as the assistant's text (the
+    // end of the stable history, so a cache breakpoint); the rejection
+    // follows it.
     let messages = requests[1].body["messages"].as_array().unwrap();
     assert_eq!(
         messages[1]["content"][0],
-        json!({"type": "text", "text": r#"{"severity":"urgent"}"#})
+        json!({"type": "text", "text": r#"{"severity":"urgent"}"#, "cache_control": {"type": "ephemeral"}})
     );
     let notice = messages[2]["content"][0]["text"].as_str().unwrap();
     assert!(

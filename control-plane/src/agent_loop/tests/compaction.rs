@@ -183,3 +183,64 @@ async fn a_crash_right_after_a_summary_resumes_with_the_same_requests_and_no_sec
     bodies.dedup();
     assert_eq!(bodies, expected_bodies);
 }
+
+/// Answers from the script, but refuses the first request of turn 11 as
+/// too long for the model's context.
+#[derive(Debug)]
+struct TooLongOnce {
+    inner: ScriptedProvider,
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl ModelProvider for TooLongOnce {
+    fn stream_turn(&self, request: ModelRequest) -> crate::provider::ModelStream {
+        let turn = request
+            .messages
+            .iter()
+            .filter(|message| matches!(message, Message::Assistant { .. }))
+            .count()
+            + request.summarised_turns as usize;
+        let summary = matches!(request.messages.first(), Some(Message::System { text }) if text == SUMMARY_INSTRUCTIONS);
+        if turn == 10 && !summary && !self.refused.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(futures::stream::iter([Err(ProviderError::Status {
+                endpoint: "test".to_owned(),
+                status: 400,
+                message: "prompt is too long: 210000 tokens > 200000 maximum".to_owned(),
+                retry_after: None,
+            })]));
+        }
+        self.inner.stream_turn(request)
+    }
+}
+
+#[tokio::test]
+async fn a_context_too_long_refusal_compacts_once_and_retries() {
+    let provider = TooLongOnce {
+        inner: ScriptedProvider::new(toml::from_str(&long_script()).unwrap(), "long.script.toml"),
+        refused: std::sync::atomic::AtomicBool::new(false),
+    };
+    let mut harness =
+        Harness::with(Arc::new(provider), definition(&["fast"]), chunk_sandbox()).await;
+    let mut agent = (*harness.agent).clone();
+    // A window the estimates never come near: only the refusal compacts.
+    agent.model_spec = Some(ModelSpec {
+        context_window: 10_000_000,
+        max_output_tokens: None,
+    });
+    harness.agent = Arc::new(agent);
+    harness.create_session(250).await;
+    harness.resume().await;
+    let events = harness.events().await;
+    let compactions = compactions(&events);
+    assert_eq!(compactions.len(), 1, "{compactions:?}");
+    assert_eq!(compactions[0].0, 11);
+    assert_eq!(
+        compactions[0].1.step(),
+        control::CompactionStep::ClearToolResults
+    );
+    let finished = match events.last().and_then(|event| event.kind.clone()) {
+        Some(Kind::Finished(finished)) => finished,
+        other => panic!("not finished: {other:?}"),
+    };
+    assert_eq!(finished.stop_reason(), control::StopReason::Completed);
+}
