@@ -551,6 +551,9 @@ async fn killed_at_twenty_points_every_run_ends_like_an_uninterrupted_one() {
     let model = FakeModel::start(WireFormat::OpenAi, script())
         .await
         .unwrap();
+    // Every run shares this server: its cache would report reads to later
+    // runs that the reference run never saw.
+    model.set_prompt_cache(false);
     // A slow stream, so that a kill on seeing a delta lands mid-stream.
     model.set_shape(StreamShape {
         event_delay: Duration::from_millis(3),

@@ -207,6 +207,7 @@ struct State {
     requests: Mutex<Vec<RecordedRequest>>,
     shape: Mutex<StreamShape>,
     cache: Mutex<cache::PromptCache>,
+    caching: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -239,6 +240,7 @@ impl FakeModel {
             requests: Mutex::default(),
             shape: Mutex::new(StreamShape::default()),
             cache: Mutex::default(),
+            caching: std::sync::atomic::AtomicBool::new(true),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
         Ok(Self {
@@ -266,6 +268,16 @@ impl FakeModel {
     /// Changes how responses are streamed from now on.
     pub fn set_shape(&self, shape: StreamShape) {
         *lock(&self.state.shape) = shape;
+    }
+
+    /// Turns the simulated prompt cache on (the default) or off. Tests that
+    /// run several sessions against one server and compare their recorded
+    /// usage turn it off: a cache warmed by an earlier session changes the
+    /// cache reads a later one is told of.
+    pub fn set_prompt_cache(&self, on: bool) {
+        self.state
+            .caching
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Every request received so far, in order.
@@ -422,7 +434,11 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body>
     };
     let turn_number = assistant_messages + 1;
     let input_tokens = u64::try_from(bytes.len().div_ceil(4)).unwrap_or(u64::MAX);
-    let cached = lock(&state.cache).serve(format, &body);
+    let cached = if state.caching.load(std::sync::atomic::Ordering::SeqCst) {
+        lock(&state.cache).serve(format, &body)
+    } else {
+        cache::CacheUse::default()
+    };
     // A turn scripted with cache reads reports those instead.
     let (cache_read, cache_write) = if turn.cached_input_tokens > 0 {
         (turn.cached_input_tokens, 0)
