@@ -86,15 +86,17 @@ pub fn decide(
             .unwrap_or(u64::MAX)
     };
     let call_ids = clearable(messages, settings.keep_tool_results);
-    if !call_ids.is_empty() {
-        let cleared = apply_clear(messages, &call_ids.iter().cloned().collect());
-        let tokens_after = scaled(cleared.iter().map(message_chars).sum());
-        if tokens_after < limit {
-            return Some(Decision::Clear {
-                call_ids,
-                tokens_after,
-            });
+    let clearing = (!call_ids.is_empty()).then(|| {
+        let cleared = apply_clear(messages, &call_ids.iter().map(String::as_str).collect());
+        Decision::Clear {
+            tokens_after: scaled(cleared.iter().map(message_chars).sum()),
+            call_ids,
         }
+    });
+    if let Some(Decision::Clear { tokens_after, .. }) = &clearing
+        && *tokens_after < limit
+    {
+        return clearing;
     }
     let assistants = messages
         .iter()
@@ -102,14 +104,8 @@ pub fn decide(
         .count();
     let assistant_messages = assistants.saturating_sub(settings.keep_turns);
     if assistant_messages == 0 {
-        if call_ids.is_empty() {
-            return None;
-        }
-        let cleared = apply_clear(messages, &call_ids.iter().cloned().collect());
-        return Some(Decision::Clear {
-            tokens_after: scaled(cleared.iter().map(message_chars).sum()),
-            call_ids,
-        });
+        // Nothing to summarise: clearing, if anything, is the most there is.
+        return clearing;
     }
     let kept = apply_summary(messages, assistant_messages, None);
     Some(Decision::Summarise {
@@ -121,37 +117,25 @@ pub fn decide(
 /// Tool results before the last `keep`, not cleared yet and longer than a
 /// stub.
 fn clearable(messages: &[Message], keep: usize) -> Vec<String> {
-    let results: Vec<&str> = messages
-        .iter()
-        .filter_map(|message| match message {
-            Message::ToolResult {
-                call_id, content, ..
-            } if !content.starts_with(CLEARED_PREFIX) && content.len() > MIN_CLEARED_CHARS => {
-                Some(call_id.as_str())
-            }
-            _ => None,
-        })
-        .collect();
-    let all_results = messages
+    let results = messages
         .iter()
         .filter(|message| matches!(message, Message::ToolResult { .. }))
         .count();
     // The last `keep` results overall stay, cleared or not.
-    let keep_from = all_results.saturating_sub(keep);
-    let mut index = 0;
-    let mut old = HashSet::new();
-    for message in messages {
-        if let Message::ToolResult { call_id, .. } = message {
-            if index < keep_from {
-                old.insert(call_id.as_str());
-            }
-            index += 1;
-        }
-    }
-    results
-        .into_iter()
-        .filter(|id| old.contains(id))
-        .map(str::to_owned)
+    let old = results.saturating_sub(keep);
+    messages
+        .iter()
+        .filter_map(|message| match message {
+            Message::ToolResult {
+                call_id, content, ..
+            } => Some((call_id, content)),
+            _ => None,
+        })
+        .take(old)
+        .filter(|(_, content)| {
+            !content.starts_with(CLEARED_PREFIX) && content.len() > MIN_CLEARED_CHARS
+        })
+        .map(|(call_id, _)| call_id.clone())
         .collect()
 }
 

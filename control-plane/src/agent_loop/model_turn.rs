@@ -94,18 +94,7 @@ impl SessionRun<'_> {
         if self.state.compacted_turn == Some(turn) {
             return Ok(false);
         }
-        self.prompt_history
-            .update(self.state.history_generation, &self.state.messages);
-        let estimate = prompt::assemble(
-            &agent.prompt_prefix,
-            &agent.model,
-            &self.prompt_history,
-            &self.state.messages,
-            self.state.last_request.as_ref(),
-            self.state.calibration,
-        )
-        .record
-        .estimated_input_tokens;
+        let estimate = self.assemble(agent).record.estimated_input_tokens;
         let settings = &self.agent_loop.settings.context;
         let Some(decision) =
             compaction::decide(&self.state.messages, estimate, window, settings, force)
@@ -237,6 +226,21 @@ impl SessionRun<'_> {
         })
     }
 
+    /// The session's next request laid out by the prompt assembly, the
+    /// history index brought up to date first.
+    fn assemble(&mut self, agent: &SessionAgent) -> prompt::Assembled {
+        self.prompt_history
+            .update(self.state.history_generation, &self.state.messages);
+        prompt::assemble(
+            &agent.prompt_prefix,
+            &agent.model,
+            &self.prompt_history,
+            &self.state.messages,
+            self.state.last_request.as_ref(),
+            self.state.calibration,
+        )
+    }
+
     /// Sends turn `turn`'s request and records its reply.
     async fn request_turn(&mut self, turn: u32, agent: &SessionAgent) -> Result<(), LoopError> {
         let recorded = self
@@ -245,16 +249,7 @@ impl SessionRun<'_> {
             .as_ref()
             .map(|open| open.recorded_text.clone())
             .unwrap_or_default();
-        self.prompt_history
-            .update(self.state.history_generation, &self.state.messages);
-        let assembled = prompt::assemble(
-            &agent.prompt_prefix,
-            &agent.model,
-            &self.prompt_history,
-            &self.state.messages,
-            self.state.last_request.as_ref(),
-            self.state.calibration,
-        );
+        let assembled = self.assemble(agent);
         if let Some(reason) = budget::request_overrun(
             &self.session.budget,
             &self.state.usage,
